@@ -1,0 +1,36 @@
+"""damo_hybrid: train CTR models whose embedding tables are larger than memory.
+
+Every embedding row lives in RocksDB on local disk, keyed by a uint64 feature
+hash per table; any key is valid, so new ids never fail.
+"""
+
+from .config import (
+    AdmissionConfig,
+    ExpiryConfig,
+    InitializerConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    StoreConfig,
+    TableConfig,
+)
+from .errors import DamoHybridError
+from .hashing import hash_feature
+from .storage import MemoryStorage
+from .store import EmbeddingStore, StoreStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdmissionConfig",
+    "DamoHybridError",
+    "EmbeddingStore",
+    "ExpiryConfig",
+    "InitializerConfig",
+    "MemoryStorage",
+    "OptimizerConfig",
+    "ScheduleConfig",
+    "StoreConfig",
+    "StoreStats",
+    "TableConfig",
+    "hash_feature",
+]

@@ -1,0 +1,177 @@
+"""The ``damo-hybrid`` command; the only module that prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .config import InitializerConfig, OptimizerConfig, TableConfig
+from .errors import DamoHybridError
+from .store import EmbeddingStore
+
+__all__ = ["main"]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Logistic regression on Zipf-distributed synthetic ids, every weight in RocksDB."""
+    from .synthetic import zipf_keys
+
+    rng = np.random.default_rng(args.seed)
+    fields, batch = args.fields, args.batch_size
+    # a hidden per-key weight decides the labels, so the model can learn them
+    truth = lambda keys: ((keys % np.uint64(1000)).astype(np.float64) / 1000.0 - 0.5) * 2.0  # noqa: E731
+    tmp = None if args.store else tempfile.TemporaryDirectory(prefix="damo-demo-")
+    store_dir = Path(args.store) if args.store else Path(tmp.name) / "store"  # type: ignore[union-attr]
+    tables = [
+        TableConfig(f"f{i}", 1, initializer=InitializerConfig.zeros(), optimizer=OptimizerConfig.adagrad(lr=args.lr))
+        for i in range(fields)
+    ]
+    print(f"damo-hybrid {__version__} store demo: {fields} fields, batch {batch}, {args.steps} steps, store {store_dir}")
+    t0 = time.perf_counter()
+    losses = []
+    with EmbeddingStore(store_dir, tables) as store:
+        for step in range(args.steps):
+            keys = [zipf_keys(rng, batch, args.vocab, field=i) for i in range(fields)]
+            logit_true = sum(truth(k) for k in keys)
+            y = (rng.random(batch) < 1.0 / (1.0 + np.exp(-logit_true))).astype(np.float32)
+            logit = sum(store.lookup(f"f{i}", k)[:, 0] for i, k in enumerate(keys))
+            p = 1.0 / (1.0 + np.exp(-logit))
+            eps = 1e-7
+            losses.append(float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps))))
+            g = ((p - y) / batch).astype(np.float32)[:, None]
+            for i, k in enumerate(keys):
+                store.apply_gradients(f"f{i}", k, g)
+            if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
+                print(f"  step {step:5d}  logloss {np.mean(losses[-20:]):.4f}")
+        st = store.stats()
+    dt = time.perf_counter() - t0
+    print(f"rows stored {st.rows:,}  disk {st.disk_bytes / 2**20:.1f} MiB  hits {st.hits:,}  misses {st.misses:,}")
+    print(f"samples/s {args.steps * batch / dt:,.0f}  key-updates/s {args.steps * batch * fields / dt:,.0f}")
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    print(f"logloss first 10 steps {first:.4f} -> last 10 steps {last:.4f}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    with EmbeddingStore(args.store, read_only=True) as s:
+        st = s.stats()
+        out = {
+            "store": str(args.store),
+            "disk_bytes": st.disk_bytes,
+            "tables": {
+                n: {"rows": st.table_rows[n], "step": s.step(n), "config": c.to_dict()}
+                for n, c in s.tables.items()
+            },
+        }
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"store {out['store']}  disk {st.disk_bytes / 2**20:.1f} MiB  tables {len(out['tables'])}")
+    for n, t in out["tables"].items():
+        c = t["config"]
+        print(f"  {n:24s} dim {c['dim']:4d}  rows {t['rows']:>12,}  step {t['step']:>9,}  "
+              f"optimizer {c['optimizer']['kind']} lr {c['optimizer']['lr']}  init {c['initializer']['kind']}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    with EmbeddingStore(args.store, read_only=True) as s:
+        n = s.export(args.out, tables=args.table or None)
+    print(f"wrote {args.out}: " + ", ".join(f"{t} {c:,} rows" for t, c in n.items()))
+    return 0
+
+
+def _dump(args: argparse.Namespace) -> int:
+    if args.format == "seed":
+        from .compat.seed_format import dump_seed_format
+
+        with EmbeddingStore(args.store, read_only=True) as s:
+            n = dump_seed_format(s, args.out, tables=args.table or None, min_count=args.min_count,
+                                 expire_days=args.expire_days)
+    else:
+        with EmbeddingStore(args.store, read_only=True) as s:
+            n = s.dump(args.out, tables=args.table or None, min_count=args.min_count, expire_days=args.expire_days)
+    print(f"wrote {args.out}: " + ", ".join(f"{t} {c:,} rows" for t, c in n.items()))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="damo-hybrid", description=__doc__)
+    p.add_argument("--version", action="version", version=f"damo-hybrid {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="train a logistic regression on synthetic ids, all weights in RocksDB")
+    d.add_argument("--steps", type=int, default=200)
+    d.add_argument("--batch-size", type=int, default=4096)
+    d.add_argument("--fields", type=int, default=8)
+    d.add_argument("--vocab", type=int, default=1_000_000)
+    d.add_argument("--lr", type=float, default=0.1)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--store", help="store directory (default: a new temporary one)")
+    d.set_defaults(fn=_demo)
+
+    i = sub.add_parser("inspect", help="show a store's tables, row counts, disk size and config")
+    i.add_argument("--store", required=True)
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(fn=_inspect)
+
+    e = sub.add_parser("export", help="write keys_<table> and weights_<table> to .npz")
+    e.add_argument("--store", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--table", action="append", help="a table to export (repeatable; default all)")
+    e.set_defaults(fn=_export)
+
+    u = sub.add_parser("dump", help="export rows that pass the seed's conditions")
+    u.add_argument("--store", required=True)
+    u.add_argument("--out", required=True)
+    u.add_argument("--table", action="append", help="a table to dump (repeatable; default all)")
+    u.add_argument("--min-count", type=int, default=0, help="keep rows with at least this many updates")
+    u.add_argument("--expire-days", type=float, default=None, help="keep rows updated within this many days")
+    u.add_argument("--format", choices=("npz", "seed"), default="npz",
+                   help="npz (keys/weights/counts/updated per table) or the seed project's binary format")
+    u.set_defaults(fn=_dump)
+
+    b = sub.add_parser("bench", help="store benchmark: lookup and apply_gradients keys/s straight from RocksDB")
+    b.add_argument("--rows", type=int, default=10_000_000)
+    b.add_argument("--dims", default="16,64")
+    b.add_argument("--batches", default="4096,65536")
+    b.add_argument("--repeats", type=int, default=20)
+    b.add_argument("--flat-steps", type=int, default=100)
+    b.add_argument("--dir", help="where to build the stores (default: a temporary directory)")
+    b.add_argument("--json", help="write the results as JSON here")
+    b.set_defaults(fn=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.cmd == "bench":
+            from .bench import run_store_bench
+
+            return run_store_bench(args)
+        return int(args.fn(args))
+    except (DamoHybridError, FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
+        print(f"damo-hybrid {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""Frozen, validated configuration objects.
+
+Every config validates itself in ``__post_init__`` and names the bad value in
+its error. Hot paths never read these objects field by field per key: the
+store decomposes them into plain attributes once, at open time.
+
+Example:
+    >>> from damo_hybrid import TableConfig, OptimizerConfig, InitializerConfig
+    >>> cfg = TableConfig(
+    ...     name="user_id",
+    ...     dim=16,
+    ...     initializer=InitializerConfig.normal(std=0.01),
+    ...     optimizer=OptimizerConfig.adagrad(lr=0.05),
+    ... )
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "InitializerKind",
+    "InitializerConfig",
+    "OptimizerKind",
+    "OptimizerConfig",
+    "ScheduleKind",
+    "ScheduleConfig",
+    "AdmissionConfig",
+    "ExpiryConfig",
+    "NonFinitePolicy",
+    "TableConfig",
+    "StoreConfig",
+]
+
+_TABLE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+
+
+def _finite(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def _positive(name: str, value: float) -> None:
+    _finite(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def _non_negative(name: str, value: float) -> None:
+    _finite(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def _unit_interval(name: str, value: float) -> None:
+    _finite(name, value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+class InitializerKind(str, enum.Enum):
+    ZEROS = "zeros"
+    ONES = "ones"
+    UNIFORM = "uniform"
+    NORMAL = "normal"
+    TRUNCATED_NORMAL = "truncated_normal"
+    XAVIER_UNIFORM = "xavier_uniform"
+
+
+@dataclass(frozen=True)
+class InitializerConfig:
+    """How a row that was never stored is initialised.
+
+    Rows are a pure function of ``(seed, table name, key)``; see
+    :mod:`damo_hybrid.initializers`.
+
+    Attributes:
+        kind: which distribution.
+        low, high: bounds of ``uniform``.
+        mean, std: parameters of ``normal`` and ``truncated_normal`` (the
+            latter is cut at ``mean +- 2 std``).
+        seed: 64-bit seed mixed into every row.
+    """
+
+    kind: InitializerKind = InitializerKind.NORMAL
+    low: float = -0.01
+    high: float = 0.01
+    mean: float = 0.0
+    std: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", InitializerKind(self.kind))
+        for n in ("low", "high", "mean"):
+            _finite(n, getattr(self, n))
+        _non_negative("std", self.std)
+        if self.kind is InitializerKind.UNIFORM and not self.low < self.high:
+            raise ValueError(f"uniform initializer needs low < high, got low={self.low}, high={self.high}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {self.seed!r}")
+
+    @classmethod
+    def zeros(cls) -> InitializerConfig:
+        return cls(kind=InitializerKind.ZEROS)
+
+    @classmethod
+    def ones(cls) -> InitializerConfig:
+        return cls(kind=InitializerKind.ONES)
+
+    @classmethod
+    def uniform(cls, low: float = -0.01, high: float = 0.01, seed: int = 0) -> InitializerConfig:
+        return cls(kind=InitializerKind.UNIFORM, low=low, high=high, seed=seed)
+
+    @classmethod
+    def normal(cls, mean: float = 0.0, std: float = 0.01, seed: int = 0) -> InitializerConfig:
+        return cls(kind=InitializerKind.NORMAL, mean=mean, std=std, seed=seed)
+
+    @classmethod
+    def truncated_normal(cls, mean: float = 0.0, std: float = 0.01, seed: int = 0) -> InitializerConfig:
+        return cls(kind=InitializerKind.TRUNCATED_NORMAL, mean=mean, std=std, seed=seed)
+
+    @classmethod
+    def xavier_uniform(cls, seed: int = 0) -> InitializerConfig:
+        return cls(kind=InitializerKind.XAVIER_UNIFORM, seed=seed)
+
+
+class ScheduleKind(str, enum.Enum):
+    CONSTANT = "constant"
+    EXPONENTIAL = "exponential"
+    POLYNOMIAL = "polynomial"
+    NATURAL_EXPONENTIAL = "natural_exponential"
+    INVERSE_TIME = "inverse_time"
+    COSINE = "cosine"
+    LINEAR_COSINE = "linear_cosine"
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule, a function of the table's global step.
+
+    Formulas (``t`` = global step, ``T`` = ``decay_steps``, ``lr0`` = base lr):
+
+    - constant: ``lr0``
+    - exponential: ``lr0 * decay_rate ** (t / T)`` (``staircase`` floors ``t / T``)
+    - polynomial: ``(lr0 - end_lr) * (1 - min(t, T) / T) ** power + end_lr``
+    - natural_exponential: ``lr0 * exp(-decay_rate * t / T)``
+    - inverse_time: ``lr0 / (1 + decay_rate * t / T)``
+    - cosine: ``lr0 * (alpha + (1 - alpha) * 0.5 * (1 + cos(pi * min(t, T) / T)))``
+    - linear_cosine: ``lr0 * ((alpha + (T - t') / T) * 0.5 * (1 + cos(2 pi num_periods t' / T)) + beta)``
+      with ``t' = min(t, T)``
+
+    ``warmup_steps > 0`` multiplies any of them by ``min(1, (t + 1) / warmup_steps)``
+    (linear warm-up).
+    """
+
+    kind: ScheduleKind = ScheduleKind.CONSTANT
+    decay_steps: float = 1000.0
+    decay_rate: float = 0.96
+    staircase: bool = False
+    end_lr: float = 1e-4
+    power: float = 1.0
+    alpha: float = 0.0
+    beta: float = 0.001
+    num_periods: float = 0.5
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ScheduleKind(self.kind))
+        _positive("decay_steps", self.decay_steps)
+        for n in ("decay_rate", "end_lr", "power", "alpha", "beta", "num_periods"):
+            _non_negative(n, getattr(self, n))
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+
+
+class OptimizerKind(str, enum.Enum):
+    SGD = "sgd"
+    ADAGRAD = "adagrad"
+    ROWWISE_ADAGRAD = "rowwise_adagrad"
+    ADAM = "adam"
+    ADAMW = "adamw"
+    FTRL = "ftrl"
+    LION = "lion"
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """A row-wise sparse optimizer.
+
+    Attributes:
+        kind: the update rule (see :mod:`damo_hybrid.optimizers`).
+        lr: base learning rate (FTRL's ``alpha``).
+        weight_decay: L2 for sgd/adagrad/adam, decoupled for adamw/lion.
+        lr_decay: adagrad's ``lr / (1 + (count - 1) * lr_decay)``.
+        eps: denominator epsilon of adagrad/adam.
+        beta1, beta2: moment decays of adam/adamw/lion.
+        initial_accumulator: adagrad/rowwise_adagrad starting accumulator.
+        ftrl_beta, l1, l2: FTRL-proximal's beta, lambda1 and lambda2.
+        schedule: learning-rate schedule over the table's global step.
+    """
+
+    kind: OptimizerKind = OptimizerKind.SGD
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    lr_decay: float = 0.0
+    eps: float = 1e-10
+    beta1: float = 0.9
+    beta2: float = 0.999
+    initial_accumulator: float = 0.0
+    ftrl_beta: float = 1.0
+    l1: float = 0.0
+    l2: float = 0.0
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", OptimizerKind(self.kind))
+        if isinstance(self.schedule, dict):
+            object.__setattr__(self, "schedule", ScheduleConfig(**self.schedule))
+        _positive("lr", self.lr)
+        for n in ("weight_decay", "lr_decay", "eps", "initial_accumulator", "ftrl_beta", "l1", "l2"):
+            _non_negative(n, getattr(self, n))
+        _unit_interval("beta1", self.beta1)
+        _unit_interval("beta2", self.beta2)
+
+    @classmethod
+    def sgd(cls, lr: float = 0.01, weight_decay: float = 0.0, **kw: Any) -> OptimizerConfig:
+        return cls(kind=OptimizerKind.SGD, lr=lr, weight_decay=weight_decay, **kw)
+
+    @classmethod
+    def adagrad(cls, lr: float = 0.01, eps: float = 1e-10, **kw: Any) -> OptimizerConfig:
+        return cls(kind=OptimizerKind.ADAGRAD, lr=lr, eps=eps, **kw)
+
+    @classmethod
+    def rowwise_adagrad(cls, lr: float = 0.01, eps: float = 1e-10, **kw: Any) -> OptimizerConfig:
+        return cls(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=lr, eps=eps, **kw)
+
+    @classmethod
+    def adam(cls, lr: float = 0.001, eps: float = 1e-8, **kw: Any) -> OptimizerConfig:
+        return cls(kind=OptimizerKind.ADAM, lr=lr, eps=eps, **kw)
+
+    @classmethod
+    def adamw(cls, lr: float = 0.001, eps: float = 1e-8, weight_decay: float = 0.01, **kw: Any) -> OptimizerConfig:
+        return cls(kind=OptimizerKind.ADAMW, lr=lr, eps=eps, weight_decay=weight_decay, **kw)
+
+    @classmethod
+    def ftrl(cls, alpha: float = 0.05, beta: float = 1.0, l1: float = 0.0, l2: float = 0.0, **kw: Any) -> OptimizerConfig:
+        return cls(kind=OptimizerKind.FTRL, lr=alpha, ftrl_beta=beta, l1=l1, l2=l2, **kw)
+
+    @classmethod
+    def lion(cls, lr: float = 3e-4, beta1: float = 0.9, beta2: float = 0.99, weight_decay: float = 0.0, **kw: Any) -> OptimizerConfig:
+        return cls(kind=OptimizerKind.LION, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, **kw)
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Admit a key into storage only after it has been seen ``min_count`` times.
+
+    A key is "seen" once per occurrence in an ``apply_gradients`` call.
+    Counts live in a counting Bloom filter (4-bit saturating counters would
+    cap at 15; we use 8-bit ones, so ``min_count`` may be up to 255) sized
+    from ``capacity`` and ``fpr``. A false positive admits a key early; a key
+    is never admitted late.
+
+    Attributes:
+        min_count: occurrences needed before the key's gradients are applied.
+        capacity: expected number of distinct keys in the filter.
+        fpr: target false-positive rate at ``capacity``.
+        unadmitted_value: what ``lookup`` returns for a key not yet stored:
+            ``"init"`` (its deterministic initial row) or ``"zeros"``.
+    """
+
+    min_count: int = 1
+    capacity: int = 1 << 24
+    fpr: float = 1e-3
+    unadmitted_value: str = "init"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.min_count, int) or not 1 <= self.min_count <= 255:
+            raise ValueError(f"min_count must be an int in [1, 255], got {self.min_count!r}")
+        if not isinstance(self.capacity, int) or self.capacity < 1:
+            raise ValueError(f"capacity must be an int >= 1, got {self.capacity!r}")
+        _finite("fpr", self.fpr)
+        if not 0 < self.fpr < 1:
+            raise ValueError(f"fpr must be in (0, 1), got {self.fpr!r}")
+        if self.unadmitted_value not in ("init", "zeros"):
+            raise ValueError(f"unadmitted_value must be 'init' or 'zeros', got {self.unadmitted_value!r}")
+
+
+@dataclass(frozen=True)
+class ExpiryConfig:
+    """Defaults for :meth:`EmbeddingStore.expire` on this table.
+
+    A row is removed by a sweep when it was last updated more than
+    ``max_age_days`` ago, or when it has fewer than ``min_count`` updates.
+    """
+
+    max_age_days: float | None = None
+    min_count: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_age_days is not None:
+            _positive("max_age_days", self.max_age_days)
+        if not isinstance(self.min_count, int) or self.min_count < 0:
+            raise ValueError(f"min_count must be an int >= 0, got {self.min_count!r}")
+
+
+class NonFinitePolicy(str, enum.Enum):
+    """What ``apply_gradients`` does with a NaN/Inf gradient row."""
+
+    RAISE = "raise"  # raise before anything is written
+    SKIP = "skip"  # drop those rows, apply the rest, count them in stats().dropped
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """One embedding table.
+
+    Attributes:
+        name: unique within a store; letters, digits and ``_.:-``.
+        dim: embedding width, 1..65535.
+        initializer: how unseen rows start.
+        optimizer: row-wise update rule and its learning-rate schedule.
+        admission: optional frequency admission.
+        expiry: optional defaults for expiry sweeps.
+        nonfinite: policy for NaN/Inf gradients.
+    """
+
+    name: str
+    dim: int
+    initializer: InitializerConfig = field(default_factory=InitializerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    admission: AdmissionConfig | None = None
+    expiry: ExpiryConfig | None = None
+    nonfinite: NonFinitePolicy = NonFinitePolicy.RAISE
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _TABLE_NAME.match(self.name):
+            raise ValueError(
+                f"table name must be 1-128 characters of letters, digits or '_.:-', got {self.name!r}"
+            )
+        if not isinstance(self.dim, int) or isinstance(self.dim, bool) or not 1 <= self.dim <= 65535:
+            raise ValueError(f"dim must be an int in [1, 65535], got {self.dim!r}")
+        for n, typ in (("initializer", InitializerConfig), ("optimizer", OptimizerConfig)):
+            if not isinstance(getattr(self, n), typ):
+                raise TypeError(f"{n} must be a {typ.__name__}, got {type(getattr(self, n)).__name__}")
+        if self.admission is not None and not isinstance(self.admission, AdmissionConfig):
+            raise TypeError(f"admission must be an AdmissionConfig or None, got {type(self.admission).__name__}")
+        if self.expiry is not None and not isinstance(self.expiry, ExpiryConfig):
+            raise TypeError(f"expiry must be an ExpiryConfig or None, got {type(self.expiry).__name__}")
+        object.__setattr__(self, "nonfinite", NonFinitePolicy(self.nonfinite))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; :meth:`from_dict` inverts it."""
+        d = asdict(self)
+        return _enums_to_str(d)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TableConfig:
+        """Build from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
+        d = dict(d)
+        _reject_unknown(cls, d)
+        init = d.pop("initializer", None)
+        opt = d.pop("optimizer", None)
+        adm = d.pop("admission", None)
+        exp = d.pop("expiry", None)
+        if init is not None:
+            _reject_unknown(InitializerConfig, init)
+            d["initializer"] = InitializerConfig(**init)
+        if opt is not None:
+            opt = dict(opt)
+            _reject_unknown(OptimizerConfig, opt)
+            sch = opt.pop("schedule", None)
+            if sch is not None:
+                _reject_unknown(ScheduleConfig, sch)
+                opt["schedule"] = ScheduleConfig(**sch)
+            d["optimizer"] = OptimizerConfig(**opt)
+        if adm is not None:
+            _reject_unknown(AdmissionConfig, adm)
+            d["admission"] = AdmissionConfig(**adm)
+        if exp is not None:
+            _reject_unknown(ExpiryConfig, exp)
+            d["expiry"] = ExpiryConfig(**exp)
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Options of the RocksDB store as a whole.
+
+    Attributes:
+        ttl_seconds: if set, RocksDB drops rows not written for this long
+            during compaction (RocksDB's TTL mode). A store created with a TTL
+            must be reopened with one, and one created without, without.
+        block_cache_mb: RocksDB block cache for reads.
+        write_buffer_mb: RocksDB memtable size.
+        bloom_bits_per_key: RocksDB bloom filter bits, making "is this key on
+            disk at all?" cheap for never-seen keys.
+        background_jobs: RocksDB flush/compaction threads.
+        sync_writes: fsync the write-ahead log on every write (slow, safest).
+    """
+
+    ttl_seconds: int | None = None
+    block_cache_mb: int = 256
+    write_buffer_mb: int = 64
+    bloom_bits_per_key: int = 10
+    background_jobs: int = 2
+    sync_writes: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ttl_seconds is not None and (not isinstance(self.ttl_seconds, int) or self.ttl_seconds < 1):
+            raise ValueError(f"ttl_seconds must be None or an int >= 1, got {self.ttl_seconds!r}")
+        for n in ("block_cache_mb", "write_buffer_mb", "background_jobs"):
+            v = getattr(self, n)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{n} must be an int >= 1, got {v!r}")
+        if not isinstance(self.bloom_bits_per_key, int) or self.bloom_bits_per_key < 0:
+            raise ValueError(f"bloom_bits_per_key must be an int >= 0, got {self.bloom_bits_per_key!r}")
+
+
+def _enums_to_str(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _enums_to_str(v) for k, v in obj.items()}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    return obj
+
+
+def _reject_unknown(cls: type, d: dict[str, Any]) -> None:
+    known = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
