@@ -167,10 +167,17 @@ def hash_feature(field: str | int, values: Any) -> np.ndarray:
 
 
 def _ints_as_u64(values: list[Any]) -> np.ndarray:
-    """A list of Python ints in [-2**63, 2**64) as their 64-bit patterns."""
+    """Python ints in [-2**63, 2**64) as their 64-bit two's-complement patterns."""
     for dtype in (np.int64, np.uint64):
         try:
             return np.asarray(values, dtype=dtype).view(np.uint64)
         except (OverflowError, ValueError, TypeError):
             continue
-    raise TypeError("integer values must all be ints in [-2**63, 2**63) or all in [0, 2**64)")
+    # a mix of negatives and values >= 2**63: go through Python ints once
+    try:
+        arr = np.array([int(v) for v in values], dtype=object)
+    except (TypeError, ValueError) as e:
+        raise TypeError("integer values must all be ints") from e
+    if (arr < -(2**63)).any() or (arr >= 2**64).any():
+        raise TypeError("integer values must lie in [-2**63, 2**64)")
+    return (arr & 0xFFFFFFFFFFFFFFFF).astype(np.uint64)
