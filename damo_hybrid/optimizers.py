@@ -181,7 +181,9 @@ class RowOptimizer:
         z += g - sigma * w
         n[:] = n_new
         denom = (self.ftrl_beta + np.sqrt(n)) / lr + self.l2
-        new_w = -(z - np.sign(z) * self.l1) / denom
+        # |z| > l1 implies n > 0, so the masked-out quotients are the only 0/0 ones
+        with np.errstate(divide="ignore", invalid="ignore"):
+            new_w = -(z - np.sign(z) * self.l1) / denom
         new_w[np.abs(z) <= self.l1] = 0.0
         w[:] = new_w
 

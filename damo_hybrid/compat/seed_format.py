@@ -1,0 +1,131 @@
+"""The seed project's binary dump format.
+
+Layout (little-endian)::
+
+    int32[256]   dim of each group (0 for an unused group)
+    uint64[256]  number of rows of each group
+    then per row: uint64 key, int32 group, float32[dim of that group]
+
+Rows of one group are contiguous. A table named ``group_<g>`` is written as
+group ``g``; other tables take the lowest free group numbers in name order.
+Keys are written with all 64 bits (the seed masked its top 8 bits with the
+group). Rows are streamed to disk chunk by chunk, and the file appears only
+when complete (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from ..store import EmbeddingStore
+
+__all__ = ["dump_seed_format", "read_seed_format", "group_of_tables"]
+
+GROUPS = 256
+_GROUP_NAME = re.compile(r"^group_(\d+)$")
+
+
+def group_of_tables(names: Iterable[str]) -> dict[str, int]:
+    """Assign a group number to each table name (see module docstring)."""
+    names = sorted(names)
+    out: dict[str, int] = {}
+    for n in names:
+        m = _GROUP_NAME.match(n)
+        if m and int(m.group(1)) < GROUPS:
+            out[n] = int(m.group(1))
+    free = (g for g in range(GROUPS) if g not in set(out.values()))
+    for n in names:
+        if n not in out:
+            g = next(free, None)
+            if g is None:
+                raise ValueError(f"the seed format holds at most {GROUPS} groups; dump fewer tables")
+            out[n] = g
+    return out
+
+
+def dump_seed_format(
+    store: EmbeddingStore,
+    path: str | os.PathLike[str],
+    tables: Iterable[str] | None = None,
+    min_count: int = 0,
+    expire_days: float | None = None,
+    now: float | None = None,
+) -> dict[str, int]:
+    """Write tables in the seed's binary format.
+
+    Args:
+        store: an open store.
+        path: output file.
+        tables: which tables (default: all).
+        min_count: keep rows with at least this many updates.
+        expire_days: keep rows updated within this many days.
+        now: current unix time (default ``time.time()``).
+    Returns:
+        Rows written per table.
+    """
+    names = list(store.tables) if tables is None else list(tables)
+    groups = group_of_tables(names)
+    now = time.time() if now is None else float(now)
+    dims = np.zeros(GROUPS, "<i4")
+    counts = np.zeros(GROUPS, "<u8")
+    written: dict[str, int] = {}
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(bytes(GROUPS * 12))  # header, patched below
+            for name in sorted(names, key=lambda n: groups[n]):
+                g, dim = groups[name], store.tables[name].dim
+                rec = np.dtype([("key", "<u8"), ("group", "<i4"), ("w", "<f4", (dim,))])
+                dims[g] = dim
+                n = 0
+                for keys, rows in store.scan(name):
+                    keep = rows.count >= min_count
+                    if expire_days is not None:
+                        keep &= rows.updated >= now - expire_days * 86400.0
+                    buf = np.empty(int(keep.sum()), rec)
+                    buf["key"], buf["group"], buf["w"] = keys[keep], g, rows.weights[keep]
+                    f.write(buf.tobytes())
+                    n += len(buf)
+                counts[g] = n
+                written[name] = n
+            f.seek(0)
+            f.write(dims.tobytes() + counts.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def read_seed_format(path: str | os.PathLike[str]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Read a seed-format dump: ``{group: (keys uint64 (M,), weights float32 (M, dim))}``."""
+    data = Path(path).read_bytes()
+    if len(data) < GROUPS * 12:
+        raise ValueError(f"{path} is too short for the seed dump header ({len(data)} bytes)")
+    dims = np.frombuffer(data, "<i4", GROUPS)
+    counts = np.frombuffer(data, "<u8", GROUPS, offset=GROUPS * 4)
+    off = GROUPS * 12
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for g in np.nonzero(counts)[0]:
+        dim, n = int(dims[g]), int(counts[g])
+        rec = np.dtype([("key", "<u8"), ("group", "<i4"), ("w", "<f4", (dim,))])
+        if off + n * rec.itemsize > len(data):
+            raise ValueError(f"{path} is truncated in group {g}")
+        arr = np.frombuffer(data, rec, n, offset=off)
+        if (arr["group"] != g).any():
+            raise ValueError(f"{path}: rows of group {g} carry another group number")
+        out[int(g)] = (arr["key"].copy(), arr["w"].copy())
+        off += n * rec.itemsize
+    if off != len(data):
+        raise ValueError(f"{path} has {len(data) - off} trailing bytes")
+    return out
