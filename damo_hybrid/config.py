@@ -401,6 +401,8 @@ class StoreConfig:
             disk at all?" cheap for never-seen keys.
         background_jobs: RocksDB flush/compaction threads.
         sync_writes: fsync the write-ahead log on every write (slow, safest).
+        read_threads: threads that split a large multi-get (rocksdict releases
+            the GIL while RocksDB reads); 0 picks ``min(4, cpu_count)``.
     """
 
     ttl_seconds: int | None = None
@@ -409,8 +411,11 @@ class StoreConfig:
     bloom_bits_per_key: int = 10
     background_jobs: int = 2
     sync_writes: bool = False
+    read_threads: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.read_threads, int) or self.read_threads < 0:
+            raise ValueError(f"read_threads must be an int >= 0, got {self.read_threads!r}")
         if self.ttl_seconds is not None and (not isinstance(self.ttl_seconds, int) or self.ttl_seconds < 1):
             raise ValueError(f"ttl_seconds must be None or an int >= 1, got {self.ttl_seconds!r}")
         for n in ("block_cache_mb", "write_buffer_mb", "background_jobs"):

@@ -6,10 +6,12 @@ value comes from a counter-based generator:
 
 - ``base = mix64(mix64(seed ^ fnv1a64(table)) ^ key)`` per row;
 - ``bits(c) = mix64(base + (c + 1) * 0x9e3779b97f4a7c15)`` for counter ``c``;
-- a uniform in (0, 1) is ``((bits >> 40) + 0.5) / 2**24``, exact in float32;
-- normals use Box-Muller on two uniforms (counters ``2j`` and ``2j + 1`` for
-  column ``j``), computed in float64 and rounded to float32;
-- a truncated normal redraws (with counters shifted by ``2 * dim`` per round)
+- column ``j`` uses counter ``j``; a uniform in (0, 1) is
+  ``((bits >> 40) + 0.5) / 2**24``, exact in float32;
+- a normal uses Box-Muller on the two 24-bit halves of one ``bits`` value:
+  ``u1 = ((bits >> 40) + 0.5) / 2**24``, ``u2 = (((bits >> 16) & 0xffffff) + 0.5) / 2**24``,
+  ``z = sqrt(-2 ln u1) cos(2 pi u2)``, computed in float64 and rounded to float32;
+- a truncated normal redraws (with counters shifted by ``dim`` per round)
   values outside ``mean +- 2 std``, up to 8 rounds, then clips (the chance of
   reaching the clip is about 1e-11 per value).
 
@@ -32,6 +34,8 @@ __all__ = ["RowInitializer"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _TRUNC_ROUNDS = 8
+_INV24 = 1.0 / (1 << 24)
+_LOW24 = np.uint64(0xFFFFFF)
 
 
 class RowInitializer:
@@ -51,18 +55,21 @@ class RowInitializer:
         self.mean, self.std = float(config.mean), float(config.std)
         table_salt = fnv1a64([table.encode("utf-8")])[0]
         self._salt = mix64(np.uint64(config.seed) ^ table_salt)[0]
-        # counters of column j for draw-stream s are s * dim + j
-        self._cols = (np.arange(1, 4 * _TRUNC_ROUNDS * dim + 1, dtype=np.uint64) * _GOLDEN)
+        # (counter + 1) * golden for counters 0 .. rounds * dim - 1
+        self._cols = (np.arange(1, _TRUNC_ROUNDS * dim + 1, dtype=np.uint64) * _GOLDEN)
 
-    def _uniform(self, base: np.ndarray, first: int, count: int) -> np.ndarray:
-        """float64 (N, count) uniforms in (0, 1) for counters first..first+count-1."""
-        bits = mix64(base[:, None] + self._cols[None, first:first + count])
-        return ((bits >> np.uint64(40)).astype(np.float64) + 0.5) * (1.0 / (1 << 24))
+    def _bits(self, base: np.ndarray, first: int) -> np.ndarray:
+        """uint64 (N, dim) hashes of counters first .. first + dim - 1."""
+        return mix64(base[:, None] + self._cols[None, first:first + self.dim])
+
+    def _uniform(self, base: np.ndarray) -> np.ndarray:
+        """float64 (N, dim) uniforms in (0, 1)."""
+        return ((self._bits(base, 0) >> np.uint64(40)).astype(np.float64) + 0.5) * _INV24
 
     def _normal(self, base: np.ndarray, first: int) -> np.ndarray:
-        d = self.dim
-        u = self._uniform(base, first, 2 * d)
-        u1, u2 = u[:, 0::2], u[:, 1::2]
+        bits = self._bits(base, first)
+        u1 = ((bits >> np.uint64(40)).astype(np.float64) + 0.5) * _INV24
+        u2 = (((bits >> np.uint64(16)) & _LOW24).astype(np.float64) + 0.5) * _INV24
         return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
 
     def __call__(self, keys: np.ndarray) -> np.ndarray:
@@ -80,11 +87,11 @@ class RowInitializer:
             return np.ones((n, d), dtype=np.float32)
         base = mix64(keys.astype(np.uint64, copy=False) ^ self._salt)
         if self.kind is InitializerKind.UNIFORM:
-            u = self._uniform(base, 0, d)
+            u = self._uniform(base)
             return (self.low + (self.high - self.low) * u).astype(np.float32)
         if self.kind is InitializerKind.XAVIER_UNIFORM:
             b = math.sqrt(6.0 / (1.0 + d))
-            return (-b + 2.0 * b * self._uniform(base, 0, d)).astype(np.float32)
+            return (-b + 2.0 * b * self._uniform(base)).astype(np.float32)
         if self.kind is InitializerKind.NORMAL:
             return (self.mean + self.std * self._normal(base, 0)).astype(np.float32)
         # truncated normal within 2 sigma: redraw the out-of-range values
@@ -94,7 +101,7 @@ class RowInitializer:
             if not bad.any():
                 break
             rows = np.nonzero(bad.any(axis=1))[0]
-            z2 = self._normal(base[rows], 2 * d * r)
+            z2 = self._normal(base[rows], d * r)
             zr = z[rows]
             m = bad[rows]
             zr[m] = z2[m]

@@ -80,10 +80,10 @@ def test_tables_are_separate_namespaces(make_store):
 
 
 def test_many_tables(make_store):
-    cfgs = [TableConfig(f"t{i}", 2) for i in range(300)]
+    cfgs = [TableConfig(f"t{i}", 2) for i in range(2000)]
     s = make_store(cfgs)
     k = np.array([1], dtype=np.uint64)
-    for i in (0, 150, 299):
+    for i in (0, 1000, 1999):
         s.apply_gradients(f"t{i}", k, np.ones((1, 2), np.float32))
     assert s.stats().rows == 3
 

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from damo_hybrid import EmbeddingStore, OptimizerConfig, TableConfig
+from damo_hybrid.cli import main
+from damo_hybrid.compat.seed_format import read_seed_format
+
+
+def _store(path):
+    with EmbeddingStore(path, [TableConfig("user", 4, optimizer=OptimizerConfig.sgd(0.1)),
+                               TableConfig("item", 2)]) as s:
+        k = np.array([1, 2, 3], np.uint64)
+        s.apply_gradients("user", k, np.ones((3, 4), np.float32))
+        s.apply_gradients("user", k[:1], np.ones((1, 4), np.float32))
+        s.apply_gradients("item", k, np.ones((3, 2), np.float32))
+        return s.lookup("user", k)
+
+
+def test_demo_learns(capsys, tmp_path):
+    assert main(["demo", "--steps", "30", "--batch-size", "512", "--fields", "3", "--store", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    first, last = (float(x) for x in out.split("logloss first 10 steps ")[1].split(" -> last 10 steps "))
+    assert last < first  # the weights in RocksDB learned something
+    assert "rows stored" in out
+
+
+def test_inspect_export_dump(capsys, tmp_path):
+    w = _store(tmp_path / "s")
+    assert main(["inspect", "--store", str(tmp_path / "s"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tables"]["user"]["rows"] == 3 and info["tables"]["user"]["step"] == 2
+    assert info["tables"]["item"]["config"]["dim"] == 2
+    assert main(["inspect", "--store", str(tmp_path / "s")]) == 0
+    assert "user" in capsys.readouterr().out
+
+    assert main(["export", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "e.npz")]) == 0
+    z = np.load(tmp_path / "e.npz")
+    np.testing.assert_array_equal(z["keys_user"], [1, 2, 3])
+    np.testing.assert_array_equal(z["weights_user"], w)
+
+    assert main(["dump", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "d.npz"),
+                 "--min-count", "2", "--table", "user"]) == 0
+    assert np.load(tmp_path / "d.npz")["keys_user"].tolist() == [1]
+    assert main(["dump", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "d.bin"), "--format", "seed"]) == 0
+    groups = read_seed_format(tmp_path / "d.bin")
+    assert sorted(len(k) for k, _ in groups.values()) == [3, 3]
+
+
+def test_errors_are_one_line_and_exit_2(capsys, tmp_path):
+    assert main(["inspect", "--store", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and "Traceback" not in err
+
+
+def test_console_script_entry_point():
+    r = subprocess.run([sys.executable, "-m", "damo_hybrid.cli", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and "damo-hybrid" in r.stdout
