@@ -32,13 +32,14 @@ def _build(store: EmbeddingStore, table: str, keys: np.ndarray, dim: int, chunk:
     return len(keys) / (time.perf_counter() - t0)
 
 
-def _rate(fn, n_keys: int, repeats: int) -> tuple[float, list[float]]:
+def _rate(fn, batches: list[np.ndarray]) -> float:
+    """Median keys/s of ``fn(keys)`` over the batches."""
     times = []
-    for _ in range(repeats):
+    for keys in batches:
         t0 = time.perf_counter()
-        fn()
+        fn(keys)
         times.append(time.perf_counter() - t0)
-    return n_keys / statistics.median(times), times
+    return len(batches[0]) / statistics.median(times)
 
 
 def bench_store(root: Path, rows: int, dim: int, batches: list[int], repeats: int, flat_steps: int,
@@ -56,18 +57,13 @@ def bench_store(root: Path, rows: int, dim: int, batches: list[int], repeats: in
         log(f"dim {dim}: built {rows:,} rows at {res['build_keys_per_s']:,.0f} keys/s, "
             f"{res['disk_bytes'] / 2**30:.2f} GiB on disk, compactions settled after {res['compaction_wait_s']:.1f} s")
         for b in batches:
-            def sample() -> np.ndarray:
-                return keys[rng.choice(len(keys), size=b, replace=False)]
-            lk = [sample() for _ in range(repeats)]
-            it = iter(lk)
-            look, _ = _rate(lambda: store.lookup("bench", next(it)), b, repeats)
-            new = [rng.integers(2**63, 2**64 - 1, size=b, dtype=np.uint64) for _ in range(repeats)]
-            it_new = iter(new)
-            oov, _ = _rate(lambda: store.lookup("bench", next(it_new)), b, repeats)
-            gk = [sample() for _ in range(repeats)]
-            it_g = iter(gk)
-            g = np.full((b, dim), 1e-3, np.float32)
-            apply, _ = _rate(lambda: store.apply_gradients("bench", next(it_g), g), b, repeats)
+            stored = [keys[rng.choice(len(keys), size=b, replace=False)] for _ in range(repeats)]
+            unseen = [rng.integers(2**63, 2**64 - 1, size=b, dtype=np.uint64) for _ in range(repeats)]
+            updated = [keys[rng.choice(len(keys), size=b, replace=False)] for _ in range(repeats)]
+            grads = np.full((b, dim), 1e-3, np.float32)
+            look = _rate(lambda k: store.lookup("bench", k), stored)
+            oov = _rate(lambda k: store.lookup("bench", k), unseen)
+            apply = _rate(lambda k, g=grads: store.apply_gradients("bench", k, g), updated)
             row = {"batch": b, "lookup_keys_per_s": look, "lookup_unseen_keys_per_s": oov,
                    "apply_keys_per_s": apply}
             res["results"].append(row)

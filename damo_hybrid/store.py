@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ._files import atomic_file, fsync_dir
 from .admission import CountingBloomFilter
 from .config import NonFinitePolicy, StoreConfig, TableConfig
 from .errors import (
@@ -109,26 +110,9 @@ class _Table:
         self.unadmitted_zeros = adm is not None and adm.unadmitted_value == "zeros"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def _read_meta(root: Path) -> dict[str, Any] | None:
@@ -308,15 +292,8 @@ class EmbeddingStore:
         for t in self._tables.values():
             if t.filter is not None:
                 adm.mkdir(exist_ok=True)
-                p = adm / f"{t.id}.npy"
-                tmp = adm / f".{t.id}.{uuid.uuid4().hex}.tmp.npy"
-                with open(tmp, "wb") as f:
+                with atomic_file(adm / f"{t.id}.npy") as f:
                     np.save(f, t.filter.counters, allow_pickle=False)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, p)
-        if adm.exists():
-            _fsync_dir(adm)
         _atomic_write(root / _META, json.dumps(self._meta_dict(), indent=1, sort_keys=True).encode())
 
     # --------------------------------------------------------------- helpers
@@ -641,7 +618,7 @@ class EmbeddingStore:
                 else:
                     age = older_than.total_seconds() if older_than is not None else None
                     mc = min_count or 0
-                doomed = [k[_stale(rows, now, age, mc)] for k, rows in self.scan(name)]
+                doomed = [k[stale_mask(rows, now, age, mc)] for k, rows in self.scan(name)]
                 if doomed:
                     dk = np.concatenate(doomed)
                     if len(dk):
@@ -693,7 +670,7 @@ class EmbeddingStore:
                 t = self._tables[name]
                 ks, ws, cs, us = [np.zeros(0, np.uint64)], [np.zeros((0, t.dim), np.float32)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
                 for k, rows in self.scan(name):
-                    keep = ~_stale(rows, now, age, min_count)
+                    keep = ~stale_mask(rows, now, age, min_count)
                     ks.append(k[keep])
                     ws.append(rows.weights[keep])
                     cs.append(rows.count[keep])
@@ -703,17 +680,8 @@ class EmbeddingStore:
                 arrays[f"counts_{name}"] = np.concatenate(cs)
                 arrays[f"updated_{name}"] = np.concatenate(us)
                 written[name] = len(arrays[f"keys_{name}"])
-        out = Path(path)
-        tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as f:
+            np.savez(f, **arrays)
         return written
 
     def compact(self) -> None:
@@ -765,7 +733,7 @@ class EmbeddingStore:
                 for sub in (tmp / "db",):
                     _fsync_tree(sub)
                 os.rename(tmp, dst)
-                _fsync_dir(dst.parent)
+                fsync_dir(dst.parent)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -807,7 +775,7 @@ class EmbeddingStore:
         return cls(dst, tables, config)
 
 
-def _stale(rows: Rows, now: float, age: float | None, min_count: int) -> np.ndarray:
+def stale_mask(rows: Rows, now: float, age: float | None, min_count: int) -> np.ndarray:
     """bool (M,): rows older than ``age`` seconds or with fewer than ``min_count`` updates."""
     bad = rows.count < min_count
     if age is not None:
@@ -823,7 +791,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 def open_memory_store(tables: Sequence[TableConfig] = ()) -> EmbeddingStore:

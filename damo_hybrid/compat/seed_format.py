@@ -18,13 +18,13 @@ from __future__ import annotations
 import os
 import re
 import time
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from ..store import EmbeddingStore
+from .._files import atomic_file
+from ..store import EmbeddingStore, stale_mask
 
 __all__ = ["dump_seed_format", "read_seed_format", "group_of_tables"]
 
@@ -73,37 +73,27 @@ def dump_seed_format(
     names = list(store.tables) if tables is None else list(tables)
     groups = group_of_tables(names)
     now = time.time() if now is None else float(now)
+    age = expire_days * 86400.0 if expire_days is not None else None
     dims = np.zeros(GROUPS, "<i4")
     counts = np.zeros(GROUPS, "<u8")
     written: dict[str, int] = {}
-    out = Path(path)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(bytes(GROUPS * 12))  # header, patched below
-            for name in sorted(names, key=lambda n: groups[n]):
-                g, dim = groups[name], store.tables[name].dim
-                rec = np.dtype([("key", "<u8"), ("group", "<i4"), ("w", "<f4", (dim,))])
-                dims[g] = dim
-                n = 0
-                for keys, rows in store.scan(name):
-                    keep = rows.count >= min_count
-                    if expire_days is not None:
-                        keep &= rows.updated >= now - expire_days * 86400.0
-                    buf = np.empty(int(keep.sum()), rec)
-                    buf["key"], buf["group"], buf["w"] = keys[keep], g, rows.weights[keep]
-                    f.write(buf.tobytes())
-                    n += len(buf)
-                counts[g] = n
-                written[name] = n
-            f.seek(0)
-            f.write(dims.tobytes() + counts.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write(bytes(GROUPS * 12))  # header, patched below
+        for name in sorted(names, key=lambda n: groups[n]):
+            g, dim = groups[name], store.tables[name].dim
+            rec = np.dtype([("key", "<u8"), ("group", "<i4"), ("w", "<f4", (dim,))])
+            dims[g] = dim
+            n = 0
+            for keys, rows in store.scan(name):
+                keep = ~stale_mask(rows, now, age, min_count)
+                buf = np.empty(int(keep.sum()), rec)
+                buf["key"], buf["group"], buf["w"] = keys[keep], g, rows.weights[keep]
+                f.write(buf.tobytes())
+                n += len(buf)
+            counts[g] = n
+            written[name] = n
+        f.seek(0)
+        f.write(dims.tobytes() + counts.tobytes())
     return written
 
 
