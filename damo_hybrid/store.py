@@ -48,6 +48,7 @@ from .errors import (
 )
 from .hashing import as_keys
 from .initializers import RowInitializer
+from .ops.cpu import reduce_by_key
 from .optimizers import RowOptimizer, state_width
 from .rows import RowCodec, Rows
 from .storage import MemoryStorage, RocksDBStorage, Storage
@@ -447,8 +448,7 @@ class EmbeddingStore:
             g = np.empty_like(grads)
             g[inv] = grads
         else:
-            g = np.zeros((len(ukeys), t.dim), dtype=np.float32)
-            np.add.at(g, inv, grads)
+            g = reduce_by_key(grads, inv, len(ukeys))
         occurrences = None
         if t.filter is not None:
             occurrences = np.bincount(inv, minlength=len(ukeys))
