@@ -414,6 +414,32 @@ class EmbeddingStore:
             TypeError, ValueError: wrong dtype or shape; nothing was written.
             OutOfSpaceError: disk full; nothing was written.
         """
+        with self._lock:
+            keys, grads, lr = self.begin_step(table, keys, grads, step)
+            if len(keys):
+                self._step_rows(self._tables[table], keys, grads, lr)
+            self.end_step(table)
+
+    def begin_step(self, table: str, keys: np.ndarray, grads: np.ndarray,
+                   step: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+        """Validate one step's gradients and give its learning rate.
+
+        The shared front half of every ``apply_gradients`` (the store's and the caches'):
+        checks dtypes and shapes, applies the table's NaN/Inf policy and returns the
+        scheduled learning rate. Call :meth:`end_step` once the rows are updated, so a
+        step that failed half-way does not advance the schedule.
+
+        Args:
+            table: table name.
+            keys: uint64 (N,) (int64 read as the same bits).
+            grads: float32 (N, dim).
+            step: global step for the schedule; default: the table's own counter.
+        Returns:
+            ``(keys uint64 (M,), grads float32 (M, dim), lr)`` with non-finite rows dropped
+            under the ``skip`` policy (M <= N).
+        Raises:
+            NonFiniteGradientError, TypeError, ValueError: nothing was changed.
+        """
         keys = as_keys(keys)
         if not isinstance(grads, np.ndarray):
             raise TypeError(f"grads must be a numpy float32 array, got {type(grads).__name__}")
@@ -438,9 +464,36 @@ class EmbeddingStore:
                 self._dropped_nonfinite += bad
                 keys, grads = keys[finite], grads[finite]
             lr = t.opt.lr(t.step if step is None else int(step))
+            return keys, grads, lr
+
+    def end_step(self, table: str) -> None:
+        """Advance the table's global step (after a successful update)."""
+        with self._lock:
+            self._table(table).step += 1
+
+    def table_ops(self, table: str) -> tuple[RowInitializer, RowOptimizer]:
+        """The table's row initializer and optimizer (for caches that step rows themselves)."""
+        with self._lock:
+            t = self._table(table)
+            return t.init, t.opt
+
+    def write_rows(self, table: str, keys: np.ndarray, rows: Rows, new: np.ndarray) -> None:
+        """Store full rows (a cache's write-back) in one atomic batch.
+
+        Args:
+            table: table name.
+            keys: uint64 (N,) distinct.
+            rows: N rows.
+            new: bool (N,) rows known not to be stored yet (keeps the row count exact).
+        """
+        keys = as_keys(keys)
+        with self._lock:
+            self._check_writable()
+            t = self._table(table)
             if len(keys):
-                self._step_rows(t, keys, grads, lr)
-            t.step += 1
+                self._storage.put(t.id, keys, t.codec.encode(keys, rows))
+                self._writes += len(keys)
+                t.rows += int(np.count_nonzero(new))
 
     def _step_rows(self, t: _Table, keys: np.ndarray, grads: np.ndarray, lr: float) -> None:
         ukeys, inv = np.unique(keys, return_inverse=True)

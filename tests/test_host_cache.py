@@ -1,0 +1,77 @@
+"""The host cache against the store alone: a row's value never depends on the tier that served it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from damo_hybrid import AdmissionConfig, EmbeddingStore, InitializerConfig, OptimizerConfig, ScheduleConfig, TableConfig
+from damo_hybrid.host_cache import HostCache
+
+OPTS = [OptimizerConfig.sgd(0.1), OptimizerConfig.adagrad(0.1),
+        OptimizerConfig.adam(0.01, schedule=ScheduleConfig(kind="exponential", decay_steps=3, decay_rate=0.5)),
+        OptimizerConfig.ftrl(alpha=0.1, l1=0.01), OptimizerConfig.lion(0.01)]
+
+
+def _table(opt):
+    return TableConfig("t", 4, initializer=InitializerConfig.normal(std=0.1, seed=2), optimizer=opt)
+
+
+@pytest.mark.parametrize("opt", OPTS, ids=lambda o: o.kind.value)
+def test_cached_training_equals_store_alone_with_evictions(tmp_path, opt):
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 300, 64).astype(np.uint64) for _ in range(40)]  # many repeats and duplicates
+    grads = [rng.standard_normal((64, 4)).astype(np.float32) for _ in range(40)]
+    with EmbeddingStore(tmp_path / "ref", [_table(opt)]) as ref, EmbeddingStore(tmp_path / "c", [_table(opt)]) as st:
+        cache = HostCache(st, "t", capacity=80)  # far smaller than the 300 keys: evictions happen
+        for k, g in zip(batches, grads):
+            np.testing.assert_array_equal(cache.lookup(k), ref.lookup("t", k))
+            ref.apply_gradients("t", k, g)
+            cache.apply_gradients(k, g)
+        assert cache.stats.evictions > 0 and cache.stats.write_backs > 0 and cache.stats.hits > 0
+        allk = np.arange(300, dtype=np.uint64)
+        np.testing.assert_array_equal(cache.lookup(allk[:60]), ref.lookup("t", allk[:60]))
+        cache.flush()
+        np.testing.assert_array_equal(st.lookup("t", allk), ref.lookup("t", allk))
+        r1, f1 = ref.read_rows("t", allk)
+        r2, f2 = st.read_rows("t", allk)
+        np.testing.assert_array_equal(f1, f2)
+        np.testing.assert_array_equal(r1.count, r2.count)
+        np.testing.assert_array_equal(r1.state, r2.state)
+        assert st.step("t") == ref.step("t") == 40
+        assert st.stats().rows == ref.stats().rows == st.count_rows("t")
+
+
+def test_lookup_through_cache_writes_nothing(tmp_path):
+    with EmbeddingStore(tmp_path / "s", [_table(OPTS[0])]) as st:
+        cache = HostCache(st, "t", capacity=4)
+        for i in range(5):
+            cache.lookup(np.arange(i * 3, i * 3 + 3, dtype=np.uint64))
+        cache.flush()
+        assert st.count_rows("t") == 0 and cache.stats.write_backs == 0 and cache.stats.evictions > 0
+
+
+def test_pinned_rows_are_never_evicted(tmp_path):
+    with EmbeddingStore(tmp_path / "s", [_table(OPTS[0])]) as st:
+        cache = HostCache(st, "t", capacity=8)
+        pinned = cache.make_resident(np.arange(6, dtype=np.uint64), pin=True)
+        for i in range(10):
+            cache.lookup(np.array([100 + i, 200 + i], np.uint64))
+        assert (cache.index.lookup(np.arange(6, dtype=np.uint64)) == pinned).all()
+        with pytest.raises(RuntimeError, match="cannot free 3 slots"):
+            cache.lookup(np.array([1000, 1001, 1002], np.uint64))
+        cache.unpin(pinned)
+        cache.lookup(np.array([1000, 1001, 1002], np.uint64))
+
+
+def test_bad_input_and_unsupported_table(tmp_path):
+    adm = TableConfig("a", 2, admission=AdmissionConfig(min_count=2, capacity=100))
+    with EmbeddingStore(tmp_path / "s", [_table(OPTS[0]), adm]) as st:
+        cache = HostCache(st, "t", capacity=8)
+        with pytest.raises(TypeError, match="float32"):
+            cache.apply_gradients(np.array([1], np.uint64), np.ones((1, 4), np.float64))
+        with pytest.raises(ValueError, match="admission"):
+            HostCache(st, "a", capacity=8)
+        with pytest.raises(ValueError, match="capacity"):
+            HostCache(st, "t", capacity=0)
+        assert st.step("t") == 0
