@@ -63,6 +63,65 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    """DeepFM on the built-in synthetic Criteo-like data, sparse rows in RocksDB."""
+    import torch
+    from tqdm import tqdm
+
+    from .config import OptimizerKind
+    from .models import DeepFM
+    from .synthetic import SyntheticCriteo
+    from .trainer import Trainer
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    data = SyntheticCriteo(args.batch_size, seed=args.seed, vocab_min=args.vocab_min, vocab_max=args.vocab_max)
+    held_out = SyntheticCriteo(args.batch_size, seed=args.seed, vocab_min=args.vocab_min, vocab_max=args.vocab_max,
+                               split=1)
+    kind = OptimizerKind(args.optimizer)
+    opt = OptimizerConfig(kind=kind, lr=args.lr)
+    tables = [TableConfig("emb", args.dim, initializer=InitializerConfig.truncated_normal(std=0.01, seed=args.seed),
+                          optimizer=opt),
+              TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
+    tmp = None if args.store else tempfile.TemporaryDirectory(prefix="damo-train-")
+    store_dir = Path(args.store) if args.store else Path(tmp.name) / "store"  # type: ignore[union-attr]
+    print(f"damo-hybrid {__version__}: DeepFM, {len(data.sparse_fields)} sparse + {len(data.dense_fields)} dense fields, "
+          f"dim {args.dim}, batch {args.batch_size}, {args.steps} steps, {args.optimizer} lr {args.lr}, "
+          f"cache {args.cache_mb} MiB, store {store_dir}")
+    try:
+        with EmbeddingStore(store_dir, tables) as store:
+            model = DeepFM(store, data.sparse_fields, len(data.dense_fields), cache_mb=args.cache_mb)
+            dense_opt = torch.optim.Adam(model.parameters(), lr=args.dense_lr)
+            trainer = Trainer(model, dense_opt, data.batch, held_out.batch)
+            bar = tqdm(total=args.steps, unit="step", disable=args.quiet, dynamic_ncols=True)
+            t0 = time.perf_counter()
+
+            def progress(step: int, loss: float) -> None:
+                bar.update(1)
+                if step % 5 == 0 or step == args.steps:
+                    st = [s for s in model.sparse.cache_stats().values()]
+                    h = sum(s.hits for s in st)  # type: ignore[attr-defined]
+                    n = h + sum(s.misses for s in st)  # type: ignore[attr-defined]
+                    bar.set_postfix(samples_s=f"{step * args.batch_size / (time.perf_counter() - t0):,.0f}",
+                                    loss=f"{loss:.4f}", hit=f"{h / max(n, 1):.2f}")
+
+            summary = trainer.fit(args.steps, eval_batches=args.eval_batches, progress=progress)
+            bar.close()
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    s = summary
+    print(f"samples/s {s.samples_per_s:,.0f}  train logloss {s.train_logloss:.4f}  "
+          f"eval AUC {s.auc:.4f}  eval logloss {s.logloss:.4f}" if s.auc is not None else
+          f"samples/s {s.samples_per_s:,.0f}  train logloss {s.train_logloss:.4f}")
+    print(f"cache hit rate {s.hit_rate:.3f}  evictions {s.evictions:,}  peak RSS {s.peak_rss_mb:,.0f} MiB  "
+          f"stage seconds: load {s.stages.load:.1f} prepare {s.stages.prepare:.1f} compute {s.stages.compute:.1f} "
+          f"apply {s.stages.apply:.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(s.as_dict(), indent=1))
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     with EmbeddingStore(args.store, read_only=True) as s:
         st = s.stats()
@@ -111,6 +170,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"damo-hybrid {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train DeepFM; with no arguments, on built-in synthetic Criteo-like data")
+    t.add_argument("--steps", type=int, default=250)
+    t.add_argument("--batch-size", type=int, default=4096)
+    t.add_argument("--dim", type=int, default=16)
+    t.add_argument("--optimizer", default="adagrad", choices=[k.value for k in __import__("damo_hybrid.config").config.OptimizerKind])
+    t.add_argument("--lr", type=float, default=0.05, help="sparse learning rate")
+    t.add_argument("--dense-lr", type=float, default=1e-3, help="Adam learning rate of the dense layers")
+    t.add_argument("--cache-mb", type=float, default=512.0)
+    t.add_argument("--vocab-min", type=int, default=10**6)
+    t.add_argument("--vocab-max", type=int, default=10**7)
+    t.add_argument("--eval-batches", type=int, default=5)
+    t.add_argument("--threads", type=int, default=2, help="torch threads")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--store", help="store directory (default: a new temporary one, removed at exit)")
+    t.add_argument("--json", help="write a machine-readable summary here")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(fn=_train)
 
     d = sub.add_parser("demo", help="train a logistic regression on synthetic ids, all weights in RocksDB")
     d.add_argument("--steps", type=int, default=200)

@@ -1,0 +1,153 @@
+"""Training loop for CTR models with disk-backed embeddings (sequential reference mode).
+
+The loop per step: make the batch's rows resident (host manager's work), forward and
+backward (worker), apply the sparse optimizer to the touched rows and the dense optimizer to
+the MLP. Each phase runs inside ``torch.profiler.record_function`` and its time is counted in
+:class:`StageTimes`.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.profiler import record_function
+
+from .metrics import auc, logloss
+from .models import DeepFM
+from .synthetic import Batch
+
+__all__ = ["Trainer", "StageTimes", "TrainSummary"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage."""
+
+    load: float = 0.0
+    prepare: float = 0.0
+    compute: float = 0.0
+    apply: float = 0.0
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    samples: int
+    seconds: float
+    samples_per_s: float
+    train_logloss: float
+    auc: float | None
+    logloss: float | None
+    hit_rate: float
+    evictions: int
+    peak_rss_mb: float
+    stages: StageTimes = field(default_factory=StageTimes)
+
+    def as_dict(self) -> dict[str, object]:
+        d = dict(self.__dict__)
+        d["stages"] = dict(self.stages.__dict__)
+        return d
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Trainer:
+    """Runs a :class:`~damo_hybrid.models.DeepFM`-style model over batches.
+
+    Args:
+        model: the model (its ``sparse`` collection holds the caches).
+        dense_optimizer: any ``torch.optim`` optimizer over the model's dense parameters.
+        train_batch: batch index -> :class:`~damo_hybrid.synthetic.Batch`.
+        eval_batch: batch index -> held-out batch (optional).
+    """
+
+    def __init__(self, model: DeepFM, dense_optimizer: torch.optim.Optimizer,
+                 train_batch: Callable[[int], Batch], eval_batch: Callable[[int], Batch] | None = None) -> None:
+        self.model = model
+        self.opt = dense_optimizer
+        self.train_batch = train_batch
+        self.eval_batch = eval_batch
+        self.step = 0
+        self.times = StageTimes()
+        self.loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def train_step(self, index: int) -> float:
+        t0 = time.perf_counter()
+        with record_function("damo.load"):
+            b = self.train_batch(index)
+        t1 = time.perf_counter()
+        with record_function("damo.prepare"):
+            prepared = self.model.prepare(b.sparse)
+        t2 = time.perf_counter()
+        with record_function("damo.compute"):
+            self.model.train()
+            logits = self.model(prepared, torch.from_numpy(b.dense))
+            loss = self.loss_fn(logits, torch.from_numpy(b.label))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+        t3 = time.perf_counter()
+        with record_function("damo.apply"):
+            self.model.apply_sparse_gradients()
+            self.opt.step()
+        t4 = time.perf_counter()
+        self.times.load += t1 - t0
+        self.times.prepare += t2 - t1
+        self.times.compute += t3 - t2
+        self.times.apply += t4 - t3
+        self.step += 1
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def evaluate(self, n_batches: int) -> tuple[float, float]:
+        """AUC and logloss over ``n_batches`` held-out batches (no updates)."""
+        if self.eval_batch is None or n_batches <= 0:
+            raise ValueError("no eval data")
+        self.model.eval()
+        labels, probs = [], []
+        for i in range(n_batches):
+            b = self.eval_batch(i)
+            prepared = self.model.prepare(b.sparse)
+            try:
+                p = torch.sigmoid(self.model(prepared, torch.from_numpy(b.dense))).numpy()
+            finally:
+                self.model.sparse.release(prepared)
+            labels.append(b.label)
+            probs.append(p)
+        y, p = np.concatenate(labels), np.concatenate(probs)
+        return auc(y, p), logloss(y, p)
+
+    def fit(self, steps: int, eval_batches: int = 0, progress: Callable[[int, float], None] | None = None) -> TrainSummary:
+        """Train ``steps`` steps, then evaluate. ``progress(step, loss)`` is called per step."""
+        t0 = time.perf_counter()
+        losses = []
+        for _ in range(steps):
+            losses.append(self.train_step(self.step))
+            if progress is not None:
+                progress(self.step, losses[-1])
+        secs = time.perf_counter() - t0
+        self.model.sparse.flush()
+        a = ll = None
+        if eval_batches:
+            a, ll = self.evaluate(eval_batches)
+        stats = list(self.model.sparse.cache_stats().values())
+        hits = sum(s.hits for s in stats)  # type: ignore[attr-defined]
+        look = hits + sum(s.misses for s in stats)  # type: ignore[attr-defined]
+        bs = len(self.train_batch(0).label) if steps else 0
+        return TrainSummary(
+            steps=steps, samples=steps * bs, seconds=secs, samples_per_s=steps * bs / secs if secs else 0.0,
+            train_logloss=float(np.mean(losses[-max(1, steps // 10):])) if losses else float("nan"),
+            auc=a, logloss=ll, hit_rate=hits / look if look else 0.0,
+            evictions=sum(s.evictions for s in stats),  # type: ignore[attr-defined]
+            peak_rss_mb=peak_rss_mb(), stages=self.times,
+        )
