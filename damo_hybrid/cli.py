@@ -105,7 +105,8 @@ def _train(args: argparse.Namespace) -> int:
                     bar.set_postfix(samples_s=f"{step * args.batch_size / (time.perf_counter() - t0):,.0f}",
                                     loss=f"{loss:.4f}", hit=f"{h / max(n, 1):.2f}")
 
-            summary = trainer.fit(args.steps, eval_batches=args.eval_batches, progress=progress)
+            summary = trainer.fit(args.steps, eval_batches=args.eval_batches, progress=progress,
+                                  prefetch=not args.no_prefetch)
             bar.close()
     finally:
         if tmp is not None:
@@ -116,7 +117,7 @@ def _train(args: argparse.Namespace) -> int:
           f"samples/s {s.samples_per_s:,.0f}  train logloss {s.train_logloss:.4f}")
     print(f"cache hit rate {s.hit_rate:.3f}  evictions {s.evictions:,}  peak RSS {s.peak_rss_mb:,.0f} MiB  "
           f"stage seconds: load {s.stages.load:.1f} prepare {s.stages.prepare:.1f} compute {s.stages.compute:.1f} "
-          f"apply {s.stages.apply:.1f}")
+          f"apply {s.stages.apply:.1f}" + ("  (load/prepare overlap compute)" if not args.no_prefetch else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(s.as_dict(), indent=1))
     return 0
@@ -186,6 +187,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--store", help="store directory (default: a new temporary one, removed at exit)")
     t.add_argument("--json", help="write a machine-readable summary here")
+    t.add_argument("--no-prefetch", action="store_true",
+                   help="run the sequential reference loop instead of the three-stage pipeline (same weights)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=_train)
 

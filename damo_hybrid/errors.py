@@ -15,6 +15,7 @@ __all__ = [
     "OutOfSpaceError",
     "NonFiniteGradientError",
     "UnknownTableError",
+    "PipelineError",
 ]
 
 
@@ -60,3 +61,7 @@ class UnknownTableError(DamoHybridError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else "unknown table"
+
+
+class PipelineError(DamoHybridError):
+    """A pipeline stage failed; the stage's exception is the ``__cause__``."""

@@ -11,11 +11,16 @@ A row's value never depends on which tier served it: a key missing from the cach
 from the store, or initialised exactly as the store would, and updated with the store's own
 optimizer and global-step schedule.
 
-Thread safety: none. The cache belongs to one stage (the host manager); callers serialise.
+Thread safety: the host manager thread owns residency (:meth:`make_resident`, eviction,
+write-back, the key index); the worker thread may at the same time read and step the rows of
+slots it holds pinned (:meth:`step_slots`) and :meth:`unpin` them. Pins are the only state
+both touch, and a lock guards them; pinned rows are never evicted, so the two threads never
+touch the same row otherwise. Everything else needs one caller at a time.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -105,6 +110,7 @@ class HostCache:
         self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)  # a stack: pop from the end
         self._nfree = capacity
         self._hand = 0
+        self._pin_lock = threading.Lock()
         self.stats = CacheStats()
 
     @classmethod
@@ -130,19 +136,23 @@ class HostCache:
         miss = np.nonzero(~hit)[0]
         if len(miss):
             hits = slots[hit]
-            self.pins[hits] += 1  # protect this batch's hits from the eviction below
+            with self._pin_lock:
+                self.pins[hits] += 1  # protect this batch's hits from the eviction below
             try:
                 slots[miss] = self._load(ukeys[miss])
             finally:
-                self.pins[hits] -= 1
+                with self._pin_lock:
+                    self.pins[hits] -= 1
         self.ref[slots] = True
         if pin:
-            self.pins[slots] += 1
+            with self._pin_lock:
+                self.pins[slots] += 1
         return slots
 
     def unpin(self, slots: np.ndarray) -> None:
-        """Release pins taken by ``make_resident(pin=True)``."""
-        self.pins[slots] -= 1
+        """Release pins taken by ``make_resident(pin=True)`` (any thread)."""
+        with self._pin_lock:
+            self.pins[slots] -= 1
 
     def _load(self, keys: np.ndarray) -> np.ndarray:
         n = len(keys)
@@ -184,7 +194,8 @@ class HostCache:
         while got < need:
             if swept > 2 * cap:
                 if found:
-                    self.pins[np.concatenate(found)] -= 1
+                    with self._pin_lock:
+                        self.pins[np.concatenate(found)] -= 1
                 raise RuntimeError(
                     f"host cache of table {self.table!r} cannot free {need} slots: its {cap} slots are "
                     "pinned or needed by this batch; raise the cache budget or lower the batch size"
@@ -199,14 +210,16 @@ class HostCache:
                 cut = k
             passed = chunk[:cut]
             v = passed[cand[:cut]]
-            self.pins[v] += 1  # chosen: not a candidate again on a later lap
+            with self._pin_lock:
+                self.pins[v] += 1  # chosen: not a candidate again on a later lap
             found.append(v)
             got += len(v)
             self.ref[passed] = False
             self._hand = int((self._hand + cut) % cap)
             swept += cut
         victims = np.concatenate(found)
-        self.pins[victims] -= 1
+        with self._pin_lock:
+            self.pins[victims] -= 1
         return victims
 
     def _evict(self, slots: np.ndarray) -> None:

@@ -20,6 +20,8 @@ from torch.profiler import record_function
 
 from .metrics import auc, logloss
 from .models import DeepFM
+from .nn import PreparedBatch
+from .pipeline import Pipeline, PipelineStats
 from .synthetic import Batch
 
 __all__ = ["Trainer", "StageTimes", "TrainSummary"]
@@ -80,15 +82,22 @@ class Trainer:
         self.eval_batch = eval_batch
         self.step = 0
         self.times = StageTimes()
+        self.pipeline_stats: PipelineStats | None = None
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def train_step(self, index: int) -> float:
+        """One sequential step: load, prepare, compute, apply."""
         t0 = time.perf_counter()
         with record_function("damo.load"):
             b = self.train_batch(index)
         t1 = time.perf_counter()
         with record_function("damo.prepare"):
             prepared = self.model.prepare(b.sparse)
+        self.times.load += t1 - t0
+        self.times.prepare += time.perf_counter() - t1
+        return self._compute_apply(b, prepared)
+
+    def _compute_apply(self, b: Batch, prepared: PreparedBatch) -> float:
         t2 = time.perf_counter()
         with record_function("damo.compute"):
             self.model.train()
@@ -100,11 +109,8 @@ class Trainer:
         with record_function("damo.apply"):
             self.model.apply_sparse_gradients()
             self.opt.step()
-        t4 = time.perf_counter()
-        self.times.load += t1 - t0
-        self.times.prepare += t2 - t1
         self.times.compute += t3 - t2
-        self.times.apply += t4 - t3
+        self.times.apply += time.perf_counter() - t3
         self.step += 1
         return float(loss.detach())
 
@@ -127,14 +133,36 @@ class Trainer:
         y, p = np.concatenate(labels), np.concatenate(probs)
         return auc(y, p), logloss(y, p)
 
-    def fit(self, steps: int, eval_batches: int = 0, progress: Callable[[int, float], None] | None = None) -> TrainSummary:
-        """Train ``steps`` steps, then evaluate. ``progress(step, loss)`` is called per step."""
+    def fit(self, steps: int, eval_batches: int = 0, progress: Callable[[int, float], None] | None = None,
+            prefetch: bool = True) -> TrainSummary:
+        """Train ``steps`` steps, then evaluate.
+
+        Args:
+            steps: batches to train.
+            eval_batches: held-out batches to evaluate after training.
+            progress: called as ``progress(step, loss)`` after every step.
+            prefetch: run the loader and host manager ahead in their own threads
+                (:class:`~damo_hybrid.pipeline.Pipeline`); ``False`` is the sequential
+                reference loop. Both give the same weights.
+        """
         t0 = time.perf_counter()
         losses = []
-        for _ in range(steps):
-            losses.append(self.train_step(self.step))
-            if progress is not None:
-                progress(self.step, losses[-1])
+        if prefetch:
+            sparse = self.model.sparse
+            with Pipeline(self.train_batch, lambda b: self.model.prepare(b.sparse), sparse.release,
+                          self.step, self.step + steps) as pipe:
+                for _, b, prepared in pipe:
+                    losses.append(self._compute_apply(b, prepared))
+                    if progress is not None:
+                        progress(self.step, losses[-1])
+            self.pipeline_stats = pipe.stats
+            self.times.load += pipe.stats.load
+            self.times.prepare += pipe.stats.prepare
+        else:
+            for _ in range(steps):
+                losses.append(self.train_step(self.step))
+                if progress is not None:
+                    progress(self.step, losses[-1])
         secs = time.perf_counter() - t0
         self.model.sparse.flush()
         a = ll = None

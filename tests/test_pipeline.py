@@ -1,0 +1,90 @@
+"""The prefetch pipeline: same weights as the sequential loop, errors surface, nothing leaks."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from damo_hybrid import EmbeddingStore, InitializerConfig, OptimizerConfig, TableConfig
+from damo_hybrid.errors import PipelineError
+from damo_hybrid.models import DeepFM
+from damo_hybrid.synthetic import SyntheticCriteo
+from damo_hybrid.trainer import Trainer
+
+
+def _run(path, prefetch, steps=25, opt=OptimizerConfig.adagrad(0.05), fail_at=None, interrupt_at=None):
+    torch.manual_seed(0)
+    data = SyntheticCriteo(256, seed=1, vocab_min=200, vocab_max=2000, n_sparse=6, n_dense=3)
+
+    def load(i):
+        if fail_at is not None and i == fail_at:
+            raise OSError(f"bad input file at batch {i}")
+        return data.batch(i)
+
+    tables = [TableConfig("emb", 8, initializer=InitializerConfig.normal(std=0.05, seed=2), optimizer=opt),
+              TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
+    store = EmbeddingStore(path, tables)
+    # 3,000 rows per table, far fewer than the keys the run touches: evictions and reloads happen
+    model = DeepFM(store, data.sparse_fields, 3, hidden=(16,), cache_mb=1e-9, min_cache_rows=3000)
+    trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), load)
+
+    def progress(step, loss):
+        if interrupt_at is not None and step == interrupt_at:
+            raise KeyboardInterrupt
+
+    try:
+        trainer.fit(steps, prefetch=prefetch, progress=progress)
+    except BaseException:
+        model.sparse.flush()  # what a caller does on Ctrl-C or a failed stage: keep the work done
+        store.close()
+        raise
+    model.sparse.flush()
+    return store, model, trainer
+
+
+@pytest.mark.parametrize("opt", [OptimizerConfig.adagrad(0.05), OptimizerConfig.adam(0.01)], ids=["adagrad", "adam"])
+def test_pipelined_equals_sequential(tmp_path, opt):
+    s1, m1, _ = _run(tmp_path / "seq", prefetch=False, opt=opt)
+    s2, m2, t2 = _run(tmp_path / "pipe", prefetch=True, opt=opt)
+    try:
+        ev = sum(c.stats.evictions for c in m2.sparse.caches.values())
+        assert ev > 0, "the test must force evictions"
+        assert t2.pipeline_stats is not None and t2.pipeline_stats.batches == 25
+        for (n1, p1), (n2, p2) in zip(m1.state_dict().items(), m2.state_dict().items()):
+            assert n1 == n2
+            np.testing.assert_allclose(p1.numpy(), p2.numpy(), rtol=1e-6, atol=1e-7, err_msg=n1)
+        for table in ("emb", "lin"):
+            k1 = np.concatenate([k for k, _ in s1.scan(table)])
+            k2 = np.concatenate([k for k, _ in s2.scan(table)])
+            np.testing.assert_array_equal(k1, k2)
+            r1, _ = s1.read_rows(table, k1)
+            r2, _ = s2.read_rows(table, k2)
+            np.testing.assert_allclose(r1.weights, r2.weights, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(r1.state, r2.state, rtol=1e-6, atol=1e-7)
+            np.testing.assert_array_equal(r1.count, r2.count)
+            assert s1.step(table) == s2.step(table) == 25
+    finally:
+        s1.close()
+        s2.close()
+
+
+def test_stage_error_is_reraised_with_cause_and_nothing_leaks(tmp_path):
+    before = threading.active_count()
+    with pytest.raises(PipelineError, match="loader stage failed") as ei:
+        _run(tmp_path / "p", prefetch=True, fail_at=7)
+    assert isinstance(ei.value.__cause__, OSError) and "batch 7" in str(ei.value.__cause__)
+    assert threading.active_count() == before
+    with EmbeddingStore(tmp_path / "p") as s:
+        assert s.step("emb") == 7  # batches 0..6 were trained and kept
+
+
+def test_ctrl_c_stops_cleanly_with_pins_released(tmp_path):
+    before = threading.active_count()
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "p", prefetch=True, interrupt_at=5)
+    assert threading.active_count() == before
+    with EmbeddingStore(tmp_path / "p") as s:
+        assert s.step("emb") == 5 and s.count_rows("emb") > 0
