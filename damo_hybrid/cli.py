@@ -75,9 +75,23 @@ def _train(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    data = SyntheticCriteo(args.batch_size, seed=args.seed, vocab_min=args.vocab_min, vocab_max=args.vocab_max)
-    held_out = SyntheticCriteo(args.batch_size, seed=args.seed, vocab_min=args.vocab_min, vocab_max=args.vocab_max,
-                               split=1)
+    if args.data:
+        from .data import CriteoTSV
+
+        data = CriteoTSV(args.data, args.batch_size)
+        held_out = CriteoTSV(args.eval_data, args.batch_size) if args.eval_data else None
+        if args.steps is None:
+            args.steps = args.epochs * data.batches_per_epoch
+        if held_out is not None:
+            args.eval_batches = min(args.eval_batches, held_out.batches_per_epoch) if args.eval_batches else held_out.batches_per_epoch
+        else:
+            args.eval_batches = 0
+    else:
+        data = SyntheticCriteo(args.batch_size, seed=args.seed, vocab_min=args.vocab_min, vocab_max=args.vocab_max)
+        held_out = SyntheticCriteo(args.batch_size, seed=args.seed, vocab_min=args.vocab_min,
+                                   vocab_max=args.vocab_max, split=1)
+        if args.steps is None:
+            args.steps = 250
     kind = OptimizerKind(args.optimizer)
     opt = OptimizerConfig(kind=kind, lr=args.lr)
     tables = [TableConfig("emb", args.dim, initializer=InitializerConfig.truncated_normal(std=0.01, seed=args.seed),
@@ -85,14 +99,15 @@ def _train(args: argparse.Namespace) -> int:
               TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
     tmp = None if args.store else tempfile.TemporaryDirectory(prefix="damo-train-")
     store_dir = Path(args.store) if args.store else Path(tmp.name) / "store"  # type: ignore[union-attr]
-    print(f"damo-hybrid {__version__}: DeepFM, {len(data.sparse_fields)} sparse + {len(data.dense_fields)} dense fields, "
+    source = str(args.data) if args.data else "synthetic data"
+    print(f"damo-hybrid {__version__}: DeepFM on {source}, {len(data.sparse_fields)} sparse + {len(data.dense_fields)} dense fields, "
           f"dim {args.dim}, batch {args.batch_size}, {args.steps} steps, {args.optimizer} lr {args.lr}, "
           f"cache {args.cache_mb} MiB, store {store_dir}")
     try:
         with EmbeddingStore(store_dir, tables) as store:
             model = DeepFM(store, data.sparse_fields, len(data.dense_fields), cache_mb=args.cache_mb)
             dense_opt = torch.optim.Adam(model.parameters(), lr=args.dense_lr)
-            trainer = Trainer(model, dense_opt, data.batch, held_out.batch)
+            trainer = Trainer(model, dense_opt, data.batch, held_out.batch if held_out is not None else None)
             bar = tqdm(total=args.steps, unit="step", disable=args.quiet, dynamic_ncols=True)
             t0 = time.perf_counter()
 
@@ -173,7 +188,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train DeepFM; with no arguments, on built-in synthetic Criteo-like data")
-    t.add_argument("--steps", type=int, default=250)
+    t.add_argument("--data", help="training file (Criteo TSV, optionally .gz); default: built-in synthetic data")
+    t.add_argument("--eval-data", help="held-out file in the same format")
+    t.add_argument("--format", choices=("criteo",), default="criteo", help="format of --data and --eval-data")
+    t.add_argument("--epochs", type=int, default=1, help="passes over --data when --steps is not given")
+    t.add_argument("--steps", type=int, default=None, help="default: 250 on synthetic data, else --epochs passes")
     t.add_argument("--batch-size", type=int, default=4096)
     t.add_argument("--dim", type=int, default=16)
     t.add_argument("--optimizer", default="adagrad", choices=[k.value for k in __import__("damo_hybrid.config").config.OptimizerKind])
@@ -182,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--cache-mb", type=float, default=512.0)
     t.add_argument("--vocab-min", type=int, default=10**6)
     t.add_argument("--vocab-max", type=int, default=10**7)
-    t.add_argument("--eval-batches", type=int, default=5)
+    t.add_argument("--eval-batches", type=int, default=5, help="held-out batches (with --eval-data: 0 = all)")
     t.add_argument("--threads", type=int, default=2, help="torch threads")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--store", help="store directory (default: a new temporary one, removed at exit)")
