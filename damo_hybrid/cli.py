@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .config import InitializerConfig, OptimizerConfig, TableConfig
+from .config import InitializerConfig, OptimizerConfig, OptimizerKind, TableConfig
 from .errors import DamoHybridError
 from .store import EmbeddingStore
 
@@ -68,13 +69,15 @@ def _train(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .config import OptimizerKind
     from .models import DeepFM
     from .synthetic import SyntheticCriteo
     from .trainer import Trainer
 
     torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
+    cores = os.cpu_count() or 1
+    # with prefetch the host manager needs a core of its own while torch computes
+    threads = args.threads or (max(1, cores - 1) if not args.no_prefetch else cores)
+    torch.set_num_threads(threads)
     if args.data:
         from .data import CriteoTSV
 
@@ -91,7 +94,7 @@ def _train(args: argparse.Namespace) -> int:
         held_out = SyntheticCriteo(args.batch_size, seed=args.seed, vocab_min=args.vocab_min,
                                    vocab_max=args.vocab_max, split=1)
         if args.steps is None:
-            args.steps = 250
+            args.steps = 150
     kind = OptimizerKind(args.optimizer)
     opt = OptimizerConfig(kind=kind, lr=args.lr)
     tables = [TableConfig("emb", args.dim, initializer=InitializerConfig.truncated_normal(std=0.01, seed=args.seed),
@@ -192,17 +195,18 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-data", help="held-out file in the same format")
     t.add_argument("--format", choices=("criteo",), default="criteo", help="format of --data and --eval-data")
     t.add_argument("--epochs", type=int, default=1, help="passes over --data when --steps is not given")
-    t.add_argument("--steps", type=int, default=None, help="default: 250 on synthetic data, else --epochs passes")
+    t.add_argument("--steps", type=int, default=None, help="default: 150 on synthetic data (about a minute), else --epochs passes")
     t.add_argument("--batch-size", type=int, default=4096)
     t.add_argument("--dim", type=int, default=16)
-    t.add_argument("--optimizer", default="adagrad", choices=[k.value for k in __import__("damo_hybrid.config").config.OptimizerKind])
+    t.add_argument("--optimizer", default="adagrad", choices=[k.value for k in OptimizerKind])
     t.add_argument("--lr", type=float, default=0.05, help="sparse learning rate")
     t.add_argument("--dense-lr", type=float, default=1e-3, help="Adam learning rate of the dense layers")
     t.add_argument("--cache-mb", type=float, default=512.0)
     t.add_argument("--vocab-min", type=int, default=10**6)
     t.add_argument("--vocab-max", type=int, default=10**7)
     t.add_argument("--eval-batches", type=int, default=5, help="held-out batches (with --eval-data: 0 = all)")
-    t.add_argument("--threads", type=int, default=2, help="torch threads")
+    t.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default: all cores, or all but one when prefetching)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--store", help="store directory (default: a new temporary one, removed at exit)")
     t.add_argument("--json", help="write a machine-readable summary here")

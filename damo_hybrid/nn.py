@@ -103,12 +103,13 @@ class EmbeddingCollection(torch.nn.Module):
         tables = sorted({f.table for f in features})
         per_row = {}
         for t in tables:
-            init, opt = store.table_ops(t)
+            _, opt = store.table_ops(t)
             per_row[t] = HostCache.nbytes_per_row(opt.dim, opt.width)
         budget = cache_mb * 2**20
         share = budget / sum(per_row.values())  # equal row counts; bytes follow the row size
         self.caches = {t: HostCache(store, t, max(min_cache_rows, int(share))) for t in tables}
         self.dims = {f.name: self.caches[f.table].dim for f in features}
+        self._pooling = {f.name: f.pooling for f in features}
         self._pending: PreparedBatch | None = None
 
     # -------------------------------------------------------------- stage 2
@@ -189,9 +190,8 @@ class EmbeddingCollection(torch.nn.Module):
             for name, inv in tb.inverse.items():
                 idx = torch.from_numpy(inv)
                 if name in tb.offsets:
-                    f = next(f for f in self.features if f.name == name)
                     out[name] = torch.nn.functional.embedding_bag(
-                        idx, leaf, torch.from_numpy(tb.offsets[name][:-1]), mode=f.pooling)
+                        idx, leaf, torch.from_numpy(tb.offsets[name][:-1]), mode=self._pooling[name])
                 else:
                     out[name] = leaf.index_select(0, idx)
         return {f.name: out[f.name] for f in self.features}

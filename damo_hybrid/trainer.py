@@ -81,6 +81,7 @@ class Trainer:
         self.train_batch = train_batch
         self.eval_batch = eval_batch
         self.step = 0
+        self.samples = 0
         self.times = StageTimes()
         self.pipeline_stats: PipelineStats | None = None
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -112,6 +113,7 @@ class Trainer:
         self.times.compute += t3 - t2
         self.times.apply += time.perf_counter() - t3
         self.step += 1
+        self.samples += len(b.label)
         return float(loss.detach())
 
     @torch.no_grad()
@@ -146,6 +148,7 @@ class Trainer:
                 reference loop. Both give the same weights.
         """
         t0 = time.perf_counter()
+        samples0 = self.samples
         losses = []
         if prefetch:
             sparse = self.model.sparse
@@ -171,9 +174,9 @@ class Trainer:
         stats = list(self.model.sparse.cache_stats().values())
         hits = sum(s.hits for s in stats)  # type: ignore[attr-defined]
         look = hits + sum(s.misses for s in stats)  # type: ignore[attr-defined]
-        bs = len(self.train_batch(0).label) if steps else 0
+        n = self.samples - samples0
         return TrainSummary(
-            steps=steps, samples=steps * bs, seconds=secs, samples_per_s=steps * bs / secs if secs else 0.0,
+            steps=steps, samples=n, seconds=secs, samples_per_s=n / secs if secs else 0.0,
             train_logloss=float(np.mean(losses[-max(1, steps // 10):])) if losses else float("nan"),
             auc=a, logloss=ll, hit_rate=hits / look if look else 0.0,
             evictions=sum(s.evictions for s in stats),  # type: ignore[attr-defined]
