@@ -709,12 +709,7 @@ class EmbeddingStore:
         Returns:
             Rows written per table.
         """
-        if not isinstance(min_count, int) or min_count < 0:
-            raise ValueError(f"min_count must be an int >= 0, got {min_count!r}")
-        if expire_days is not None and not (isinstance(expire_days, (int, float)) and expire_days > 0):
-            raise ValueError(f"expire_days must be None or > 0, got {expire_days!r}")
-        now = time.time() if now is None else float(now)
-        age = expire_days * _DAY if expire_days is not None else None
+        now, age = dump_window(min_count, expire_days, now)
         arrays: dict[str, np.ndarray] = {}
         written: dict[str, int] = {}
         with self._lock:
@@ -826,6 +821,15 @@ class EmbeddingStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return cls(dst, tables, config)
+
+
+def dump_window(min_count: int, expire_days: float | None, now: float | None) -> tuple[float, float | None]:
+    """Validate dump conditions; returns ``(now, max age in seconds or None)``."""
+    if not isinstance(min_count, int) or min_count < 0:
+        raise ValueError(f"min_count must be an int >= 0, got {min_count!r}")
+    if expire_days is not None and not (isinstance(expire_days, (int, float)) and expire_days > 0):
+        raise ValueError(f"expire_days must be None or > 0, got {expire_days!r}")
+    return (time.time() if now is None else float(now)), (expire_days * _DAY if expire_days is not None else None)
 
 
 def stale_mask(rows: Rows, now: float, age: float | None, min_count: int) -> np.ndarray:

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from .._files import atomic_file
-from ..store import EmbeddingStore, stale_mask
+from ..store import EmbeddingStore, dump_window, stale_mask
 
 __all__ = ["dump_seed_format", "read_seed_format", "group_of_tables"]
 
@@ -72,8 +71,7 @@ def dump_seed_format(
     """
     names = list(store.tables) if tables is None else list(tables)
     groups = group_of_tables(names)
-    now = time.time() if now is None else float(now)
-    age = expire_days * 86400.0 if expire_days is not None else None
+    now, age = dump_window(min_count, expire_days, now)
     dims = np.zeros(GROUPS, "<i4")
     counts = np.zeros(GROUPS, "<u8")
     written: dict[str, int] = {}
