@@ -31,6 +31,7 @@ from .keyindex import KeyIndex
 from .ops.cpu import reduce_by_key
 from .rows import Rows
 from .store import EmbeddingStore
+from .writer import WriteBehind
 
 __all__ = ["HostCache", "CacheStats"]
 
@@ -111,6 +112,7 @@ class HostCache:
         self._nfree = capacity
         self._hand = 0
         self._pin_lock = threading.Lock()
+        self.writer = WriteBehind(store, table)
         self.stats = CacheStats()
 
     @classmethod
@@ -158,11 +160,26 @@ class HostCache:
         n = len(keys)
         self.stats.misses += n
         slots = self._take_slots(n)
-        rows, found = self.store.read_rows(self.table, keys)
-        self.stats.bytes_read += int(found.sum()) * self.row_bytes
-        fs, ns = slots[found], slots[~found]
+        # rows evicted a moment ago may still sit in the writer's queue: they win over disk
+        queued, inq = self.writer.overlay(keys)
+        found = inq.copy()
+        stored = np.zeros(n, dtype=bool)
+        if inq.any():
+            rows = queued
+            assert rows is not None
+            qs = slots[inq]
+            self.weights[qs], self.state[qs] = rows.weights, rows.state
+            self.count[qs], self.created[qs], self.updated[qs] = rows.count, rows.created, rows.updated
+            stored[inq] = True  # its queued write lands first (FIFO) and counts it if new
+        rest = np.nonzero(~inq)[0]
+        rows, f = self.store.read_rows(self.table, keys[rest])
+        self.stats.bytes_read += int(f.sum()) * self.row_bytes
+        found[rest[f]] = True
+        stored[rest[f]] = True
+        fs = slots[rest[f]]
         self.weights[fs], self.state[fs] = rows.weights, rows.state
         self.count[fs], self.created[fs], self.updated[fs] = rows.count, rows.created, rows.updated
+        ns = slots[~found]
         if len(ns):
             self.weights[ns] = self.init(keys[~found])
             self.state[ns] = self.opt.initial_state(len(ns))
@@ -170,7 +187,7 @@ class HostCache:
             self.created[ns] = self.updated[ns] = int(time.time())
         self.keys[slots] = keys
         self.occupied[slots] = True
-        self.stored[slots] = found
+        self.stored[slots] = stored
         self.dirty[slots] = False
         self.index.insert(keys, slots)
         return slots
@@ -232,8 +249,9 @@ class HostCache:
         self.stats.evictions += len(slots)
 
     def _write_back(self, slots: np.ndarray) -> None:
+        """Hand dirty rows to the background writer (copies; the slots can be reused)."""
         rows = Rows(self.weights[slots], self.state[slots], self.count[slots], self.created[slots], self.updated[slots])
-        self.store.write_rows(self.table, self.keys[slots], rows, new=~self.stored[slots])
+        self.writer.submit(self.keys[slots], rows, new=~self.stored[slots])
         self.stored[slots] = True
         self.dirty[slots] = False
         self.stats.write_backs += len(slots)
@@ -278,10 +296,11 @@ class HostCache:
         self.dirty[slots] = True
 
     def flush(self) -> None:
-        """Write every dirty row back and flush the store."""
+        """Write every dirty row back, wait for the writer, and flush the store."""
         d = np.nonzero(self.dirty)[0]
         if len(d):
             self._write_back(d)
+        self.writer.drain()
         self.store.flush()
 
     def __len__(self) -> int:

@@ -116,6 +116,25 @@ class Trainer:
         self.samples += len(b.label)
         return float(loss.detach())
 
+    def _run(self, steps: int, prefetch: bool, progress: Callable[[int, float], None] | None,
+             losses: list[float]) -> None:
+        if prefetch:
+            sparse = self.model.sparse
+            with Pipeline(self.train_batch, lambda b: self.model.prepare(b.sparse), sparse.release,
+                          self.step, self.step + steps) as pipe:
+                for _, b, prepared in pipe:
+                    losses.append(self._compute_apply(b, prepared))
+                    if progress is not None:
+                        progress(self.step, losses[-1])
+            self.pipeline_stats = pipe.stats
+            self.times.load += pipe.stats.load
+            self.times.prepare += pipe.stats.prepare
+        else:
+            for _ in range(steps):
+                losses.append(self.train_step(self.step))
+                if progress is not None:
+                    progress(self.step, losses[-1])
+
     @torch.no_grad()
     def evaluate(self, n_batches: int) -> tuple[float, float]:
         """AUC and logloss over ``n_batches`` held-out batches (no updates)."""
@@ -149,23 +168,16 @@ class Trainer:
         """
         t0 = time.perf_counter()
         samples0 = self.samples
-        losses = []
-        if prefetch:
-            sparse = self.model.sparse
-            with Pipeline(self.train_batch, lambda b: self.model.prepare(b.sparse), sparse.release,
-                          self.step, self.step + steps) as pipe:
-                for _, b, prepared in pipe:
-                    losses.append(self._compute_apply(b, prepared))
-                    if progress is not None:
-                        progress(self.step, losses[-1])
-            self.pipeline_stats = pipe.stats
-            self.times.load += pipe.stats.load
-            self.times.prepare += pipe.stats.prepare
-        else:
-            for _ in range(steps):
-                losses.append(self.train_step(self.step))
-                if progress is not None:
-                    progress(self.step, losses[-1])
+        losses: list[float] = []
+        try:
+            self._run(steps, prefetch, progress, losses)
+        except BaseException:
+            # Ctrl-C or a failed stage: keep the work of the steps that completed
+            try:
+                self.model.sparse.flush()
+            except Exception:  # the store itself may be what failed
+                log.exception("could not flush the caches after an error")
+            raise
         secs = time.perf_counter() - t0
         self.model.sparse.flush()
         a = ll = None

@@ -75,3 +75,40 @@ def test_bad_input_and_unsupported_table(tmp_path):
         with pytest.raises(ValueError, match="capacity"):
             HostCache(st, "t", capacity=0)
         assert st.step("t") == 0
+
+
+def test_rows_waiting_in_the_writer_are_served_from_it(tmp_path, monkeypatch):
+    import threading
+
+    from damo_hybrid.errors import DamoHybridError, OutOfSpaceError
+
+    with EmbeddingStore(tmp_path / "s", [_table(OPTS[0])]) as st:
+        cache = HostCache(st, "t", capacity=4)
+        gate = threading.Event()
+        real = st.write_rows
+
+        def slow(*a, **k):
+            assert gate.wait(10)
+            real(*a, **k)
+
+        monkeypatch.setattr(st, "write_rows", slow)
+        k1 = np.arange(4, dtype=np.uint64)
+        cache.apply_gradients(k1, np.ones((4, 4), np.float32))
+        w_after = cache.lookup(k1)
+        cache.lookup(np.arange(10, 14, dtype=np.uint64))  # evicts the 4 dirty rows into the blocked writer
+        assert cache.stats.write_backs == 4 and st.count_rows("t") == 0
+        np.testing.assert_array_equal(cache.lookup(k1), w_after)  # served from the queue, not stale disk
+        cache.lookup(np.arange(20, 24, dtype=np.uint64))  # evicted again (clean now): nothing more queued
+        gate.set()
+        cache.flush()
+        assert st.count_rows("t") == 4 and st.stats().rows == 4
+        np.testing.assert_array_equal(st.lookup("t", k1), w_after)
+
+        def full(*a, **k):
+            raise OutOfSpaceError("disk full (simulated)")
+
+        monkeypatch.setattr(st, "write_rows", full)
+        cache.apply_gradients(np.arange(30, 34, dtype=np.uint64), np.ones((4, 4), np.float32))
+        with pytest.raises(DamoHybridError, match="writing evicted rows of table 't' failed") as ei:
+            cache.flush()
+        assert isinstance(ei.value.__cause__, OutOfSpaceError)
