@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -69,6 +70,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from .checkpoint import latest_checkpoint, load_trainer_state
     from .models import DeepFM
     from .synthetic import SyntheticCriteo
     from .trainer import Trainer
@@ -100,19 +102,38 @@ def _train(args: argparse.Namespace) -> int:
     tables = [TableConfig("emb", args.dim, initializer=InitializerConfig.truncated_normal(std=0.01, seed=args.seed),
                           optimizer=opt),
               TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
+    if (args.resume or args.checkpoint_every) and not args.store:
+        raise ValueError("--resume and --checkpoint-every need --store (a temporary store is deleted at exit)")
     tmp = None if args.store else tempfile.TemporaryDirectory(prefix="damo-train-")
     store_dir = Path(args.store) if args.store else Path(tmp.name) / "store"  # type: ignore[union-attr]
+    ckpt_root = Path(args.checkpoint_dir) if args.checkpoint_dir else store_dir.with_name(store_dir.name + ".ckpt")
     source = str(args.data) if args.data else "synthetic data"
     print(f"damo-hybrid {__version__}: DeepFM on {source}, {len(data.sparse_fields)} sparse + {len(data.dense_fields)} dense fields, "
           f"dim {args.dim}, batch {args.batch_size}, {args.steps} steps, {args.optimizer} lr {args.lr}, "
           f"cache {args.cache_mb} MiB, store {store_dir}")
+    state = None
     try:
-        with EmbeddingStore(store_dir, tables) as store:
+        if args.resume and (ck := latest_checkpoint(ckpt_root)) is not None:
+            # the store may hold work done after the checkpoint: restart from the checkpoint's copy
+            if store_dir.exists():
+                shutil.rmtree(store_dir)
+            store = EmbeddingStore.from_checkpoint(ck / "store", store_dir, tables)
+            state = load_trainer_state(ck)
+            print(f"resuming from {ck} at step {state['step']}")
+        else:
+            if args.resume:
+                print(f"no checkpoint under {ckpt_root}: starting from scratch")
+            store = EmbeddingStore(store_dir, tables)
+        with store:
             model = DeepFM(store, data.sparse_fields, len(data.dense_fields), cache_mb=args.cache_mb)
             dense_opt = torch.optim.Adam(model.parameters(), lr=args.dense_lr)
             trainer = Trainer(model, dense_opt, data.batch, held_out.batch if held_out is not None else None)
-            bar = tqdm(total=args.steps, unit="step", disable=args.quiet, dynamic_ncols=True)
+            if state is not None:
+                trainer.load_state(state)
+            remaining = max(0, args.steps - trainer.step)
+            bar = tqdm(total=args.steps, initial=trainer.step, unit="step", disable=args.quiet, dynamic_ncols=True)
             t0 = time.perf_counter()
+            step0 = trainer.step
 
             def progress(step: int, loss: float) -> None:
                 bar.update(1)
@@ -120,11 +141,12 @@ def _train(args: argparse.Namespace) -> int:
                     st = [s for s in model.sparse.cache_stats().values()]
                     h = sum(s.hits for s in st)  # type: ignore[attr-defined]
                     n = h + sum(s.misses for s in st)  # type: ignore[attr-defined]
-                    bar.set_postfix(samples_s=f"{step * args.batch_size / (time.perf_counter() - t0):,.0f}",
+                    bar.set_postfix(samples_s=f"{(step - step0) * args.batch_size / (time.perf_counter() - t0):,.0f}",
                                     loss=f"{loss:.4f}", hit=f"{h / max(n, 1):.2f}")
 
-            summary = trainer.fit(args.steps, eval_batches=args.eval_batches, progress=progress,
-                                  prefetch=not args.no_prefetch)
+            summary = trainer.fit(remaining, eval_batches=args.eval_batches, progress=progress,
+                                  prefetch=not args.no_prefetch, checkpoint_every=args.checkpoint_every,
+                                  checkpoint_dir=ckpt_root)
             bar.close()
     finally:
         if tmp is not None:
@@ -210,6 +232,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--store", help="store directory (default: a new temporary one, removed at exit)")
     t.add_argument("--json", help="write a machine-readable summary here")
+    t.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint the whole training state every N steps")
+    t.add_argument("--checkpoint-dir", help="where checkpoints go (default: <store>.ckpt beside the store)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     t.add_argument("--no-prefetch", action="store_true",
                    help="run the sequential reference loop instead of the three-stage pipeline (same weights)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

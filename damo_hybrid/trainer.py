@@ -9,15 +9,19 @@ the MLP. Each phase runs inside ``torch.profiler.record_function`` and its time 
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.profiler import record_function
 
+from .checkpoint import prune_checkpoints, save_training_checkpoint
 from .metrics import auc, logloss
 from .models import DeepFM
 from .nn import PreparedBatch
@@ -116,8 +120,41 @@ class Trainer:
         self.samples += len(b.label)
         return float(loss.detach())
 
+    # ------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        """Dense model, dense optimizer, position and RNG states (sparse rows live in the store)."""
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
+                "samples": self.samples, "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state`."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.samples = int(state["step"]), int(state["samples"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+
+    def checkpoint(self, root: str | os.PathLike[str], keep: int = 2) -> Path:
+        """Flush the caches and write ``root/step-<step>`` atomically; keep the ``keep`` newest."""
+        self.model.sparse.flush()
+        path = save_training_checkpoint(root, self.step, self.model.sparse.store, self.state())
+        prune_checkpoints(root, keep)
+        return path
+
     def _run(self, steps: int, prefetch: bool, progress: Callable[[int, float], None] | None,
-             losses: list[float]) -> None:
+             losses: list[float], checkpoint_every: int = 0, checkpoint_dir: str | os.PathLike[str] | None = None) -> None:
+        end = self.step + steps
+        while self.step < end:
+            # checkpoints fall between pipeline runs: no stage is in flight while one is written
+            seg = end - self.step
+            if checkpoint_every:
+                seg = min(seg, checkpoint_every - self.step % checkpoint_every)
+            self._run_segment(seg, prefetch, progress, losses)
+            if checkpoint_every and checkpoint_dir is not None and self.step % checkpoint_every == 0:
+                self.checkpoint(checkpoint_dir)
+
+    def _run_segment(self, steps: int, prefetch: bool, progress: Callable[[int, float], None] | None,
+                     losses: list[float]) -> None:
         if prefetch:
             sparse = self.model.sparse
             with Pipeline(self.train_batch, lambda b: self.model.prepare(b.sparse), sparse.release,
@@ -155,7 +192,8 @@ class Trainer:
         return auc(y, p), logloss(y, p)
 
     def fit(self, steps: int, eval_batches: int = 0, progress: Callable[[int, float], None] | None = None,
-            prefetch: bool = True) -> TrainSummary:
+            prefetch: bool = True, checkpoint_every: int = 0,
+            checkpoint_dir: str | os.PathLike[str] | None = None) -> TrainSummary:
         """Train ``steps`` steps, then evaluate.
 
         Args:
@@ -165,12 +203,14 @@ class Trainer:
             prefetch: run the loader and host manager ahead in their own threads
                 (:class:`~damo_hybrid.pipeline.Pipeline`); ``False`` is the sequential
                 reference loop. Both give the same weights.
+            checkpoint_every: write a checkpoint whenever the global step is a multiple of this.
+            checkpoint_dir: where (``step-<N>`` directories; the two newest are kept).
         """
         t0 = time.perf_counter()
         samples0 = self.samples
         losses: list[float] = []
         try:
-            self._run(steps, prefetch, progress, losses)
+            self._run(steps, prefetch, progress, losses, checkpoint_every, checkpoint_dir)
         except BaseException:
             # Ctrl-C or a failed stage: keep the work of the steps that completed
             try:

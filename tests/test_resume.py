@@ -1,0 +1,75 @@
+"""Checkpoint and resume: a run killed with SIGKILL and resumed ends like an uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from damo_hybrid import EmbeddingStore
+from damo_hybrid.checkpoint import latest_checkpoint, load_trainer_state
+
+ARGS = ["train", "--steps", "30", "--batch-size", "256", "--dim", "8", "--vocab-min", "300", "--vocab-max", "3000",
+        "--cache-mb", "4", "--eval-batches", "0", "--quiet", "--checkpoint-every", "5", "--threads", "1"]
+
+
+def _cmd(store, *extra):
+    return [sys.executable, "-m", "damo_hybrid.cli", *ARGS, "--store", str(store), *extra]
+
+
+def _rows(path):
+    with EmbeddingStore(path, read_only=True) as s:
+        out = {}
+        for t in ("emb", "lin"):
+            keys = np.concatenate([k for k, _ in s.scan(t)])
+            rows, _ = s.read_rows(t, keys)
+            out[t] = (keys, rows)
+        return out
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
+    ref = tmp_path / "ref"
+    subprocess.run(_cmd(ref), check=True, capture_output=True, timeout=300)
+
+    victim = tmp_path / "victim"
+    p = subprocess.Popen(_cmd(victim), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while latest_checkpoint(str(victim) + ".ckpt") is None or "step-10" not in str(latest_checkpoint(str(victim) + ".ckpt")):
+        assert p.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(random.Random(0).uniform(0.0, 0.2))
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+
+    r = subprocess.run(_cmd(victim, "--resume"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout
+
+    a, b = _rows(ref), _rows(victim)
+    for t in ("emb", "lin"):
+        np.testing.assert_array_equal(a[t][0], b[t][0])
+        np.testing.assert_allclose(a[t][1].weights, b[t][1].weights, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a[t][1].state, b[t][1].state, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(a[t][1].count, b[t][1].count)
+    sa = load_trainer_state(latest_checkpoint(str(ref) + ".ckpt"))
+    sb = load_trainer_state(latest_checkpoint(str(victim) + ".ckpt"))
+    assert sa["step"] == sb["step"] == 30
+    for k in sa["model"]:
+        torch.testing.assert_close(sa["model"][k], sb["model"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_interrupted_checkpoint_is_ignored(tmp_path):
+    root = tmp_path / "ck"
+    (root / "step-40").mkdir(parents=True)  # no marker: a checkpoint cut off half-way
+    (root / ".step-45.partial-abc").mkdir()
+    assert latest_checkpoint(root) is None
