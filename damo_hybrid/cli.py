@@ -66,12 +66,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    """DeepFM on the built-in synthetic Criteo-like data, sparse rows in RocksDB."""
+    """A CTR model (DeepFM by default) on synthetic or Criteo TSV data, sparse rows in RocksDB."""
     import torch
     from tqdm import tqdm
 
     from .checkpoint import latest_checkpoint, load_trainer_state
-    from .models import DeepFM
+    from .models import MODELS
     from .synthetic import SyntheticCriteo
     from .trainer import Trainer
 
@@ -108,7 +108,7 @@ def _train(args: argparse.Namespace) -> int:
     store_dir = Path(args.store) if args.store else Path(tmp.name) / "store"  # type: ignore[union-attr]
     ckpt_root = Path(args.checkpoint_dir) if args.checkpoint_dir else store_dir.with_name(store_dir.name + ".ckpt")
     source = str(args.data) if args.data else "synthetic data"
-    print(f"damo-hybrid {__version__}: DeepFM on {source}, {len(data.sparse_fields)} sparse + {len(data.dense_fields)} dense fields, "
+    print(f"damo-hybrid {__version__}: {args.model} on {source}, {len(data.sparse_fields)} sparse + {len(data.dense_fields)} dense fields, "
           f"dim {args.dim}, batch {args.batch_size}, {args.steps} steps, {args.optimizer} lr {args.lr}, "
           f"cache {args.cache_mb} MiB, store {store_dir}")
     state = None
@@ -125,7 +125,7 @@ def _train(args: argparse.Namespace) -> int:
                 print(f"no checkpoint under {ckpt_root}: starting from scratch")
             store = EmbeddingStore(store_dir, tables)
         with store:
-            model = DeepFM(store, data.sparse_fields, len(data.dense_fields), cache_mb=args.cache_mb)
+            model = MODELS[args.model](store, data.sparse_fields, len(data.dense_fields), cache_mb=args.cache_mb)
             dense_opt = torch.optim.Adam(model.parameters(), lr=args.dense_lr)
             trainer = Trainer(model, dense_opt, data.batch, held_out.batch if held_out is not None else None)
             if state is not None:
@@ -212,11 +212,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    t = sub.add_parser("train", help="train DeepFM; with no arguments, on built-in synthetic Criteo-like data")
+    t = sub.add_parser("train", help="train a CTR model; with no arguments, DeepFM on built-in synthetic Criteo-like data")
     t.add_argument("--data", help="training file (Criteo TSV, optionally .gz); default: built-in synthetic data")
     t.add_argument("--eval-data", help="held-out file in the same format")
     t.add_argument("--format", choices=("criteo",), default="criteo", help="format of --data and --eval-data")
     t.add_argument("--epochs", type=int, default=1, help="passes over --data when --steps is not given")
+    t.add_argument("--model", choices=("deepfm", "wide_deep", "dcn", "dlrm"), default="deepfm")
     t.add_argument("--steps", type=int, default=None, help="default: 150 on synthetic data (about a minute), else --epochs passes")
     t.add_argument("--batch-size", type=int, default=4096)
     t.add_argument("--dim", type=int, default=16)

@@ -11,7 +11,7 @@ from torch import nn
 from .nn import EmbeddingCollection, Feature, PreparedBatch
 from .store import EmbeddingStore
 
-__all__ = ["DeepFM", "mlp"]
+__all__ = ["DeepFM", "WideAndDeep", "DCNv2", "DLRM", "MODELS", "mlp"]
 
 
 def mlp(sizes: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
@@ -26,15 +26,47 @@ def mlp(sizes: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class DeepFM(nn.Module):
+class _SparseCTR(nn.Module):
+    """Shared sparse part: each field has an embedding (``emb_table``) and a first-order
+    weight (``lin_table``, dim 1), both in the store behind host caches."""
+
+    def __init__(self, store: EmbeddingStore, fields: Sequence[str], emb_table: str, lin_table: str | None,
+                 cache_mb: float, min_cache_rows: int) -> None:
+        super().__init__()
+        self.fields = list(fields)
+        feats = [Feature(f, emb_table) for f in self.fields]
+        self.lin = lin_table is not None
+        if lin_table is not None:
+            feats += [Feature(f"{f}#lin", lin_table) for f in self.fields]
+        self.sparse = EmbeddingCollection(store, feats, cache_mb=cache_mb, min_cache_rows=min_cache_rows)
+        self.dim = self.sparse.dims[self.fields[0]]
+
+    def inputs(self, sparse: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Raw sparse keys -> the collection's inputs (a field may feed two tables)."""
+        out = {f: sparse[f] for f in self.fields}
+        if self.lin:
+            out.update({f"{f}#lin": sparse[f] for f in self.fields})
+        return out
+
+    def prepare(self, sparse: Mapping[str, np.ndarray]) -> PreparedBatch:
+        return self.sparse.prepare(self.inputs(sparse))
+
+    def embeddings(self, batch: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(e (B, F, D), first-order sum (B,) or None)``."""
+        out = self.sparse(batch)
+        e = torch.stack([out[f] for f in self.fields], dim=1)
+        first = torch.cat([out[f"{f}#lin"] for f in self.fields], dim=1).sum(1) if self.lin else None
+        return e, first
+
+    def apply_sparse_gradients(self) -> None:
+        self.sparse.apply_gradients()
+
+
+class DeepFM(_SparseCTR):
     """DeepFM (Guo et al. 2017): first-order weights + FM pairwise term + MLP over embeddings.
 
-    Sparse rows live in two store tables: ``emb_table`` (dim ``dim``, the FM/deep embeddings)
-    and ``lin_table`` (dim 1, the first-order weights), shared by all fields (keys are
-    field-salted by :func:`~damo_hybrid.hashing.hash_feature`).
-
     Args:
-        store: an open store holding both tables.
+        store: an open store holding ``emb_table`` (dim D) and ``lin_table`` (dim 1).
         fields: categorical field names (the keys of the sparse input).
         n_dense: number of dense features.
         hidden: MLP hidden sizes.
@@ -44,32 +76,78 @@ class DeepFM(nn.Module):
     def __init__(self, store: EmbeddingStore, fields: Sequence[str], n_dense: int, hidden: Sequence[int] = (400, 400),
                  emb_table: str = "emb", lin_table: str = "lin", cache_mb: float = 256.0,
                  min_cache_rows: int = 1 << 16) -> None:
-        super().__init__()
-        self.fields = list(fields)
-        feats = [Feature(f, emb_table) for f in self.fields] + [Feature(f"{f}#lin", lin_table) for f in self.fields]
-        self.sparse = EmbeddingCollection(store, feats, cache_mb=cache_mb, min_cache_rows=min_cache_rows)
-        self.dim = self.sparse.dims[self.fields[0]]
+        super().__init__(store, fields, emb_table, lin_table, cache_mb, min_cache_rows)
         self.dense_linear = nn.Linear(n_dense, 1)
         self.deep = mlp([len(self.fields) * self.dim + n_dense, *hidden, 1])
 
-    def inputs(self, sparse: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Raw sparse keys -> the collection's inputs (each field feeds two tables)."""
-        out = dict(sparse)
-        out.update({f"{f}#lin": sparse[f] for f in self.fields})
-        return out
-
-    def prepare(self, sparse: Mapping[str, np.ndarray]) -> PreparedBatch:
-        return self.sparse.prepare(self.inputs(sparse))
-
     def forward(self, batch: PreparedBatch, dense: torch.Tensor) -> torch.Tensor:
         """Logits, float32 (B,)."""
-        out = self.sparse(batch)
-        e = torch.stack([out[f] for f in self.fields], dim=1)  # (B, F, D)
-        first = torch.cat([out[f"{f}#lin"] for f in self.fields], dim=1).sum(1) + self.dense_linear(dense).squeeze(1)
+        e, first = self.embeddings(batch)
+        assert first is not None
         s = e.sum(1)
         fm = 0.5 * (s * s - (e * e).sum(1)).sum(1)
         deep = self.deep(torch.cat([e.flatten(1), dense], 1)).squeeze(1)
-        return first + fm + deep
+        return first + self.dense_linear(dense).squeeze(1) + fm + deep
 
-    def apply_sparse_gradients(self) -> None:
-        self.sparse.apply_gradients()
+
+class WideAndDeep(_SparseCTR):
+    """Wide & Deep (Cheng et al. 2016): a wide linear part over ids and dense values plus an MLP."""
+
+    def __init__(self, store: EmbeddingStore, fields: Sequence[str], n_dense: int, hidden: Sequence[int] = (400, 400),
+                 emb_table: str = "emb", lin_table: str = "lin", cache_mb: float = 256.0,
+                 min_cache_rows: int = 1 << 16) -> None:
+        super().__init__(store, fields, emb_table, lin_table, cache_mb, min_cache_rows)
+        self.dense_linear = nn.Linear(n_dense, 1)
+        self.deep = mlp([len(self.fields) * self.dim + n_dense, *hidden, 1])
+
+    def forward(self, batch: PreparedBatch, dense: torch.Tensor) -> torch.Tensor:
+        e, first = self.embeddings(batch)
+        assert first is not None
+        return first + self.dense_linear(dense).squeeze(1) + self.deep(torch.cat([e.flatten(1), dense], 1)).squeeze(1)
+
+
+class DCNv2(_SparseCTR):
+    """DCN-V2 (Wang et al. 2021), parallel form: full-rank cross layers
+    ``x_{l+1} = x0 * (W x_l + b) + x_l`` beside an MLP, then a linear head."""
+
+    def __init__(self, store: EmbeddingStore, fields: Sequence[str], n_dense: int, hidden: Sequence[int] = (400, 400),
+                 cross_layers: int = 3, emb_table: str = "emb", cache_mb: float = 256.0,
+                 min_cache_rows: int = 1 << 16) -> None:
+        super().__init__(store, fields, emb_table, None, cache_mb, min_cache_rows)
+        d = len(self.fields) * self.dim + n_dense
+        self.cross = nn.ModuleList(nn.Linear(d, d) for _ in range(cross_layers))
+        self.deep = mlp([d, *hidden])
+        self.head = nn.Linear(d + (hidden[-1] if hidden else d), 1)
+
+    def forward(self, batch: PreparedBatch, dense: torch.Tensor) -> torch.Tensor:
+        e, _ = self.embeddings(batch)
+        x0 = torch.cat([e.flatten(1), dense], 1)
+        x = x0
+        for layer in self.cross:
+            x = x0 * layer(x) + x
+        deep = torch.relu(self.deep(x0)) if len(self.deep) else x0
+        return self.head(torch.cat([x, deep], 1)).squeeze(1)
+
+
+class DLRM(_SparseCTR):
+    """DLRM (Naumov et al. 2019): a bottom MLP maps dense features to the embedding width,
+    pairwise dot products of all vectors feed a top MLP."""
+
+    def __init__(self, store: EmbeddingStore, fields: Sequence[str], n_dense: int, bottom: Sequence[int] = (64,),
+                 top: Sequence[int] = (400, 400), emb_table: str = "emb", cache_mb: float = 256.0,
+                 min_cache_rows: int = 1 << 16) -> None:
+        super().__init__(store, fields, emb_table, None, cache_mb, min_cache_rows)
+        self.bottom = mlp([n_dense, *bottom, self.dim])
+        n = len(self.fields) + 1
+        self._iu = torch.triu_indices(n, n, offset=1)
+        self.top = mlp([self.dim + n * (n - 1) // 2, *top, 1])
+
+    def forward(self, batch: PreparedBatch, dense: torch.Tensor) -> torch.Tensor:
+        e, _ = self.embeddings(batch)
+        b = torch.relu(self.bottom(dense))
+        v = torch.cat([b.unsqueeze(1), e], 1)  # (B, F + 1, D)
+        z = torch.bmm(v, v.transpose(1, 2))[:, self._iu[0], self._iu[1]]
+        return self.top(torch.cat([b, z], 1)).squeeze(1)
+
+
+MODELS = {"deepfm": DeepFM, "wide_deep": WideAndDeep, "dcn": DCNv2, "dlrm": DLRM}

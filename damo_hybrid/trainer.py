@@ -23,7 +23,6 @@ from torch.profiler import record_function
 
 from .checkpoint import prune_checkpoints, save_training_checkpoint
 from .metrics import auc, logloss
-from .models import DeepFM
 from .nn import PreparedBatch
 from .pipeline import Pipeline, PipelineStats
 from .synthetic import Batch
@@ -69,7 +68,8 @@ def peak_rss_mb() -> float:
 
 
 class Trainer:
-    """Runs a :class:`~damo_hybrid.models.DeepFM`-style model over batches.
+    """Runs a model of :mod:`damo_hybrid.models` (anything with ``sparse``, ``prepare``,
+    ``forward(prepared, dense)`` and ``apply_sparse_gradients``) over batches.
 
     Args:
         model: the model (its ``sparse`` collection holds the caches).
@@ -78,7 +78,7 @@ class Trainer:
         eval_batch: batch index -> held-out batch (optional).
     """
 
-    def __init__(self, model: DeepFM, dense_optimizer: torch.optim.Optimizer,
+    def __init__(self, model: torch.nn.Module, dense_optimizer: torch.optim.Optimizer,
                  train_batch: Callable[[int], Batch], eval_batch: Callable[[int], Batch] | None = None) -> None:
         self.model = model
         self.opt = dense_optimizer

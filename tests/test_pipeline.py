@@ -88,3 +88,22 @@ def test_ctrl_c_stops_cleanly_with_pins_released(tmp_path):
     assert threading.active_count() == before
     with EmbeddingStore(tmp_path / "p") as s:
         assert s.step("emb") == 5 and s.count_rows("emb") > 0
+
+
+@pytest.mark.parametrize("name", ["deepfm", "wide_deep", "dcn", "dlrm"])
+def test_every_model_learns_through_the_pipeline(tmp_path, name):
+    from damo_hybrid.models import MODELS
+
+    torch.manual_seed(0)
+    data = SyntheticCriteo(512, seed=4, vocab_min=100, vocab_max=1000, n_sparse=8, n_dense=4, signal=2.0)
+    held = SyntheticCriteo(512, seed=4, vocab_min=100, vocab_max=1000, n_sparse=8, n_dense=4, signal=2.0, split=1)
+    opt = OptimizerConfig.adagrad(0.1)
+    tables = [TableConfig("emb", 8, initializer=InitializerConfig.normal(std=0.05), optimizer=opt),
+              TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
+    with EmbeddingStore(tmp_path / "s", tables) as store:
+        model = MODELS[name](store, data.sparse_fields, 4, cache_mb=1)
+        trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=3e-3), data.batch, held.batch)
+        before, _ = trainer.evaluate(3)
+        s = trainer.fit(40, eval_batches=3)
+        assert np.isfinite(s.train_logloss)
+        assert s.auc is not None and s.auc > max(0.6, before + 0.05), (before, s.auc)
