@@ -280,6 +280,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--flat-steps", type=int, default=100)
     b.add_argument("--dir", help="where to build the stores (default: a temporary directory)")
     b.add_argument("--json", help="write the results as JSON here")
+    b.add_argument("--train", action="store_true",
+                   help="instead: the training benchmark, damo_hybrid vs in-memory torch embeddings (DeepFM)")
+    b.add_argument("--train-steps", type=int, default=60)
+    b.add_argument("--fractions", default="0.25,0.05", help="cache budgets as fractions of the torch table's bytes")
     b.set_defaults(fn=None)
     return p
 
@@ -290,6 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.cmd == "bench":
+            if args.train:
+                from .train_bench import run_train_bench
+
+                res = run_train_bench(steps=args.train_steps, fractions=tuple(float(x) for x in args.fractions.split(",")))
+                if args.json:
+                    Path(args.json).write_text(json.dumps(res, indent=1))
+                return 0
             from .bench import run_store_bench
 
             return run_store_bench(args)

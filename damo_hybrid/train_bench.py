@@ -1,0 +1,136 @@
+"""Training benchmark: damo_hybrid against the same model with in-memory torch embeddings.
+
+Both sides train DeepFM (26 sparse fields, dim 16, MLP 400-400) on the same synthetic
+Criteo-like batches, with Adagrad on the sparse rows and Adam on the dense layers, in one
+process, one after the other:
+
+- **torch**: ``nn.Embedding(rows, dim, sparse=True)`` over keys hashed modulo ``rows`` (a
+  table that must fit in RAM), ``torch.optim.Adagrad`` for the sparse parameters;
+- **damo_hybrid**: every row in RocksDB behind a host cache whose budget is a fraction of the
+  torch table's bytes (weights + Adagrad state), pipelined.
+
+Throughput is the median samples/s over the steps after ``warmup``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import InitializerConfig, OptimizerConfig, TableConfig
+from .models import DeepFM, mlp
+from .store import EmbeddingStore
+from .synthetic import SyntheticCriteo
+from .trainer import Trainer, peak_rss_mb
+
+__all__ = ["run_train_bench"]
+
+
+class _TorchDeepFM(nn.Module):
+    def __init__(self, rows: int, n_fields: int, n_dense: int, dim: int, hidden: tuple[int, ...]) -> None:
+        super().__init__()
+        self.rows = rows
+        self.emb = nn.Embedding(rows, dim, sparse=True)
+        self.lin = nn.Embedding(rows, 1, sparse=True)
+        nn.init.normal_(self.emb.weight, std=0.01)
+        nn.init.zeros_(self.lin.weight)
+        self.dense_linear = nn.Linear(n_dense, 1)
+        self.deep = mlp([n_fields * dim + n_dense, *hidden, 1])
+
+    def forward(self, idx: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        e = self.emb(idx)
+        s = e.sum(1)
+        fm = 0.5 * (s * s - (e * e).sum(1)).sum(1)
+        first = self.lin(idx).squeeze(2).sum(1) + self.dense_linear(dense).squeeze(1)
+        return first + fm + self.deep(torch.cat([e.flatten(1), dense], 1)).squeeze(1)
+
+
+def _median_rate(times: list[float], batch: int, warmup: int) -> float:
+    steady = times[warmup:] if len(times) > warmup else times
+    return batch / statistics.median(steady)
+
+
+def bench_torch(data: SyntheticCriteo, rows: int, steps: int, warmup: int, dim: int, lr: float) -> dict[str, Any]:
+    torch.manual_seed(0)
+    m = _TorchDeepFM(rows, len(data.sparse_fields), len(data.dense_fields), dim, (400, 400))
+    sparse_opt = torch.optim.Adagrad([m.emb.weight, m.lin.weight], lr=lr)
+    dense_opt = torch.optim.Adam([p for n, p in m.named_parameters() if not n.startswith(("emb", "lin"))], lr=1e-3)
+    loss_fn = nn.BCEWithLogitsLoss()
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        b = data.batch(i)
+        idx = torch.from_numpy(np.stack([(b.sparse[f] % np.uint64(rows)).astype(np.int64) for f in data.sparse_fields], 1))
+        loss = loss_fn(m(idx, torch.from_numpy(b.dense)), torch.from_numpy(b.label))
+        sparse_opt.zero_grad()
+        dense_opt.zero_grad()
+        loss.backward()
+        sparse_opt.step()
+        dense_opt.step()
+        times.append(time.perf_counter() - t0)
+    table_bytes = rows * (dim + 1) * 4 * 2  # weights + Adagrad state, both tables
+    return {"samples_per_s": _median_rate(times, data.batch_size, warmup), "table_rows": rows,
+            "table_bytes": table_bytes, "loss": float(loss.detach())}
+
+
+def bench_damo(data: SyntheticCriteo, cache_mb: float, steps: int, warmup: int, dim: int, lr: float,
+               root: Path) -> dict[str, Any]:
+    torch.manual_seed(0)
+    opt = OptimizerConfig.adagrad(lr)
+    tables = [TableConfig("emb", dim, initializer=InitializerConfig.normal(std=0.01), optimizer=opt),
+              TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
+    with EmbeddingStore(root / f"store-{cache_mb:g}", tables) as store:
+        model = DeepFM(store, data.sparse_fields, len(data.dense_fields), cache_mb=cache_mb)
+        trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-3), data.batch)
+        times: list[float] = []
+        last = [time.perf_counter()]
+
+        def progress(step: int, loss: float) -> None:
+            now = time.perf_counter()
+            times.append(now - last[0])
+            last[0] = now
+
+        s = trainer.fit(steps, progress=progress)
+        ps = trainer.pipeline_stats
+        stats = list(model.sparse.cache_stats().values())
+        return {"samples_per_s": _median_rate(times, data.batch_size, warmup), "cache_mb": cache_mb,
+                "hit_rate": s.hit_rate, "evictions": s.evictions, "loss": s.train_logloss,
+                "stage_s": {"load": s.stages.load, "prepare": s.stages.prepare, "compute": s.stages.compute,
+                            "apply": s.stages.apply, "worker_stall": ps.worker_stall if ps else 0.0},
+                "cache_rows": sum(c.capacity for c in model.sparse.caches.values()),
+                "write_backs": sum(st.write_backs for st in stats), "peak_rss_mb": peak_rss_mb()}
+
+
+def run_train_bench(steps: int = 60, warmup: int = 10, rows: int = 4_200_000, fractions: tuple[float, ...] = (0.25, 0.05),
+                    dim: int = 16, lr: float = 0.05, threads: int = 2, log=print) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    data = SyntheticCriteo(4096, seed=0)
+    res: dict[str, Any] = {"steps": steps, "warmup": warmup, "threads": threads}
+    t = bench_torch(data, rows, steps, warmup, dim, lr)
+    res["torch"] = t
+    log(f"in-memory torch, {rows:,} rows ({t['table_bytes'] / 2**20:,.0f} MiB with Adagrad state): "
+        f"{t['samples_per_s']:,.0f} samples/s")
+    res["damo"] = []
+    with tempfile.TemporaryDirectory() as d:
+        for frac in fractions:
+            mb = frac * t["table_bytes"] / 2**20
+            try:
+                r = bench_damo(data, mb, steps, warmup, dim, lr, Path(d))
+            except Exception as e:  # a budget too small for the batches in flight: report, go on
+                log(f"damo_hybrid, cache {frac:.0%} of the table ({mb:,.0f} MiB): failed: {e}")
+                res["damo"].append({"fraction": frac, "cache_mb": mb, "error": str(e)})
+                continue
+            r["fraction"] = frac
+            r["ratio_to_torch"] = r["samples_per_s"] / t["samples_per_s"]
+            res["damo"].append(r)
+            log(f"damo_hybrid, cache {frac:.0%} of the table ({mb:,.0f} MiB): {r['samples_per_s']:,.0f} samples/s "
+                f"({r['ratio_to_torch']:.2f}x torch), hit rate {r['hit_rate']:.3f}, evictions {r['evictions']:,}, "
+                f"peak RSS {r['peak_rss_mb']:,.0f} MiB, stages {r['stage_s']}")
+    return res
