@@ -38,6 +38,7 @@ class KeyIndex:
     def _alloc(self, size: int) -> None:
         self._keys = np.zeros(size, dtype=np.uint64)
         self._slots = np.full(size, _EMPTY, dtype=np.int64)
+        self._claim = np.zeros(size, dtype=np.int64)  # scratch for insert's collision resolution
         self._mask = np.uint64(size - 1)
         self.live = 0
         self._tombs = 0
@@ -94,12 +95,13 @@ class KeyIndex:
         while len(todo):
             p = pos[todo]
             free = self._slots[p] < 0
-            # among batch members aiming at the same free position, the first one wins
             cand = todo[free]
             cp = p[free]
-            _, first = np.unique(cp, return_index=True)
-            won = cand[first]
-            wp = cp[first]
+            # batch members aiming at the same free position: scatter their ids, the one
+            # whose id stuck wins (no sort needed)
+            self._claim[cp] = cand
+            won_mask = self._claim[cp] == cand
+            won, wp = cand[won_mask], cp[won_mask]
             self._tombs -= int(np.count_nonzero(self._slots[wp] == _TOMB))
             self._keys[wp] = keys[won]
             self._slots[wp] = slots[won]

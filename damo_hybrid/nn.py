@@ -148,10 +148,14 @@ class EmbeddingCollection(torch.nn.Module):
                 raise ValueError(f"feature {f.name!r} has batch size {b}, others {batch_size}")
             per_table.setdefault(f.table, []).append((f, keys, offs))
         tables: dict[str, _TableBatch] = {}
+        dedup: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
         try:
             for t, items in per_table.items():
-                allk = np.concatenate([k for _, k, _ in items])
-                ukeys, inv = np.unique(allk, return_inverse=True)
+                # tables fed by the very same key arrays (DeepFM's emb and lin) share one de-duplication
+                ident = tuple(id(k) for _, k, _ in items)
+                if ident not in dedup:
+                    dedup[ident] = np.unique(np.concatenate([k for _, k, _ in items]), return_inverse=True)
+                ukeys, inv = dedup[ident]
                 slots = self.caches[t].make_resident(ukeys, pin=True)
                 tb = _TableBatch(ukeys, slots)
                 tables[t] = tb
