@@ -3,7 +3,7 @@
 Scripts written against the seed's documented classes run unchanged with
 ``import damo_hybrid.compat as damo``::
 
-    storage = damo.PyStorage("/tmp/emb", 86400 * 30)
+    storage = damo.PyStorage("emb_store", 86400 * 30)
     init_p = damo.Parameters(); init_p.insert("name", "truncate_normal"); init_p.insert("stddev", 0.01)
     opt_p = damo.Parameters(); opt_p.insert("name", "adam"); opt_p.insert("gamma", 0.001)
     emb = damo.PyEmbedding(storage, damo.PyOptimizer(opt_p), damo.PyInitializer(init_p), 8, 0)
