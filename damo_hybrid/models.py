@@ -62,8 +62,8 @@ class _SparseCTR(nn.Module):
         self.sparse.apply_gradients()
 
 
-class DeepFM(_SparseCTR):
-    """DeepFM (Guo et al. 2017): first-order weights + FM pairwise term + MLP over embeddings.
+class WideAndDeep(_SparseCTR):
+    """Wide & Deep (Cheng et al. 2016): a wide linear part over ids and dense values plus an MLP.
 
     Args:
         store: an open store holding ``emb_table`` (dim D) and ``lin_table`` (dim 1).
@@ -80,30 +80,26 @@ class DeepFM(_SparseCTR):
         self.dense_linear = nn.Linear(n_dense, 1)
         self.deep = mlp([len(self.fields) * self.dim + n_dense, *hidden, 1])
 
+    def _wide_deep(self, e: torch.Tensor, first: torch.Tensor | None, dense: torch.Tensor) -> torch.Tensor:
+        assert first is not None
+        return first + self.dense_linear(dense).squeeze(1) + self.deep(torch.cat([e.flatten(1), dense], 1)).squeeze(1)
+
     def forward(self, batch: PreparedBatch, dense: torch.Tensor) -> torch.Tensor:
         """Logits, float32 (B,)."""
         e, first = self.embeddings(batch)
-        assert first is not None
-        s = e.sum(1)
-        fm = 0.5 * (s * s - (e * e).sum(1)).sum(1)
-        deep = self.deep(torch.cat([e.flatten(1), dense], 1)).squeeze(1)
-        return first + self.dense_linear(dense).squeeze(1) + fm + deep
+        return self._wide_deep(e, first, dense)
 
 
-class WideAndDeep(_SparseCTR):
-    """Wide & Deep (Cheng et al. 2016): a wide linear part over ids and dense values plus an MLP."""
-
-    def __init__(self, store: EmbeddingStore, fields: Sequence[str], n_dense: int, hidden: Sequence[int] = (400, 400),
-                 emb_table: str = "emb", lin_table: str = "lin", cache_mb: float = 256.0,
-                 min_cache_rows: int = 1 << 16) -> None:
-        super().__init__(store, fields, emb_table, lin_table, cache_mb, min_cache_rows)
-        self.dense_linear = nn.Linear(n_dense, 1)
-        self.deep = mlp([len(self.fields) * self.dim + n_dense, *hidden, 1])
+class DeepFM(WideAndDeep):
+    """DeepFM (Guo et al. 2017): Wide & Deep's parts plus the FM pairwise term
+    ``0.5 * sum_d ((sum_f e_fd)^2 - sum_f e_fd^2)``, all sharing one embedding per field."""
 
     def forward(self, batch: PreparedBatch, dense: torch.Tensor) -> torch.Tensor:
+        """Logits, float32 (B,)."""
         e, first = self.embeddings(batch)
-        assert first is not None
-        return first + self.dense_linear(dense).squeeze(1) + self.deep(torch.cat([e.flatten(1), dense], 1)).squeeze(1)
+        s = e.sum(1)
+        fm = 0.5 * (s * s - (e * e).sum(1)).sum(1)
+        return self._wide_deep(e, first, dense) + fm
 
 
 class DCNv2(_SparseCTR):
