@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -100,7 +101,7 @@ def run_store_bench(args: argparse.Namespace) -> int:
     batches = [int(x) for x in str(args.batches).split(",")]
     out: dict[str, Any] = {
         "machine": f"{platform.machine()} {platform.system()} {platform.release()}, "
-                   f"{__import__('os').cpu_count()} cpus, python {platform.python_version()}",
+                   f"{os.cpu_count()} cpus, python {platform.python_version()}",
         "repeats": args.repeats, "configs": [],
     }
     print(f"store benchmark on {out['machine']}: {args.rows:,} rows, dims {dims}, batches {batches}, "
