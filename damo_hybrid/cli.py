@@ -12,11 +12,13 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from . import __version__
 from .config import InitializerConfig, OptimizerConfig, OptimizerKind, TableConfig
+from .data import FORMATS
 from .errors import DamoHybridError
 from .store import EmbeddingStore
 
@@ -65,6 +67,44 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _file_data(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The training file and held-out data: ``--eval-data``, or an ``--eval-fraction`` split."""
+    from .data import Schema, read_dataset
+
+    schema = Schema.from_dict(args.schema) if getattr(args, "schema", None) else None
+    data = read_dataset(args.data, args.format, args.batch_size, schema)
+    if data.skipped:
+        print(f"{args.data}: {data.skipped:,} malformed lines skipped")
+    if args.eval_data:
+        return data, read_dataset(args.eval_data, args.format, args.batch_size, schema)
+    if args.eval_fraction:
+        if not 0.0 < args.eval_fraction < 1.0:
+            raise ValueError(f"--eval-fraction must lie in (0, 1), got {args.eval_fraction}")
+        order = np.random.default_rng(args.seed).permutation(data.n)
+        n_eval = max(1, int(round(args.eval_fraction * data.n)))
+        return data.take(np.sort(order[n_eval:])), data.take(np.sort(order[:n_eval]))
+    return data, None
+
+
+def _load_config(path: str) -> dict[str, Any]:
+    """A TOML file: a ``[train]`` table of train options and an optional ``[schema]`` table."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no config file {p}")
+    try:
+        cfg = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{p}: not valid TOML: {e}") from e
+    unknown = sorted(set(cfg) - {"train", "schema"})
+    if unknown:
+        raise ValueError(f"{p}: unknown sections {unknown}; known: [train], [schema]")
+    return cfg
+
+
 def _train(args: argparse.Namespace) -> int:
     """A CTR model (DeepFM by default) on synthetic or Criteo TSV data, sparse rows in RocksDB."""
     import torch
@@ -81,10 +121,7 @@ def _train(args: argparse.Namespace) -> int:
     threads = args.threads or (max(1, cores - 1) if not args.no_prefetch else cores)
     torch.set_num_threads(threads)
     if args.data:
-        from .data import CriteoTSV
-
-        data = CriteoTSV(args.data, args.batch_size)
-        held_out = CriteoTSV(args.eval_data, args.batch_size) if args.eval_data else None
+        data, held_out = _file_data(args)
         if args.steps is None:
             args.steps = args.epochs * data.batches_per_epoch
         if held_out is not None:
@@ -206,6 +243,9 @@ def _dump(args: argparse.Namespace) -> int:
     return 0
 
 
+_TRAIN_PARSER: list[argparse.ArgumentParser] = []  # the train sub-parser of the latest _parser()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="damo-hybrid", description=__doc__)
     p.add_argument("--version", action="version", version=f"damo-hybrid {__version__}")
@@ -213,9 +253,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train a CTR model; with no arguments, DeepFM on built-in synthetic Criteo-like data")
-    t.add_argument("--data", help="training file (Criteo TSV, optionally .gz); default: built-in synthetic data")
+    t.add_argument("--config", help="TOML file: a [train] table of these options (the command line wins) and, "
+                                    "for --format csv/parquet, a [schema] table")
+    t.add_argument("--data", help="training file (.gz is read on the fly); default: built-in synthetic data")
     t.add_argument("--eval-data", help="held-out file in the same format")
-    t.add_argument("--format", choices=("criteo",), default="criteo", help="format of --data and --eval-data")
+    t.add_argument("--eval-fraction", type=float, default=0.0,
+                   help="without --eval-data: hold out this random fraction of --data (seeded by --seed)")
+    t.add_argument("--format", choices=sorted(FORMATS), default="criteo",
+                   help="format of --data and --eval-data: criteo TSV, avazu CSV, movielens u.data, libfm lines, "
+                        "or csv/parquet with a [schema] in --config")
     t.add_argument("--epochs", type=int, default=1, help="passes over --data when --steps is not given")
     t.add_argument("--model", choices=("deepfm", "wide_deep", "dcn", "dlrm"), default="deepfm")
     t.add_argument("--steps", type=int, default=None, help="default: 150 on synthetic data (about a minute), else --epochs passes")
@@ -240,6 +286,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the sequential reference loop instead of the three-stage pipeline (same weights)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=_train)
+    _TRAIN_PARSER[:] = [t]
 
     d = sub.add_parser("demo", help="train a logistic regression on synthetic ids, all weights in RocksDB")
     d.add_argument("--steps", type=int, default=200)
@@ -288,8 +335,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.cmd == "train" and args.config:
+        # the file's [train] values become defaults, so explicit flags still win
+        cfg = _load_config(args.config)
+        train = _TRAIN_PARSER[0]
+        actions = {a.dest: a for a in train._actions if a.dest not in ("help", "config")}
+        opts = {k.replace("-", "_"): v for k, v in cfg.get("train", {}).items()}
+        unknown = sorted(set(opts) - set(actions))
+        if unknown:
+            raise ValueError(f"{args.config}: unknown [train] keys {unknown}; known: {sorted(actions)}")
+        for k, v in opts.items():
+            a = actions[k]
+            if a.choices is not None and v not in a.choices:
+                raise ValueError(f"{args.config}: [train] {k} = {v!r} is not one of {sorted(a.choices)}")
+        train.set_defaults(**opts, schema=cfg.get("schema"))
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parse(argv)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"damo-hybrid: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -77,12 +77,15 @@ class WideAndDeep(_SparseCTR):
                  emb_table: str = "emb", lin_table: str = "lin", cache_mb: float = 256.0,
                  min_cache_rows: int = 1 << 16) -> None:
         super().__init__(store, fields, emb_table, lin_table, cache_mb, min_cache_rows)
-        self.dense_linear = nn.Linear(n_dense, 1)
+        # no dense features (Avazu, MovieLens, Frappe): no dense linear term
+        self.dense_linear = nn.Linear(n_dense, 1) if n_dense else None
         self.deep = mlp([len(self.fields) * self.dim + n_dense, *hidden, 1])
 
     def _wide_deep(self, e: torch.Tensor, first: torch.Tensor | None, dense: torch.Tensor) -> torch.Tensor:
         assert first is not None
-        return first + self.dense_linear(dense).squeeze(1) + self.deep(torch.cat([e.flatten(1), dense], 1)).squeeze(1)
+        if self.dense_linear is not None:
+            first = first + self.dense_linear(dense).squeeze(1)
+        return first + self.deep(torch.cat([e.flatten(1), dense], 1)).squeeze(1)
 
     def forward(self, batch: PreparedBatch, dense: torch.Tensor) -> torch.Tensor:
         """Logits, float32 (B,)."""
@@ -133,13 +136,17 @@ class DLRM(_SparseCTR):
                  top: Sequence[int] = (400, 400), emb_table: str = "emb", cache_mb: float = 256.0,
                  min_cache_rows: int = 1 << 16) -> None:
         super().__init__(store, fields, emb_table, None, cache_mb, min_cache_rows)
-        self.bottom = mlp([n_dense, *bottom, self.dim])
-        n = len(self.fields) + 1
+        # without dense features there is no bottom vector: only the embeddings interact
+        self.bottom = mlp([n_dense, *bottom, self.dim]) if n_dense else None
+        n = len(self.fields) + (1 if n_dense else 0)
         self._iu = torch.triu_indices(n, n, offset=1)
-        self.top = mlp([self.dim + n * (n - 1) // 2, *top, 1])
+        self.top = mlp([(self.dim if n_dense else 0) + n * (n - 1) // 2, *top, 1])
 
     def forward(self, batch: PreparedBatch, dense: torch.Tensor) -> torch.Tensor:
         e, _ = self.embeddings(batch)
+        if self.bottom is None:
+            z = torch.bmm(e, e.transpose(1, 2))[:, self._iu[0], self._iu[1]]
+            return self.top(z).squeeze(1)
         b = torch.relu(self.bottom(dense))
         v = torch.cat([b.unsqueeze(1), e], 1)  # (B, F + 1, D)
         z = torch.bmm(v, v.transpose(1, 2))[:, self._iu[0], self._iu[1]]

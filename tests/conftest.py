@@ -4,6 +4,7 @@ import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -55,3 +56,32 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store
     yield factory
     for s in opened:
         s.close()
+
+
+def _snapshot(path) -> dict:
+    """Every stored row of every table: table -> (keys, weights, state, counts), key-ordered."""
+    from damo_hybrid.store import EmbeddingStore
+
+    out = {}
+    with EmbeddingStore(path, read_only=True) as s:
+        for t in s.tables:
+            parts = list(s.scan(t))
+            if not parts:
+                out[t] = (np.zeros(0, np.uint64),) * 4
+                continue
+            out[t] = tuple(np.concatenate(x) for x in zip(*[(k, r.weights, r.state, r.count) for k, r in parts]))
+    return out
+
+
+def _assert_same_rows(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for t in a:
+        for x, y in zip(a[t], b[t]):
+            np.testing.assert_array_equal(x, y, err_msg=f"table {t}")
+
+
+@pytest.fixture
+def snapshot():
+    """``snapshot(store_dir)`` reads every row; ``snapshot.same(a, b)`` asserts two are equal."""
+    _snapshot.same = _assert_same_rows
+    return _snapshot
