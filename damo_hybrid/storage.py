@@ -314,6 +314,10 @@ class RocksDBStorage:
             time.sleep(0.2)
         return time.monotonic() - t0
 
+    def running_compactions(self) -> int:
+        """Compactions RocksDB is running right now."""
+        return int(self.db.property_int_value("rocksdb.num-running-compactions") or 0)
+
     def disk_bytes(self) -> int:
         db = self.db
         total = 0

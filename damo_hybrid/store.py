@@ -748,6 +748,13 @@ class EmbeddingStore:
             wait = getattr(self._storage, "wait_for_compactions", None)
         return float(wait(timeout)) if wait is not None else 0.0
 
+    def running_compactions(self) -> int:
+        """Background compactions running now (0 for the memory backend); for benchmarks."""
+        with self._lock:
+            self._check_open()
+            f = getattr(self._storage, "running_compactions", None)
+        return int(f()) if f is not None else 0
+
     # ----------------------------------------------------------- checkpoint
     def checkpoint(self, path: str | os.PathLike[str]) -> Path:
         """Write a consistent, atomic snapshot of rows, counters and configs.

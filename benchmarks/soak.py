@@ -1,0 +1,126 @@
+"""Soak: stream many distinct keys through a fixed host-cache budget and record, over time,
+resident memory, throughput, disk bytes per stored row and RocksDB compactions.
+
+Each step applies one gradient to a batch of keys: a share of never-seen keys (so the
+number of distinct keys grows by ``batch * fresh`` per step) and Zipf(1.1)-hot keys among
+those already seen (re-reads from the cache or from RocksDB). Every row goes through the
+host cache: misses are read or initialised, evicted dirty rows are written back by the
+background writer.
+
+    python benchmarks/soak.py --keys 100000000 --cache-mb 1024 --out bench_out/soak.json
+
+The JSON holds one sample per ``--sample-every`` steps; ``benchmarks/plots.py`` draws it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from damo_hybrid import EmbeddingStore, TableConfig
+from damo_hybrid.config import InitializerConfig, OptimizerConfig
+from damo_hybrid.hashing import mix64
+from damo_hybrid.host_cache import HostCache
+from damo_hybrid.synthetic import zipf_ranks
+
+
+def rss_mb() -> float:
+    """Current resident set size (Linux /proc; elsewhere the peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(keys: int, cache_mb: float, batch: int, fresh: float, dim: int, root: Path, sample_every: int,
+        seed: int = 0, log=print) -> dict:
+    tables = [TableConfig("t", dim, initializer=InitializerConfig.normal(std=0.01),
+                          optimizer=OptimizerConfig.adagrad(0.05))]
+    rng = np.random.default_rng(seed)
+    n_fresh = max(1, int(batch * fresh))
+    steps = -(-keys // n_fresh)
+    samples = []
+    with EmbeddingStore(root / "store", tables) as store:
+        _, opt = store.table_ops("t")
+        capacity = int(cache_mb * 2**20 / HostCache.nbytes_per_row(dim, opt.width))
+        cache = HostCache(store, "t", capacity)
+        log(f"soak: {keys:,} distinct keys in {steps:,} steps of {batch:,} ({n_fresh:,} new), "
+            f"cache {cache_mb:,.0f} MiB = {capacity:,} rows, dim {dim}, adagrad; RSS at start {rss_mb():,.0f} MiB")
+        seen = 0
+        t_start = time.perf_counter()
+        window: list[float] = []
+        comp_flags: list[int] = []
+        for step in range(steps):
+            fresh_ids = np.arange(seen, seen + n_fresh, dtype=np.uint64)
+            hot = zipf_ranks(rng, batch - n_fresh, max(seen, 1)).astype(np.uint64) if seen else fresh_ids[:0]
+            k = mix64(np.concatenate([fresh_ids, hot]) ^ np.uint64(0x5EED))
+            g = rng.standard_normal((len(k), dim), dtype=np.float32) * np.float32(0.01)
+            t0 = time.perf_counter()
+            cache.apply_gradients(k, g)
+            dt = time.perf_counter() - t0
+            seen += n_fresh
+            window.append(dt)
+            comp_flags.append(store.running_compactions())
+            if (step + 1) % sample_every == 0 or step == steps - 1:
+                st = store.stats()
+                s = {"step": step + 1, "elapsed_s": time.perf_counter() - t_start, "distinct_keys": seen,
+                     "rss_mb": rss_mb(), "step_s_median": statistics.median(window),
+                     "keys_per_s": batch / statistics.median(window), "disk_bytes": st.disk_bytes,
+                     "rows_stored": st.rows, "compacting_share": float(np.mean(np.asarray(comp_flags) > 0)),
+                     "step_s_compacting": statistics.median([w for w, c in zip(window, comp_flags) if c] or [0.0]),
+                     "step_s_quiet": statistics.median([w for w, c in zip(window, comp_flags) if not c] or [0.0]),
+                     "hit_rate": cache.stats.hit_rate, "evictions": cache.stats.evictions}
+                samples.append(s)
+                window, comp_flags = [], []
+                log(f"step {s['step']:6d}  keys {seen:>13,}  RSS {s['rss_mb']:7,.0f} MiB  "
+                    f"{s['keys_per_s']:>9,.0f} keys/s  disk {st.disk_bytes / 2**30:6.2f} GiB "
+                    f"({st.disk_bytes / max(st.rows, 1):.0f} B/row)  compacting {s['compacting_share']:.0%}")
+        t0 = time.perf_counter()
+        cache.flush()
+        flush_s = time.perf_counter() - t0
+        st = store.stats()
+    row_value = 4 * (5 + dim + opt.width + 1)  # header words + weights + state + checksum
+    return {"keys": seen, "cache_mb": cache_mb, "cache_rows": capacity, "batch": batch, "fresh": fresh, "dim": dim,
+            "steps": steps, "elapsed_s": time.perf_counter() - t_start, "final_flush_s": flush_s,
+            "rows_stored": st.rows, "disk_bytes": st.disk_bytes, "expected_bytes_per_row": row_value + 12,
+            "samples": samples, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--keys", type=float, default=1e8, help="distinct keys to stream")
+    p.add_argument("--cache-mb", type=float, default=1024.0)
+    p.add_argument("--batch", type=int, default=65536)
+    p.add_argument("--fresh", type=float, default=0.75, help="share of each batch that is never-seen keys")
+    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--sample-every", type=int, default=20)
+    p.add_argument("--dir", help="where the store goes (default: a temporary directory, removed after)")
+    p.add_argument("--out", help="write the samples as JSON here")
+    a = p.parse_args(argv)
+    if not 0.0 < a.fresh <= 1.0:
+        p.error("--fresh must lie in (0, 1]")
+    with tempfile.TemporaryDirectory(dir=a.dir) as d:
+        res = run(int(a.keys), a.cache_mb, a.batch, a.fresh, a.dim, Path(d), a.sample_every)
+    rss = [s["rss_mb"] for s in res["samples"]]
+    half = rss[len(rss) // 2:]
+    print(f"done: {res['keys']:,} keys in {res['elapsed_s']:,.0f} s; RSS min/median/max over the second half "
+          f"{min(half):,.0f}/{statistics.median(half):,.0f}/{max(half):,.0f} MiB; disk "
+          f"{res['disk_bytes'] / max(res['rows_stored'], 1):.0f} B/row (value + key {res['expected_bytes_per_row']} B)")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
