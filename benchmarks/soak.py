@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import sys
@@ -33,13 +32,20 @@ from damo_hybrid.host_cache import HostCache
 from damo_hybrid.synthetic import zipf_ranks
 
 
-def rss_mb() -> float:
-    """Current resident set size (Linux /proc; elsewhere the peak)."""
+def rss_mb() -> dict[str, float]:
+    """Resident memory now, MiB: ``total``, ``anon`` (the process's own: cache slab, RocksDB
+    memtables and block cache, Python) and ``file`` (pages of memory-mapped SST files, which
+    the kernel reclaims under pressure). Linux /proc; elsewhere only the peak total."""
+    out = {"total": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "anon": float("nan"),
+           "file": float("nan")}
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "RssAnon", "RssFile")))
     except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return out
+    kb = {k: int(v.split()[0]) / 1024 for k, v in fields.items()}
+    return {"total": kb.get("VmRSS", out["total"]), "anon": kb.get("RssAnon", float("nan")),
+            "file": kb.get("RssFile", float("nan"))}
 
 
 def run(keys: int, cache_mb: float, batch: int, fresh: float, dim: int, root: Path, sample_every: int,
@@ -55,7 +61,7 @@ def run(keys: int, cache_mb: float, batch: int, fresh: float, dim: int, root: Pa
         capacity = int(cache_mb * 2**20 / HostCache.nbytes_per_row(dim, opt.width))
         cache = HostCache(store, "t", capacity)
         log(f"soak: {keys:,} distinct keys in {steps:,} steps of {batch:,} ({n_fresh:,} new), "
-            f"cache {cache_mb:,.0f} MiB = {capacity:,} rows, dim {dim}, adagrad; RSS at start {rss_mb():,.0f} MiB")
+            f"cache {cache_mb:,.0f} MiB = {capacity:,} rows, dim {dim}, adagrad; RSS at start {rss_mb()['total']:,.0f} MiB")
         seen = 0
         t_start = time.perf_counter()
         window: list[float] = []
@@ -74,7 +80,7 @@ def run(keys: int, cache_mb: float, batch: int, fresh: float, dim: int, root: Pa
             if (step + 1) % sample_every == 0 or step == steps - 1:
                 st = store.stats()
                 s = {"step": step + 1, "elapsed_s": time.perf_counter() - t_start, "distinct_keys": seen,
-                     "rss_mb": rss_mb(), "step_s_median": statistics.median(window),
+                     **{f"rss_{k}_mb": v for k, v in rss_mb().items()}, "step_s_median": statistics.median(window),
                      "keys_per_s": batch / statistics.median(window), "disk_bytes": st.disk_bytes,
                      "rows_stored": st.rows, "compacting_share": float(np.mean(np.asarray(comp_flags) > 0)),
                      "step_s_compacting": statistics.median([w for w, c in zip(window, comp_flags) if c] or [0.0]),
@@ -82,7 +88,8 @@ def run(keys: int, cache_mb: float, batch: int, fresh: float, dim: int, root: Pa
                      "hit_rate": cache.stats.hit_rate, "evictions": cache.stats.evictions}
                 samples.append(s)
                 window, comp_flags = [], []
-                log(f"step {s['step']:6d}  keys {seen:>13,}  RSS {s['rss_mb']:7,.0f} MiB  "
+                log(f"step {s['step']:6d}  keys {seen:>13,}  RSS {s['rss_total_mb']:6,.0f} MiB "
+                    f"(anon {s['rss_anon_mb']:6,.0f}, mapped files {s['rss_file_mb']:6,.0f})  "
                     f"{s['keys_per_s']:>9,.0f} keys/s  disk {st.disk_bytes / 2**30:6.2f} GiB "
                     f"({st.disk_bytes / max(st.rows, 1):.0f} B/row)  compacting {s['compacting_share']:.0%}")
         t0 = time.perf_counter()
@@ -111,10 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--fresh must lie in (0, 1]")
     with tempfile.TemporaryDirectory(dir=a.dir) as d:
         res = run(int(a.keys), a.cache_mb, a.batch, a.fresh, a.dim, Path(d), a.sample_every)
-    rss = [s["rss_mb"] for s in res["samples"]]
-    half = rss[len(rss) // 2:]
-    print(f"done: {res['keys']:,} keys in {res['elapsed_s']:,.0f} s; RSS min/median/max over the second half "
-          f"{min(half):,.0f}/{statistics.median(half):,.0f}/{max(half):,.0f} MiB; disk "
+    anon = [s["rss_anon_mb"] for s in res["samples"]]
+    half = anon[len(anon) // 2:]
+    print(f"done: {res['keys']:,} keys in {res['elapsed_s']:,.0f} s; anonymous RSS min/median/max over the second "
+          f"half {min(half):,.0f}/{statistics.median(half):,.0f}/{max(half):,.0f} MiB; disk "
           f"{res['disk_bytes'] / max(res['rows_stored'], 1):.0f} B/row (value + key {res['expected_bytes_per_row']} B)")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -331,6 +331,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="instead: the training benchmark, damo_hybrid vs in-memory torch embeddings (DeepFM)")
     b.add_argument("--train-steps", type=int, default=60)
     b.add_argument("--fractions", default="0.25,0.05", help="cache budgets as fractions of the torch table's bytes")
+    b.add_argument("--quality", action="store_true",
+                   help="instead: AUC/logloss parity with in-memory torch on the real datasets under --data-root")
+    b.add_argument("--data-root", default="../shared/data", help="folder holding the datasets (for --quality)")
+    b.add_argument("--datasets", default="criteo,avazu,movielens,frappe")
+    b.add_argument("--seeds", default="0,1,2")
     b.set_defaults(fn=None)
     return p
 
@@ -366,6 +371,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.cmd == "bench":
+            if args.quality:
+                from .quality import DATASETS, run_quality
+
+                names = tuple(args.datasets.split(","))
+                unknown = [n for n in names if n not in DATASETS]
+                if unknown:
+                    raise ValueError(f"unknown datasets {unknown}; known: {sorted(DATASETS)}")
+                res = run_quality(args.data_root, names, tuple(int(x) for x in args.seeds.split(",")))
+                print("\n| dataset | train/eval rows | epochs | damo AUC | in-memory AUC | gap | damo logloss | in-memory logloss |")
+                print("|---|---:|---:|---:|---:|---:|---:|---:|")
+                for n, r in res["datasets"].items():
+                    m = r["mean"]
+                    print(f"| {n} | {r['train_rows']:,}/{r['eval_rows']:,} | {r['epochs']} | {m['damo']['auc']:.4f} | "
+                          f"{m['in_memory']['auc']:.4f} | {r['auc_gap']:+.5f} | {m['damo']['logloss']:.4f} | "
+                          f"{m['in_memory']['logloss']:.4f} |")
+                if args.json:
+                    Path(args.json).write_text(json.dumps(res, indent=1))
+                return 0 if all(r["within_0.005"] for r in res["datasets"].values()) else 1
             if args.train:
                 from .train_bench import run_train_bench
 
