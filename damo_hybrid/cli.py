@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .config import InitializerConfig, OptimizerConfig, OptimizerKind, TableConfig
+from .config import InitializerConfig, OptimizerConfig, OptimizerKind, StoreConfig, TableConfig
 from .data import FORMATS
 from .errors import DamoHybridError
 from .store import EmbeddingStore
@@ -86,6 +86,16 @@ def _file_data(args: argparse.Namespace) -> tuple[Any, Any]:
     return data, None
 
 
+def _store_config(d: dict[str, Any] | None) -> StoreConfig:
+    if not d:
+        return StoreConfig()
+    known = set(StoreConfig.__dataclass_fields__)
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown [store] keys {unknown}; known: {sorted(known)}")
+    return StoreConfig(**d)
+
+
 def _load_config(path: str) -> dict[str, Any]:
     """A TOML file: a ``[train]`` table of train options and an optional ``[schema]`` table."""
     try:
@@ -99,9 +109,9 @@ def _load_config(path: str) -> dict[str, Any]:
         cfg = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{p}: not valid TOML: {e}") from e
-    unknown = sorted(set(cfg) - {"train", "schema"})
+    unknown = sorted(set(cfg) - {"train", "schema", "store"})
     if unknown:
-        raise ValueError(f"{p}: unknown sections {unknown}; known: [train], [schema]")
+        raise ValueError(f"{p}: unknown sections {unknown}; known: [train], [schema], [store]")
     return cfg
 
 
@@ -139,6 +149,7 @@ def _train(args: argparse.Namespace) -> int:
     tables = [TableConfig("emb", args.dim, initializer=InitializerConfig.truncated_normal(std=0.01, seed=args.seed),
                           optimizer=opt),
               TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
+    store_cfg = _store_config(getattr(args, "store_config", None))
     if (args.resume or args.checkpoint_every) and not args.store:
         raise ValueError("--resume and --checkpoint-every need --store (a temporary store is deleted at exit)")
     tmp = None if args.store else tempfile.TemporaryDirectory(prefix="damo-train-")
@@ -154,13 +165,13 @@ def _train(args: argparse.Namespace) -> int:
             # the store may hold work done after the checkpoint: restart from the checkpoint's copy
             if store_dir.exists():
                 shutil.rmtree(store_dir)
-            store = EmbeddingStore.from_checkpoint(ck / "store", store_dir, tables)
+            store = EmbeddingStore.from_checkpoint(ck / "store", store_dir, tables, store_cfg)
             state = load_trainer_state(ck)
             print(f"resuming from {ck} at step {state['step']}")
         else:
             if args.resume:
                 print(f"no checkpoint under {ckpt_root}: starting from scratch")
-            store = EmbeddingStore(store_dir, tables)
+            store = EmbeddingStore(store_dir, tables, store_cfg)
         with store:
             model = MODELS[args.model](store, data.sparse_fields, len(data.dense_fields), cache_mb=args.cache_mb)
             dense_opt = torch.optim.Adam(model.parameters(), lr=args.dense_lr)
@@ -253,7 +264,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train a CTR model; with no arguments, DeepFM on built-in synthetic Criteo-like data")
-    t.add_argument("--config", help="TOML file: a [train] table of these options (the command line wins) and, "
+    t.add_argument("--config", help="TOML file: a [train] table of these options (the command line wins), a [store] table "
+                                    "(StoreConfig) and, "
                                     "for --format csv/parquet, a [schema] table")
     t.add_argument("--data", help="training file (.gz is read on the fly); default: built-in synthetic data")
     t.add_argument("--eval-data", help="held-out file in the same format")
@@ -356,7 +368,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
             a = actions[k]
             if a.choices is not None and v not in a.choices:
                 raise ValueError(f"{args.config}: [train] {k} = {v!r} is not one of {sorted(a.choices)}")
-        train.set_defaults(**opts, schema=cfg.get("schema"))
+        train.set_defaults(**opts, schema=cfg.get("schema"), store_config=cfg.get("store"))
         args = parser.parse_args(argv)
     return args
 
