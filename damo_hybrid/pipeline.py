@@ -68,21 +68,27 @@ class Pipeline(Generic[B, P]):
         prepare: batch -> prepared batch (runs in the host-manager thread).
         release: undoes ``prepare`` for a batch that will never be trained (unpins rows).
         start, stop: batch indices ``start <= i < stop``.
-        depth: capacity of each queue (batches in flight per stage).
+        depth: capacity of the loader's queue (loaded batches waiting for the host manager).
+        in_flight: prepared batches alive at once, counting the one the caller trains: 2 is
+            ScaleFreeCTR's double buffering (train t while t+1 is made resident); each holds its
+            rows pinned, so this bounds the pinned rows to ``in_flight`` batches.
 
     Yields:
         ``(index, batch, prepared)`` in order.
     """
 
     def __init__(self, load: Callable[[int], B], prepare: Callable[[B], P], release: Callable[[P], None],
-                 start: int, stop: int, depth: int = 2) -> None:
+                 start: int, stop: int, depth: int = 2, in_flight: int = 2) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be >= 1, got {in_flight}")
         self._load, self._prepare, self._release = load, prepare, release
         self._start, self._stop = start, stop
         self._q1: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._q2: queue.Queue[Any] = queue.Queue(maxsize=1)  # one batch prepared ahead: exactness needs no more
         self._halt = threading.Event()
+        self._permits = threading.Semaphore(in_flight)  # taken by prepare, given back when trained
         self.stats = PipelineStats()
         self._threads = [
             threading.Thread(target=self._loader, name="damo-loader", daemon=True),
@@ -131,6 +137,11 @@ class Pipeline(Generic[B, P]):
                     return
                 i, b = item
                 t0 = time.perf_counter()
+                while not self._permits.acquire(timeout=_POLL):
+                    if self._halt.is_set():
+                        return
+                self.stats.prepare_stall += time.perf_counter() - t0
+                t0 = time.perf_counter()
                 with record_function("damo.prepare"):
                     p = self._prepare(b)
                 self.stats.prepare += time.perf_counter() - t0
@@ -147,7 +158,10 @@ class Pipeline(Generic[B, P]):
         return self
 
     def __iter__(self) -> Iterator[tuple[int, B, P]]:
+        trained = False
         while True:
+            if trained:  # the caller asks for the next batch: the previous one is done
+                self._permits.release()
             t0 = time.perf_counter()
             item = self._get(self._q2)
             self.stats.worker_stall += time.perf_counter() - t0
@@ -156,6 +170,7 @@ class Pipeline(Generic[B, P]):
             if isinstance(item, _Done):
                 return
             self.stats.batches += 1
+            trained = True
             yield item
 
     def close(self) -> None:

@@ -339,4 +339,7 @@ class RocksDBStorage:
             self._closed = True
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
-            self._db.close()
+            try:
+                self._db.close()
+            except Exception as e:  # e.g. RocksDB's background error after a full disk
+                raise _translate(e, self.path, "close") from e

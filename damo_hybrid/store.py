@@ -574,9 +574,16 @@ class EmbeddingStore:
                 if not self.read_only:
                     self._storage.flush()
                     self._write_meta()
-            finally:
+            except BaseException:
+                # the first error is the one to report; the handle is released either way
                 self._closed = True
-                self._storage.close()
+                try:
+                    self._storage.close()
+                except DamoHybridError:
+                    pass
+                raise
+            self._closed = True
+            self._storage.close()
 
     def __enter__(self) -> EmbeddingStore:
         return self

@@ -107,3 +107,32 @@ def test_every_model_learns_through_the_pipeline(tmp_path, name):
         s = trainer.fit(40, eval_batches=3)
         assert np.isfinite(s.train_logloss)
         assert s.auc is not None and s.auc > max(0.6, before + 0.05), (before, s.auc)
+
+
+def test_at_most_two_prepared_batches_are_alive():
+    """Double buffering: while the caller trains batch t only t+1 may be prepared (pinned)."""
+    import time
+
+    from damo_hybrid.pipeline import Pipeline
+
+    lock = threading.Lock()
+    alive, peak = [0], [0]
+
+    def prepare(b):
+        with lock:
+            alive[0] += 1
+            peak[0] = max(peak[0], alive[0])
+        return b
+
+    def done(_):
+        with lock:
+            alive[0] -= 1
+
+    seen = []
+    with Pipeline(lambda i: i, prepare, done, 0, 12) as pipe:
+        for i, _, p in pipe:
+            time.sleep(0.01)  # training is slower than preparing: the host manager runs ahead if it may
+            seen.append(i)
+            done(p)
+    assert seen == list(range(12))
+    assert peak[0] == 2
