@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from damo_hybrid import EmbeddingStore, TableConfig
-from damo_hybrid.config import InitializerConfig, OptimizerConfig
+from damo_hybrid.config import InitializerConfig, OptimizerConfig, StoreConfig
 from damo_hybrid.hashing import mix64
 from damo_hybrid.host_cache import HostCache
 from damo_hybrid.synthetic import zipf_ranks
@@ -49,14 +49,14 @@ def rss_mb() -> dict[str, float]:
 
 
 def run(keys: int, cache_mb: float, batch: int, fresh: float, dim: int, root: Path, sample_every: int,
-        seed: int = 0, log=print) -> dict:
+        seed: int = 0, mmap_reads: bool = True, log=print) -> dict:
     tables = [TableConfig("t", dim, initializer=InitializerConfig.normal(std=0.01),
                           optimizer=OptimizerConfig.adagrad(0.05))]
     rng = np.random.default_rng(seed)
     n_fresh = max(1, int(batch * fresh))
     steps = -(-keys // n_fresh)
     samples = []
-    with EmbeddingStore(root / "store", tables) as store:
+    with EmbeddingStore(root / "store", tables, StoreConfig(mmap_reads=mmap_reads)) as store:
         _, opt = store.table_ops("t")
         capacity = int(cache_mb * 2**20 / HostCache.nbytes_per_row(dim, opt.width))
         cache = HostCache(store, "t", capacity)
@@ -97,7 +97,7 @@ def run(keys: int, cache_mb: float, batch: int, fresh: float, dim: int, root: Pa
         flush_s = time.perf_counter() - t0
         st = store.stats()
     row_value = 4 * (5 + dim + opt.width + 1)  # header words + weights + state + checksum
-    return {"keys": seen, "cache_mb": cache_mb, "cache_rows": capacity, "batch": batch, "fresh": fresh, "dim": dim,
+    return {"keys": seen, "mmap_reads": mmap_reads, "cache_mb": cache_mb, "cache_rows": capacity, "batch": batch, "fresh": fresh, "dim": dim,
             "steps": steps, "elapsed_s": time.perf_counter() - t_start, "final_flush_s": flush_s,
             "rows_stored": st.rows, "disk_bytes": st.disk_bytes, "expected_bytes_per_row": row_value + 12,
             "samples": samples, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -111,13 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", type=float, default=0.75, help="share of each batch that is never-seen keys")
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--sample-every", type=int, default=20)
+    p.add_argument("--no-mmap", action="store_true", help="StoreConfig(mmap_reads=False): SST pages not mapped into RSS")
     p.add_argument("--dir", help="where the store goes (default: a temporary directory, removed after)")
     p.add_argument("--out", help="write the samples as JSON here")
     a = p.parse_args(argv)
     if not 0.0 < a.fresh <= 1.0:
         p.error("--fresh must lie in (0, 1]")
     with tempfile.TemporaryDirectory(dir=a.dir) as d:
-        res = run(int(a.keys), a.cache_mb, a.batch, a.fresh, a.dim, Path(d), a.sample_every)
+        res = run(int(a.keys), a.cache_mb, a.batch, a.fresh, a.dim, Path(d), a.sample_every,
+                  mmap_reads=not a.no_mmap)
     anon = [s["rss_anon_mb"] for s in res["samples"]]
     half = anon[len(anon) // 2:]
     print(f"done: {res['keys']:,} keys in {res['elapsed_s']:,.0f} s; anonymous RSS min/median/max over the second "
