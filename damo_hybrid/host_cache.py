@@ -35,6 +35,8 @@ from .writer import WriteBehind
 
 __all__ = ["HostCache", "CacheStats"]
 
+_WRITE_CHUNK = 1 << 16  # rows per write-back batch handed to the writer
+
 
 @dataclass
 class CacheStats:
@@ -249,9 +251,14 @@ class HostCache:
         self.stats.evictions += len(slots)
 
     def _write_back(self, slots: np.ndarray) -> None:
-        """Hand dirty rows to the background writer (copies; the slots can be reused)."""
-        rows = Rows(self.weights[slots], self.state[slots], self.count[slots], self.created[slots], self.updated[slots])
-        self.writer.submit(self.keys[slots], rows, new=~self.stored[slots])
+        """Hand dirty rows to the background writer (copies; the slots can be reused).
+
+        In chunks, so a flush of a large cache holds at most the writer's queue depth of
+        chunks in flight instead of a copy of every dirty row at once."""
+        for i in range(0, len(slots), _WRITE_CHUNK):
+            c = slots[i:i + _WRITE_CHUNK]
+            rows = Rows(self.weights[c], self.state[c], self.count[c], self.created[c], self.updated[c])
+            self.writer.submit(self.keys[c], rows, new=~self.stored[c])
         self.stored[slots] = True
         self.dirty[slots] = False
         self.stats.write_backs += len(slots)
