@@ -254,10 +254,8 @@ def _dump(args: argparse.Namespace) -> int:
     return 0
 
 
-_TRAIN_PARSER: list[argparse.ArgumentParser] = []  # the train sub-parser of the latest _parser()
-
-
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The command's parser and its ``train`` sub-parser (whose defaults a config file sets)."""
     p = argparse.ArgumentParser(prog="damo-hybrid", description=__doc__)
     p.add_argument("--version", action="version", version=f"damo-hybrid {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -298,7 +296,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the sequential reference loop instead of the three-stage pipeline (same weights)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=_train)
-    _TRAIN_PARSER[:] = [t]
 
     d = sub.add_parser("demo", help="train a logistic regression on synthetic ids, all weights in RocksDB")
     d.add_argument("--steps", type=int, default=200)
@@ -349,16 +346,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--datasets", default="criteo,avazu,movielens,frappe")
     b.add_argument("--seeds", default="0,1,2")
     b.set_defaults(fn=None)
-    return p
+    return p, t
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = _parser()
+    parser, train = _parser()
     args = parser.parse_args(argv)
     if args.cmd == "train" and args.config:
         # the file's [train] values become defaults, so explicit flags still win
         cfg = _load_config(args.config)
-        train = _TRAIN_PARSER[0]
         actions = {a.dest: a for a in train._actions if a.dest not in ("help", "config")}
         opts = {k.replace("-", "_"): v for k, v in cfg.get("train", {}).items()}
         unknown = sorted(set(opts) - set(actions))

@@ -289,8 +289,9 @@ def _read_delimited(path: Path, batch_size: int, s: Schema) -> TabularData:
     return _assemble(path, batch_size, s, {c: list(cols[c]) for c in (s.label, *s.dense, *s.sparse)}, rows)
 
 
-def _assemble(path: Path, batch_size: int, s: Schema, cols: dict[str, list[Any]], rows: _Rows) -> TabularData:
-    """Convert raw column values; bad values drop their row (skip) or raise (raise)."""
+def _assemble(path: Path, batch_size: int, s: Schema, cols: dict[str, Any], rows: _Rows) -> TabularData:
+    """Convert raw column values (lists, or int64 arrays for parquet int ids); bad values drop
+    their row (skip) or raise (raise)."""
     n = len(cols[s.label])
     keep = np.ones(n, dtype=bool)
     lines = np.asarray(rows.lines if rows.lines else np.arange(1, n + 1), dtype=np.int64)
@@ -432,13 +433,14 @@ def _read_parquet(path: Path, batch_size: int, s: Schema) -> TabularData:
         table = pq.read_table(path, columns=want)
     except Exception as e:  # pyarrow raises several types for a bad file or missing column
         raise ValueError(f"{path}: cannot read columns {want} as parquet: {e}") from e
-    cols: dict[str, list[Any]] = {}
-    ints: dict[str, np.ndarray] = {}
+    cols: dict[str, Any] = {}
+    ints: set[str] = set()
     for c in want:
         col = table.column(c)
         if c in s.sparse and _is_int_type(col.type) and col.null_count == 0:
-            ints[c] = col.to_numpy()  # integer ids are hashed as ints, as a CSV's int_sparse columns
-            cols[c] = ints[c].astype(np.int64).tolist()
+            # integer ids stay one int64 array and are hashed as ints, as a CSV's int_sparse columns
+            cols[c] = col.to_numpy().astype(np.int64, copy=False)
+            ints.add(c)
         else:
             cols[c] = col.to_pylist()
     schema = replace(s, int_sparse=tuple(c for c in s.sparse if c in ints or c in s.int_sparse))
