@@ -162,10 +162,19 @@ def _train(args: argparse.Namespace) -> int:
     state = None
     try:
         if args.resume and (ck := latest_checkpoint(ckpt_root)) is not None:
-            # the store may hold work done after the checkpoint: restart from the checkpoint's copy
+            # the store may hold work done after the checkpoint: restart from the checkpoint's copy,
+            # built beside the store and swapped in by renames, so a kill never leaves a half store
+            staging = store_dir.with_name(f".{store_dir.name}.restoring")
+            trash = store_dir.with_name(f".{store_dir.name}.old")
+            for d in (staging, trash):
+                if d.exists():
+                    shutil.rmtree(d)
+            EmbeddingStore.from_checkpoint(ck / "store", staging, tables, store_cfg).close()
             if store_dir.exists():
-                shutil.rmtree(store_dir)
-            store = EmbeddingStore.from_checkpoint(ck / "store", store_dir, tables, store_cfg)
+                store_dir.rename(trash)
+            staging.rename(store_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+            store = EmbeddingStore(store_dir, tables, store_cfg)
             state = load_trainer_state(ck)
             print(f"resuming from {ck} at step {state['step']}")
         else:
