@@ -2,6 +2,8 @@
 
     python benchmarks/plots.py --train bench_out/train_sweep.json --soak bench_out/soak.json
 
+``--gpu``: ``damo-hybrid bench --gpu --json FILE``: samples/s of the three sides and the stage
+timeline of a device-cache run.
 ``--train``: ``damo-hybrid bench --train --fractions ... --json FILE``: throughput and hit rate
 against cache budget, and the step-time breakdown by stage. ``--soak``: ``benchmarks/soak.py
 --out FILE``: resident memory and throughput over the soak. Needs matplotlib (the ``plot`` extra).
@@ -108,19 +110,69 @@ def soak_plots(res: dict, out: Path, machine: str) -> list[Path]:
     return [p1, p2]
 
 
+_LANES = {"load": (0, "loader thread"), "prepare": (1, "host manager"), "compute": (2, "worker: forward+backward"),
+          "apply": (3, "worker: sparse+dense step")}
+
+
+def gpu_plots(res: dict, out: Path, machine: str) -> list[Path]:
+    """Throughput of the three sides per (model, batch), and the stage timeline of the first device run."""
+    plt = _plt()
+    runs = res["runs"]
+    sides = [s for s in ("hbm", "device", "cpu") if any(s in r for r in runs)]
+    labels = {"hbm": "all rows in HBM (torch)", "device": f"damo device cache {res['device_fraction']:.0%}",
+              "cpu": "damo CPU-only"}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    w = 0.8 / len(sides)
+    for j, side in enumerate(sides):
+        xs = [i + j * w for i, r in enumerate(runs) if side in r]
+        ax.bar(xs, [r[side]["samples_per_s"] for r in runs if side in r], w, label=labels[side])
+    ax.set_xticks([i + w * (len(sides) - 1) / 2 for i in range(len(runs))],
+                  [f"{r['model']}\nbatch {r['batch_size']:,}" for r in runs])
+    ax.set_ylabel("samples/s (median)")
+    ax.set_title(f"GPU tier: {res['rows']:,}-row tables\n{machine}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p1 = out / "gpu_tiers.png"
+    fig.savefig(p1, dpi=110)
+    plt.close(fig)
+    made = [p1]
+    run = next((r for r in runs if r.get("device", {}).get("timeline")), None)
+    if run is not None:
+        fig, ax = plt.subplots(figsize=(8, 2.8))
+        colors = {"load": "tab:blue", "prepare": "tab:orange", "compute": "tab:green", "apply": "tab:red"}
+        for stage, t0, t1 in run["device"]["timeline"]:
+            lane, _ = _LANES[stage]
+            ax.broken_barh([(1e3 * t0, 1e3 * (t1 - t0))], (lane - 0.4, 0.8), color=colors[stage])
+        ax.set_yticks([v[0] for v in _LANES.values()], [v[1] for v in _LANES.values()])
+        ax.invert_yaxis()
+        ax.set_xlabel("ms")
+        ax.set_title(f"Stage timeline, {run['model']} batch {run['batch_size']:,}, device-cache run "
+                     f"({run['device']['backend']})\n{machine}", fontsize=9)
+        fig.tight_layout()
+        p2 = out / "gpu_timeline.png"
+        fig.savefig(p2, dpi=110)
+        plt.close(fig)
+        made.append(p2)
+    return made
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", help="JSON of damo-hybrid bench --train --json")
     p.add_argument("--soak", help="JSON of benchmarks/soak.py --out")
+    p.add_argument("--gpu", help="JSON of damo-hybrid bench --gpu --json")
     p.add_argument("--machine", default="2 CPUs, 24 GiB RAM, local disk, no GPU")
     p.add_argument("--out", default=str(HERE))
     a = p.parse_args(argv)
     out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     made = []
     if a.train:
         made += train_plots(json.loads(Path(a.train).read_text()), out, a.machine)
     if a.soak:
         made += soak_plots(json.loads(Path(a.soak).read_text()), out, a.machine)
+    if a.gpu:
+        made += gpu_plots(json.loads(Path(a.gpu).read_text()), out, a.machine)
     for m in made:
         print(f"wrote {m}")
     return 0

@@ -20,6 +20,7 @@ from . import __version__
 from .config import InitializerConfig, OptimizerConfig, OptimizerKind, StoreConfig, TableConfig
 from .data import FORMATS
 from .errors import DamoHybridError
+from .ops import Backend, resolve_backend
 from .store import EmbeddingStore
 
 __all__ = ["main"]
@@ -158,7 +159,7 @@ def _train(args: argparse.Namespace) -> int:
     source = str(args.data) if args.data else "synthetic data"
     print(f"damo-hybrid {__version__}: {args.model} on {source}, {len(data.sparse_fields)} sparse + {len(data.dense_fields)} dense fields, "
           f"dim {args.dim}, batch {args.batch_size}, {args.steps} steps, {args.optimizer} lr {args.lr}, "
-          f"cache {args.cache_mb} MiB, store {store_dir}")
+          f"cache {args.cache_mb} MiB, backend {resolve_backend(args.backend).value}, store {store_dir}")
     state = None
     try:
         if args.resume and (ck := latest_checkpoint(ckpt_root)) is not None:
@@ -182,7 +183,10 @@ def _train(args: argparse.Namespace) -> int:
                 print(f"no checkpoint under {ckpt_root}: starting from scratch")
             store = EmbeddingStore(store_dir, tables, store_cfg)
         with store:
-            model = MODELS[args.model](store, data.sparse_fields, len(data.dense_fields), cache_mb=args.cache_mb)
+            if args.device_cache_mb is not None and resolve_backend(args.backend) is not Backend.CUDA:
+                raise ValueError("--device-cache-mb needs the cuda backend (a GPU with CuPy); drop it to train on the CPU")
+            model = MODELS[args.model](store, data.sparse_fields, len(data.dense_fields), cache_mb=args.cache_mb,
+                                       backend=args.backend, device_cache_mb=args.device_cache_mb)
             dense_opt = torch.optim.Adam(model.parameters(), lr=args.dense_lr)
             trainer = Trainer(model, dense_opt, data.batch, held_out.batch if held_out is not None else None)
             if state is not None:
@@ -195,9 +199,10 @@ def _train(args: argparse.Namespace) -> int:
             def progress(step: int, loss: float) -> None:
                 bar.update(1)
                 if step % 5 == 0 or step == args.steps:
-                    st = [s for s in model.sparse.cache_stats().values()]
-                    h = sum(s.hits for s in st)  # type: ignore[attr-defined]
-                    n = h + sum(s.misses for s in st)  # type: ignore[attr-defined]
+                    # the top tier's hit rate: the device cache where there is one
+                    st = list((model.sparse.device_cache_stats() or model.sparse.cache_stats()).values())
+                    h = sum(s.hits for s in st)
+                    n = h + sum(s.misses for s in st)
                     bar.set_postfix(samples_s=f"{(step - step0) * args.batch_size / (time.perf_counter() - t0):,.0f}",
                                     loss=f"{loss:.4f}", hit=f"{h / max(n, 1):.2f}")
 
@@ -212,6 +217,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"samples/s {s.samples_per_s:,.0f}  train logloss {s.train_logloss:.4f}  "
           f"eval AUC {s.auc:.4f}  eval logloss {s.logloss:.4f}" if s.auc is not None else
           f"samples/s {s.samples_per_s:,.0f}  train logloss {s.train_logloss:.4f}")
+    if s.device_hit_rate is not None:
+        print(f"device cache hit rate {s.device_hit_rate:.3f}")
     print(f"cache hit rate {s.hit_rate:.3f}  evictions {s.evictions:,}  peak RSS {s.peak_rss_mb:,.0f} MiB  "
           f"stage seconds: load {s.stages.load:.1f} prepare {s.stages.prepare:.1f} compute {s.stages.compute:.1f} "
           f"apply {s.stages.apply:.1f}" + ("  (load/prepare overlap compute)" if not args.no_prefetch else ""))
@@ -289,7 +296,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     t.add_argument("--optimizer", default="adagrad", choices=[k.value for k in OptimizerKind])
     t.add_argument("--lr", type=float, default=0.05, help="sparse learning rate")
     t.add_argument("--dense-lr", type=float, default=1e-3, help="Adam learning rate of the dense layers")
-    t.add_argument("--cache-mb", type=float, default=512.0)
+    t.add_argument("--cache-mb", type=float, default=512.0, help="host-cache budget (MiB)")
+    t.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where rows are served and the model computes: auto = cuda where CUDA and CuPy work, else cpu")
+    t.add_argument("--device-cache-mb", type=float, default=None,
+                   help="GPU device-cache budget (MiB) in front of the host cache; cuda backend only "
+                        "(default 2048)")
     t.add_argument("--vocab-min", type=int, default=10**6)
     t.add_argument("--vocab-max", type=int, default=10**7)
     t.add_argument("--eval-batches", type=int, default=5, help="held-out batches (with --eval-data: 0 = all)")
@@ -354,6 +366,16 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     b.add_argument("--data-root", default="../shared/data", help="folder holding the datasets (for --quality)")
     b.add_argument("--datasets", default="criteo,avazu,movielens,frappe")
     b.add_argument("--seeds", default="0,1,2")
+    b.add_argument("--gpu", action="store_true",
+                   help="instead: the GPU tier benchmark: all rows in HBM vs the device cache vs CPU-only (DeepFM, DLRM)")
+    b.add_argument("--gpu-rows", type=int, default=10**8, help="rows of the in-HBM table (for --gpu)")
+    b.add_argument("--gpu-batches", default="8192,65536")
+    b.add_argument("--gpu-steps", type=int, default=40)
+    b.add_argument("--models", default="deepfm,dlrm")
+    b.add_argument("--sides", default="hbm,device,cpu")
+    b.add_argument("--device-fraction", type=float, default=0.10, help="device-cache rows as a fraction of --gpu-rows")
+    b.add_argument("--host-fraction", type=float, default=0.25, help="host-cache rows as a fraction of --gpu-rows")
+    b.add_argument("--trace-dir", help="write a profiler trace (Chrome format) of each device run here")
     b.set_defaults(fn=None)
     return p, t
 
@@ -406,6 +428,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.json:
                     Path(args.json).write_text(json.dumps(res, indent=1))
                 return 0 if all(r["within_0.005"] for r in res["datasets"].values()) else 1
+            if args.gpu:
+                from .gpu_bench import run_gpu_bench
+
+                res = run_gpu_bench(models=tuple(args.models.split(",")), rows=args.gpu_rows,
+                                    batch_sizes=tuple(int(x) for x in args.gpu_batches.split(",")), steps=args.gpu_steps,
+                                    device_fraction=args.device_fraction, host_fraction=args.host_fraction,
+                                    sides=tuple(args.sides.split(",")), root=args.dir, trace_dir=args.trace_dir)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(res, indent=1))
+                return 0
             if args.train:
                 from .train_bench import run_train_bench
 

@@ -20,16 +20,15 @@ touch the same row otherwise. Everything else needs one caller at a time.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from .hashing import as_keys
-from .keyindex import KeyIndex
 from .ops.cpu import reduce_by_key
 from .rows import Rows
+from .slots import SlotPool
 from .store import EmbeddingStore
 from .writer import WriteBehind
 
@@ -103,19 +102,21 @@ class HostCache:
         self.count = np.zeros(capacity, dtype=np.int64)
         self.created = np.zeros(capacity, dtype=np.int64)
         self.updated = np.zeros(capacity, dtype=np.int64)
-        self.keys = np.zeros(capacity, dtype=np.uint64)
-        self.occupied = np.zeros(capacity, dtype=bool)
         self.dirty = np.zeros(capacity, dtype=bool)
         self.stored = np.zeros(capacity, dtype=bool)  # the row exists in the store
-        self.ref = np.zeros(capacity, dtype=bool)
-        self.pins = np.zeros(capacity, dtype=np.int32)
-        self.index = KeyIndex(capacity)
-        self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)  # a stack: pop from the end
-        self._nfree = capacity
-        self._hand = 0
-        self._pin_lock = threading.Lock()
+        self.slots = SlotPool(capacity, f"host cache of table {table!r}")
         self.writer = WriteBehind(store, table)
         self.stats = CacheStats()
+
+    @property
+    def pins(self) -> np.ndarray:
+        """int32 (capacity,) pin count per slot."""
+        return self.slots.pins
+
+    @property
+    def keys(self) -> np.ndarray:
+        """uint64 (capacity,) key per slot (meaningful where occupied)."""
+        return self.slots.keys
 
     @classmethod
     def nbytes_per_row(cls, dim: int, state_width: int) -> int:
@@ -134,119 +135,79 @@ class HostCache:
         Raises:
             RuntimeError: not enough unpinned slots for the missing keys.
         """
-        slots = self.index.lookup(ukeys)
+        slots = self.slots.lookup(ukeys)
         hit = slots >= 0
         self.stats.hits += int(hit.sum())
         miss = np.nonzero(~hit)[0]
         if len(miss):
             hits = slots[hit]
-            with self._pin_lock:
-                self.pins[hits] += 1  # protect this batch's hits from the eviction below
+            self.slots.pin(hits)  # protect this batch's hits from the eviction below
             try:
                 slots[miss] = self._load(ukeys[miss])
             finally:
-                with self._pin_lock:
-                    self.pins[hits] -= 1
-        self.ref[slots] = True
+                self.slots.unpin(hits)
+        self.slots.touch(slots)
         if pin:
-            with self._pin_lock:
-                self.pins[slots] += 1
+            self.slots.pin(slots)
         return slots
 
     def unpin(self, slots: np.ndarray) -> None:
         """Release pins taken by ``make_resident(pin=True)`` (any thread)."""
-        with self._pin_lock:
-            self.pins[slots] -= 1
+        self.slots.unpin(slots)
 
-    def _load(self, keys: np.ndarray) -> np.ndarray:
+    def _fetch(self, keys: np.ndarray) -> tuple[Rows, np.ndarray]:
+        """Rows of keys that are not resident: the writer's queue, else the store, else new.
+
+        Returns:
+            ``(rows, stored)``: the rows, and bool (N,) whether each exists in the store.
+        """
         n = len(keys)
         self.stats.misses += n
-        slots = self._take_slots(n)
+        w = np.empty((n, self.dim), dtype=np.float32)
+        st = np.empty((n, self.width), dtype=np.float32)
+        cnt, cr, up = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
         # rows evicted a moment ago may still sit in the writer's queue: they win over disk
         queued, inq = self.writer.overlay(keys)
         found = inq.copy()
-        stored = np.zeros(n, dtype=bool)
         if inq.any():
-            rows = queued
-            assert rows is not None
-            qs = slots[inq]
-            self.weights[qs], self.state[qs] = rows.weights, rows.state
-            self.count[qs], self.created[qs], self.updated[qs] = rows.count, rows.created, rows.updated
-            stored[inq] = True  # its queued write lands first (FIFO) and counts it if new
+            assert queued is not None
+            w[inq], st[inq], cnt[inq], cr[inq], up[inq] = (queued.weights, queued.state, queued.count,
+                                                           queued.created, queued.updated)
         rest = np.nonzero(~inq)[0]
         rows, f = self.store.read_rows(self.table, keys[rest])
         self.stats.bytes_read += int(f.sum()) * self.row_bytes
-        found[rest[f]] = True
-        stored[rest[f]] = True
-        fs = slots[rest[f]]
-        self.weights[fs], self.state[fs] = rows.weights, rows.state
-        self.count[fs], self.created[fs], self.updated[fs] = rows.count, rows.created, rows.updated
-        ns = slots[~found]
-        if len(ns):
-            self.weights[ns] = self.init(keys[~found])
-            self.state[ns] = self.opt.initial_state(len(ns))
-            self.count[ns] = 0
-            self.created[ns] = self.updated[ns] = int(time.time())
-        self.keys[slots] = keys
-        self.occupied[slots] = True
+        fr = rest[f]
+        found[fr] = True
+        w[fr], st[fr], cnt[fr], cr[fr], up[fr] = rows.weights, rows.state, rows.count, rows.created, rows.updated
+        new = ~found
+        if new.any():
+            w[new] = self.init(keys[new])
+            st[new] = self.opt.initial_state(int(new.sum()))
+            cr[new] = up[new] = int(time.time())
+        # a queued row is stored once its write lands (FIFO), which counts it if it is new
+        return Rows(w, st, cnt, cr, up), found
+
+    def _place(self, keys: np.ndarray, slots: np.ndarray, rows: Rows, stored: np.ndarray, dirty: bool) -> None:
+        self.weights[slots], self.state[slots] = rows.weights, rows.state
+        self.count[slots], self.created[slots], self.updated[slots] = rows.count, rows.created, rows.updated
         self.stored[slots] = stored
-        self.dirty[slots] = False
-        self.index.insert(keys, slots)
+        self.dirty[slots] = dirty
+        self.slots.assign(keys, slots)
+
+    def _load(self, keys: np.ndarray) -> np.ndarray:
+        slots = self.slots.take(len(keys), self._evict)
+        try:
+            rows, stored = self._fetch(keys)
+        except BaseException:
+            self.slots.free(slots)
+            raise
+        self._place(keys, slots, rows, stored, dirty=False)
         return slots
-
-    def _take_slots(self, n: int) -> np.ndarray:
-        take = min(n, self._nfree)
-        out = self._free[self._nfree - take:self._nfree][::-1].copy()
-        self._nfree -= take
-        if take < n:
-            victims = self._victims(n - take)
-            self._evict(victims)
-            out = np.concatenate([out, victims])
-        return out
-
-    def _victims(self, need: int) -> np.ndarray:
-        """CLOCK: sweep from the hand, clearing reference bits, taking unreferenced unpinned rows."""
-        cap = self.capacity
-        found: list[np.ndarray] = []
-        got = 0
-        swept = 0
-        while got < need:
-            if swept > 2 * cap:
-                if found:
-                    with self._pin_lock:
-                        self.pins[np.concatenate(found)] -= 1
-                raise RuntimeError(
-                    f"host cache of table {self.table!r} cannot free {need} slots: its {cap} slots are "
-                    "pinned or needed by this batch; raise the cache budget or lower the batch size"
-                )
-            k = min(cap, max(4 * (need - got), 4096))
-            chunk = (self._hand + np.arange(k)) % cap
-            cand = ~self.ref[chunk] & (self.pins[chunk] == 0) & self.occupied[chunk]
-            csum = np.cumsum(cand)
-            if csum[-1] >= need - got:
-                cut = int(np.searchsorted(csum, need - got)) + 1
-            else:
-                cut = k
-            passed = chunk[:cut]
-            v = passed[cand[:cut]]
-            with self._pin_lock:
-                self.pins[v] += 1  # chosen: not a candidate again on a later lap
-            found.append(v)
-            got += len(v)
-            self.ref[passed] = False
-            self._hand = int((self._hand + cut) % cap)
-            swept += cut
-        victims = np.concatenate(found)
-        with self._pin_lock:
-            self.pins[victims] -= 1
-        return victims
 
     def _evict(self, slots: np.ndarray) -> None:
         d = slots[self.dirty[slots]]
         if len(d):
             self._write_back(d)
-        self.index.delete(self.keys[slots])
-        self.occupied[slots] = False
         self.dirty[slots] = False
         self.stats.evictions += len(slots)
 
@@ -263,6 +224,70 @@ class HostCache:
         self.dirty[slots] = False
         self.stats.write_backs += len(slots)
         self.stats.bytes_written += len(slots) * self.row_bytes
+
+    # ------------------------------------------- exchange with a tier above
+    def take_rows(self, keys: np.ndarray) -> tuple[Rows, np.ndarray, np.ndarray]:
+        """Hand rows up to a faster tier, which owns them from now on (tiers are exclusive).
+
+        Resident rows leave this cache without a write-back; the others are fetched as
+        :meth:`make_resident` would, without taking a slot.
+
+        Args:
+            keys: uint64 (N,) distinct keys.
+        Returns:
+            ``(rows, stored, dirty)``: the rows; bool (N,) whether each exists in the store;
+            bool (N,) whether it holds updates the store lacks.
+        """
+        slots = self.slots.lookup(keys)
+        hit = slots >= 0
+        n = len(keys)
+        w = np.empty((n, self.dim), dtype=np.float32)
+        st = np.empty((n, self.width), dtype=np.float32)
+        cnt, cr, up = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        stored, dirty = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        if hit.any():
+            hs = slots[hit]
+            if (self.slots.pins[hs] > 0).any():
+                raise RuntimeError(f"take_rows: pinned rows of table {self.table!r} cannot move to another tier")
+            self.stats.hits += len(hs)
+            w[hit], st[hit], cnt[hit], cr[hit], up[hit] = (self.weights[hs], self.state[hs], self.count[hs],
+                                                           self.created[hs], self.updated[hs])
+            stored[hit], dirty[hit] = self.stored[hs], self.dirty[hs]
+            self.dirty[hs] = False
+            self.slots.release(hs)
+        miss = ~hit
+        if miss.any():
+            rows, s = self._fetch(keys[miss])
+            w[miss], st[miss], cnt[miss], cr[miss], up[miss] = (rows.weights, rows.state, rows.count,
+                                                                rows.created, rows.updated)
+            stored[miss] = s
+        return Rows(w, st, cnt, cr, up), stored, dirty
+
+    def put_rows(self, keys: np.ndarray, rows: Rows, stored: np.ndarray) -> None:
+        """Take back modified rows from a faster tier (its evictions and flushes); they are dirty here.
+
+        Args:
+            keys: uint64 (N,) distinct keys.
+            rows: their rows.
+            stored: bool (N,) whether each exists in the store, as the other tier knows it
+                (a resident row keeps this cache's own flag).
+        """
+        slots = self.slots.lookup(keys)
+        hit = slots >= 0
+        miss = np.nonzero(~hit)[0]
+        if len(miss):
+            hits = slots[hit]
+            self.slots.pin(hits)
+            try:
+                slots[miss] = self.slots.take(len(miss), self._evict)
+            finally:
+                self.slots.unpin(hits)
+            self.stored[slots[miss]] = stored[miss]
+            self.slots.assign(keys[miss], slots[miss])
+        self.weights[slots], self.state[slots] = rows.weights, rows.state
+        self.count[slots], self.created[slots], self.updated[slots] = rows.count, rows.created, rows.updated
+        self.dirty[slots] = True
+        self.slots.touch(slots)
 
     # ------------------------------------------------------------- batch API
     def lookup(self, keys: np.ndarray) -> np.ndarray:
@@ -311,5 +336,5 @@ class HostCache:
         self.store.flush()
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.slots)
 

@@ -31,14 +31,15 @@ class _SparseCTR(nn.Module):
     weight (``lin_table``, dim 1), both in the store behind host caches."""
 
     def __init__(self, store: EmbeddingStore, fields: Sequence[str], emb_table: str, lin_table: str | None,
-                 cache_mb: float, min_cache_rows: int) -> None:
+                 cache_mb: float, min_cache_rows: int, backend: str, device_cache_mb: float | None) -> None:
         super().__init__()
         self.fields = list(fields)
         feats = [Feature(f, emb_table) for f in self.fields]
         self.lin = lin_table is not None
         if lin_table is not None:
             feats += [Feature(f"{f}#lin", lin_table) for f in self.fields]
-        self.sparse = EmbeddingCollection(store, feats, cache_mb=cache_mb, min_cache_rows=min_cache_rows)
+        self.sparse = EmbeddingCollection(store, feats, cache_mb=cache_mb, min_cache_rows=min_cache_rows,
+                                          backend=backend, device_cache_mb=device_cache_mb)
         self.dim = self.sparse.dims[self.fields[0]]
 
     def inputs(self, sparse: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -71,12 +72,15 @@ class WideAndDeep(_SparseCTR):
         n_dense: number of dense features.
         hidden: MLP hidden sizes.
         cache_mb: host-cache budget for the sparse tables.
+        backend, device_cache_mb: where rows are served and computed (see
+            :class:`~damo_hybrid.nn.EmbeddingCollection`); the model's dense layers belong on
+            ``model.sparse.device``.
     """
 
     def __init__(self, store: EmbeddingStore, fields: Sequence[str], n_dense: int, hidden: Sequence[int] = (400, 400),
                  emb_table: str = "emb", lin_table: str = "lin", cache_mb: float = 256.0,
-                 min_cache_rows: int = 1 << 16) -> None:
-        super().__init__(store, fields, emb_table, lin_table, cache_mb, min_cache_rows)
+                 min_cache_rows: int = 1 << 16, backend: str = "auto", device_cache_mb: float | None = None) -> None:
+        super().__init__(store, fields, emb_table, lin_table, cache_mb, min_cache_rows, backend, device_cache_mb)
         # no dense features (Avazu, MovieLens, Frappe): no dense linear term
         self.dense_linear = nn.Linear(n_dense, 1) if n_dense else None
         self.deep = mlp([len(self.fields) * self.dim + n_dense, *hidden, 1])
@@ -111,8 +115,8 @@ class DCNv2(_SparseCTR):
 
     def __init__(self, store: EmbeddingStore, fields: Sequence[str], n_dense: int, hidden: Sequence[int] = (400, 400),
                  cross_layers: int = 3, emb_table: str = "emb", cache_mb: float = 256.0,
-                 min_cache_rows: int = 1 << 16) -> None:
-        super().__init__(store, fields, emb_table, None, cache_mb, min_cache_rows)
+                 min_cache_rows: int = 1 << 16, backend: str = "auto", device_cache_mb: float | None = None) -> None:
+        super().__init__(store, fields, emb_table, None, cache_mb, min_cache_rows, backend, device_cache_mb)
         d = len(self.fields) * self.dim + n_dense
         self.cross = nn.ModuleList(nn.Linear(d, d) for _ in range(cross_layers))
         self.deep = mlp([d, *hidden])
@@ -134,12 +138,12 @@ class DLRM(_SparseCTR):
 
     def __init__(self, store: EmbeddingStore, fields: Sequence[str], n_dense: int, bottom: Sequence[int] = (64,),
                  top: Sequence[int] = (400, 400), emb_table: str = "emb", cache_mb: float = 256.0,
-                 min_cache_rows: int = 1 << 16) -> None:
-        super().__init__(store, fields, emb_table, None, cache_mb, min_cache_rows)
+                 min_cache_rows: int = 1 << 16, backend: str = "auto", device_cache_mb: float | None = None) -> None:
+        super().__init__(store, fields, emb_table, None, cache_mb, min_cache_rows, backend, device_cache_mb)
         # without dense features there is no bottom vector: only the embeddings interact
         self.bottom = mlp([n_dense, *bottom, self.dim]) if n_dense else None
         n = len(self.fields) + (1 if n_dense else 0)
-        self._iu = torch.triu_indices(n, n, offset=1)
+        self.register_buffer("_iu", torch.triu_indices(n, n, offset=1), persistent=False)
         self.top = mlp([(self.dim if n_dense else 0) + n * (n - 1) // 2, *top, 1])
 
     def forward(self, batch: PreparedBatch, dense: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,11 @@ Example:
     >>> loss = model_head(out).mean(); loss.backward()                           # doctest: +SKIP
     >>> emb.apply_gradients(); dense_opt.step()                                  # doctest: +SKIP
 
+Backends (chosen once, at construction): ``cpu`` serves rows from the host caches and
+computes on the CPU; ``cuda`` adds a :class:`~damo_hybrid.device_cache.DeviceCache` per table
+in GPU memory in front of the host caches, and the outputs live on the GPU; ``auto`` picks
+``cuda`` where CUDA and CuPy work, else ``cpu``.
+
 Thread safety: one batch in flight per module unless :meth:`prepare` is driven by a pipeline
 that serialises cache access (the host manager), as the trainer does.
 """
@@ -28,11 +33,15 @@ from typing import Union
 import numpy as np
 import torch
 
+from .device_cache import DeviceBatch, DeviceCache
 from .hashing import as_keys
-from .host_cache import HostCache
+from .host_cache import CacheStats, HostCache
+from .ops import Backend, resolve_backend
 from .store import EmbeddingStore
 
-__all__ = ["Feature", "EmbeddingCollection", "PreparedBatch"]
+__all__ = ["Feature", "EmbeddingCollection", "PreparedBatch", "DEFAULT_DEVICE_CACHE_MB"]
+
+DEFAULT_DEVICE_CACHE_MB = 2048.0  # device-cache budget of the cuda backend when none is given
 
 # a single-valued feature: uint64 (B,); a multi-valued one: (values uint64 (L,), offsets int64 (B + 1,))
 FeatureInput = Union[np.ndarray, tuple[np.ndarray, np.ndarray]]
@@ -60,10 +69,12 @@ class Feature:
 
 @dataclass
 class _TableBatch:
+    table: str
     ukeys: np.ndarray  # uint64 (U,)
-    slots: np.ndarray  # int64 (U,) pinned
-    inverse: dict[str, np.ndarray] = field(default_factory=dict)  # feature -> int64 index into ukeys
-    offsets: dict[str, np.ndarray] = field(default_factory=dict)  # bag features only
+    slots: np.ndarray  # int64 (U,) pinned host-cache slots (host tier)
+    inverse: dict[str, torch.Tensor] = field(default_factory=dict)  # feature -> int64 index into ukeys
+    offsets: dict[str, torch.Tensor] = field(default_factory=dict)  # bag features only: starts (B,)
+    device: DeviceBatch | None = None  # device tier: its pinned slots and uploaded indices
     leaf: torch.Tensor | None = None
 
 
@@ -84,12 +95,20 @@ class EmbeddingCollection(torch.nn.Module):
         features: the inputs, in output order.
         cache_mb: host-cache budget shared by the tables in proportion to their row bytes
             (at least ``min_cache_rows`` rows each).
-        min_cache_rows: floor per table (a batch's distinct keys plus the pinned rows of the
-            batches in flight must fit).
+        min_cache_rows: floor per table and tier (a batch's distinct keys plus the pinned rows
+            of the batches in flight must fit).
+        backend: ``"auto"``, ``"cpu"`` or ``"cuda"`` (see the module doc).
+        device_cache_mb: device-cache budget, split like ``cache_mb``. Default: none on the
+            ``cpu`` backend, :data:`DEFAULT_DEVICE_CACHE_MB` on ``cuda``. Given with the ``cpu``
+            backend, the device tier runs in host memory (its logic without a GPU).
+
+    Raises:
+        ValueError: bad features or budgets, or ``backend="cuda"`` where CUDA is unavailable.
     """
 
     def __init__(self, store: EmbeddingStore, features: Sequence[Feature], cache_mb: float = 256.0,
-                 min_cache_rows: int = 1 << 16) -> None:
+                 min_cache_rows: int = 1 << 16, backend: Backend | str = Backend.AUTO,
+                 device_cache_mb: float | None = None) -> None:
         super().__init__()
         if not features:
             raise ValueError("features must not be empty")
@@ -98,16 +117,29 @@ class EmbeddingCollection(torch.nn.Module):
             raise ValueError(f"duplicate feature names in {names}")
         if cache_mb <= 0:
             raise ValueError(f"cache_mb must be > 0, got {cache_mb}")
+        if device_cache_mb is not None and device_cache_mb <= 0:
+            raise ValueError(f"device_cache_mb must be > 0, got {device_cache_mb}")
+        self.backend = resolve_backend(backend)
+        if self.backend is Backend.CUDA:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            device_cache_mb = DEFAULT_DEVICE_CACHE_MB if device_cache_mb is None else device_cache_mb
+        else:
+            self.device = torch.device("cpu")
         self.store = store
         self.features = list(features)
         tables = sorted({f.table for f in features})
-        per_row = {}
-        for t in tables:
-            _, opt = store.table_ops(t)
-            per_row[t] = HostCache.nbytes_per_row(opt.dim, opt.width)
-        budget = cache_mb * 2**20
-        share = budget / sum(per_row.values())  # equal row counts; bytes follow the row size
-        self.caches = {t: HostCache(store, t, max(min_cache_rows, int(share))) for t in tables}
+        ops = {t: store.table_ops(t)[1] for t in tables}
+
+        def split(mb: float, per_row: dict[str, int]) -> dict[str, int]:
+            share = mb * 2**20 / sum(per_row.values())  # equal row counts; bytes follow the row size
+            return {t: max(min_cache_rows, int(share)) for t in tables}
+
+        host_rows = split(cache_mb, {t: HostCache.nbytes_per_row(o.dim, o.width) for t, o in ops.items()})
+        self.caches = {t: HostCache(store, t, host_rows[t]) for t in tables}
+        self.device_caches: dict[str, DeviceCache] = {}
+        if device_cache_mb is not None:
+            dev_rows = split(device_cache_mb, {t: DeviceCache.nbytes_per_row(o.dim, o.width) for t, o in ops.items()})
+            self.device_caches = {t: DeviceCache(self.caches[t], dev_rows[t], self.device) for t in tables}
         self.dims = {f.name: self.caches[f.table].dim for f in features}
         self._pooling = {f.name: f.pooling for f in features}
         self._pending: PreparedBatch | None = None
@@ -156,18 +188,29 @@ class EmbeddingCollection(torch.nn.Module):
                 if ident not in dedup:
                     dedup[ident] = np.unique(np.concatenate([k for _, k, _ in items]), return_inverse=True)
                 ukeys, inv = dedup[ident]
-                slots = self.caches[t].make_resident(ukeys, pin=True)
-                tb = _TableBatch(ukeys, slots)
-                tables[t] = tb
+                arrays: dict[str, np.ndarray] = {}
                 start = 0
                 for f, k, offs in items:
-                    tb.inverse[f.name] = inv[start:start + len(k)]
+                    arrays[f.name] = inv[start:start + len(k)]
                     if offs is not None:
-                        tb.offsets[f.name] = offs
+                        arrays[f"{f.name}#offsets"] = offs[:-1]
                     start += len(k)
+                dc = self.device_caches.get(t)
+                if dc is not None:
+                    db = dc.prepare(ukeys, arrays)
+                    tb = _TableBatch(t, ukeys, db.slots, device=db)
+                    up = db.tensors
+                else:
+                    tb = _TableBatch(t, ukeys, self.caches[t].make_resident(ukeys, pin=True))
+                    up = {n: torch.from_numpy(a) for n, a in arrays.items()}
+                tables[t] = tb
+                for f, _, offs in items:
+                    tb.inverse[f.name] = up[f.name]
+                    if offs is not None:
+                        tb.offsets[f.name] = up[f"{f.name}#offsets"]
         except BaseException:
-            for t, tb in tables.items():
-                self.caches[t].unpin(tb.slots)
+            for tb in tables.values():
+                self._unpin(tb)
             raise
         return PreparedBatch(int(batch_size or 0), tables)
 
@@ -188,14 +231,15 @@ class EmbeddingCollection(torch.nn.Module):
         self._pending = batch
         out: dict[str, torch.Tensor] = {}
         for t, tb in batch.tables.items():
-            cache = self.caches[t]
-            leaf = torch.from_numpy(cache.weights[tb.slots]).requires_grad_(self.training)
+            if tb.device is not None:
+                rows = self.device_caches[t].gather(tb.device)
+            else:
+                rows = torch.from_numpy(self.caches[t].weights[tb.slots])
+            leaf = rows.requires_grad_(self.training)
             tb.leaf = leaf
-            for name, inv in tb.inverse.items():
-                idx = torch.from_numpy(inv)
+            for name, idx in tb.inverse.items():
                 if name in tb.offsets:
-                    out[name] = torch.nn.functional.embedding_bag(
-                        idx, leaf, torch.from_numpy(tb.offsets[name][:-1]), mode=self._pooling[name])
+                    out[name] = torch.nn.functional.embedding_bag(idx, leaf, tb.offsets[name], mode=self._pooling[name])
                 else:
                     out[name] = leaf.index_select(0, idx)
         return {f.name: out[f.name] for f in self.features}
@@ -210,35 +254,64 @@ class EmbeddingCollection(torch.nn.Module):
             raise RuntimeError("no batch to apply: run forward() and backward() first")
         try:
             for t, tb in batch.tables.items():
-                cache = self.caches[t]
                 if tb.leaf is None or tb.leaf.grad is None:
                     continue
-                g = np.ascontiguousarray(tb.leaf.grad.numpy(), dtype=np.float32)
-                keys, g2, lr = self.store.begin_step(t, tb.ukeys, g, step)
-                if len(keys) != len(tb.ukeys):  # skip policy dropped non-finite rows
-                    keep = np.isin(tb.ukeys, keys)
-                    cache.step_slots(tb.slots[keep], g2, lr)
+                if tb.device is not None:
+                    self._apply_device(t, tb, tb.leaf.grad, step)
                 else:
-                    cache.step_slots(tb.slots, g2, lr)
-                self.store.end_step(t)
+                    self._apply_host(t, tb, tb.leaf.grad, step)
         finally:
             self.release(batch)
+
+    def _apply_host(self, t: str, tb: _TableBatch, grad: torch.Tensor, step: int | None) -> None:
+        g = np.ascontiguousarray(grad.numpy(), dtype=np.float32)
+        keys, g2, lr = self.store.begin_step(t, tb.ukeys, g, step)
+        if len(keys) != len(tb.ukeys):  # skip policy dropped non-finite rows
+            self.caches[t].step_slots(tb.slots[np.isin(tb.ukeys, keys)], g2, lr)
+        else:
+            self.caches[t].step_slots(tb.slots, g2, lr)
+        self.store.end_step(t)
+
+    def _apply_device(self, t: str, tb: _TableBatch, grad: torch.Tensor, step: int | None) -> None:
+        assert tb.device is not None
+        g = grad.to(torch.float32)
+        keep = None
+        if not bool(torch.isfinite(g).all()):  # the step's one host sync: nothing is written on a raise
+            # rare path: the store applies its NaN/Inf policy (raise, or drop and count) on a host copy
+            keys, _, lr = self.store.begin_step(t, tb.ukeys, g.cpu().numpy(), step)
+            keep = torch.from_numpy(np.isin(tb.ukeys, keys)).to(g.device)
+        else:
+            lr = self.store.step_lr(t, step)
+        self.device_caches[t].step(tb.device, g, lr, keep)
+        self.store.end_step(t)
 
     def release(self, batch: PreparedBatch | None = None) -> None:
         """Unpin a batch's rows without applying anything."""
         batch = batch or self._pending
         if batch is None or batch.applied:
             return
-        for t, tb in batch.tables.items():
-            self.caches[t].unpin(tb.slots)
+        for tb in batch.tables.values():
+            self._unpin(tb)
             tb.leaf = None
         batch.applied = True
 
+    def _unpin(self, tb: _TableBatch) -> None:
+        if tb.device is not None:
+            self.device_caches[tb.table].release(tb.device)
+        else:
+            self.caches[tb.table].unpin(tb.slots)
+
     def flush(self) -> None:
-        """Write every dirty cached row back to the store and flush it."""
+        """Send every updated row down the tiers to the store and flush it."""
+        for dc in self.device_caches.values():
+            dc.flush()
         for c in self.caches.values():
             c.flush()
 
-    def cache_stats(self) -> dict[str, object]:
-        """Per-table :class:`~damo_hybrid.host_cache.CacheStats`."""
+    def cache_stats(self) -> dict[str, CacheStats]:
+        """Per-table :class:`~damo_hybrid.host_cache.CacheStats` of the host caches."""
         return {t: c.stats for t, c in self.caches.items()}
+
+    def device_cache_stats(self) -> dict[str, CacheStats]:
+        """Per-table stats of the device caches (empty without a device tier)."""
+        return {t: c.stats for t, c in self.device_caches.items()}

@@ -58,6 +58,8 @@ class PipelineStats:
     prepare_stall: float = 0.0
     worker_stall: float = 0.0
     batches: int = 0
+    # with Pipeline(timeline=[...]): (stage, start, end) perf_counter intervals of load and prepare
+    timeline: list[tuple[str, float, float]] | None = None
 
 
 class Pipeline(Generic[B, P]):
@@ -69,6 +71,7 @@ class Pipeline(Generic[B, P]):
         release: undoes ``prepare`` for a batch that will never be trained (unpins rows).
         start, stop: batch indices ``start <= i < stop``.
         depth: capacity of the loader's queue (loaded batches waiting for the host manager).
+        timeline: a list to append ``(stage, start, end)`` intervals to (for a timeline plot).
         in_flight: prepared batches alive at once, counting the one the caller trains: 2 is
             ScaleFreeCTR's double buffering (train t while t+1 is made resident); each holds its
             rows pinned, so this bounds the pinned rows to ``in_flight`` batches.
@@ -78,7 +81,8 @@ class Pipeline(Generic[B, P]):
     """
 
     def __init__(self, load: Callable[[int], B], prepare: Callable[[B], P], release: Callable[[P], None],
-                 start: int, stop: int, depth: int = 2, in_flight: int = 2) -> None:
+                 start: int, stop: int, depth: int = 2, in_flight: int = 2,
+                 timeline: list[tuple[str, float, float]] | None = None) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         if in_flight < 1:
@@ -89,13 +93,19 @@ class Pipeline(Generic[B, P]):
         self._q2: queue.Queue[Any] = queue.Queue(maxsize=1)  # one batch prepared ahead: exactness needs no more
         self._halt = threading.Event()
         self._permits = threading.Semaphore(in_flight)  # taken by prepare, given back when trained
-        self.stats = PipelineStats()
+        self.stats = PipelineStats(timeline=timeline)
         self._threads = [
             threading.Thread(target=self._loader, name="damo-loader", daemon=True),
             threading.Thread(target=self._host_manager, name="damo-host", daemon=True),
         ]
 
     # ------------------------------------------------------------ threads
+    def _record(self, stage: str, t0: float) -> None:
+        t1 = time.perf_counter()
+        setattr(self.stats, stage, getattr(self.stats, stage) + t1 - t0)
+        if self.stats.timeline is not None:
+            self.stats.timeline.append((stage, t0, t1))  # list.append is atomic under the GIL
+
     def _put(self, q: queue.Queue[Any], item: Any) -> bool:
         while not self._halt.is_set():
             try:
@@ -119,7 +129,7 @@ class Pipeline(Generic[B, P]):
                 t0 = time.perf_counter()
                 with record_function("damo.load"):
                     b = self._load(i)
-                self.stats.load += time.perf_counter() - t0
+                self._record("load", t0)
                 if not self._put(self._q1, (i, b)):
                     return
             self._put(self._q1, _Done())
@@ -144,7 +154,7 @@ class Pipeline(Generic[B, P]):
                 t0 = time.perf_counter()
                 with record_function("damo.prepare"):
                     p = self._prepare(b)
-                self.stats.prepare += time.perf_counter() - t0
+                self._record("prepare", t0)
                 if not self._put(self._q2, (i, b, p)):
                     self._release(p)
                     return

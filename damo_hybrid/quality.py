@@ -94,7 +94,8 @@ def _build(model: str, store: EmbeddingStore, data: TabularData, hidden: tuple[i
            cache_mb: float) -> nn.Module:
     torch.manual_seed(seed)  # both sides build their dense modules from the same seed
     kw: dict[str, Any] = {"hidden": hidden} if model in ("deepfm", "wide_deep", "dcn") else {"top": hidden}
-    return MODELS[model](store, data.sparse_fields, len(data.dense_fields), cache_mb=cache_mb, **kw)
+    # the in-memory side runs on the CPU: so does this one (parity, not speed)
+    return MODELS[model](store, data.sparse_fields, len(data.dense_fields), cache_mb=cache_mb, backend="cpu", **kw)
 
 
 def _evaluate(predict, held: TabularData) -> tuple[float, float]:

@@ -466,6 +466,20 @@ class EmbeddingStore:
             lr = t.opt.lr(t.step if step is None else int(step))
             return keys, grads, lr
 
+    def step_lr(self, table: str, step: int | None = None) -> float:
+        """The scheduled learning rate of the table's next step, for callers that validated
+        their gradients themselves (the device cache checks finiteness on the device).
+
+        Raises:
+            ValueError: a negative or non-integer ``step``; DamoHybridError: a closed or read-only store.
+        """
+        with self._lock:
+            self._check_writable()
+            t = self._table(table)
+            if step is not None and (not isinstance(step, (int, np.integer)) or step < 0):
+                raise ValueError(f"step must be a non-negative int, got {step!r}")
+            return t.opt.lr(t.step if step is None else int(step))
+
     def end_step(self, table: str) -> None:
         """Advance the table's global step (after a successful update)."""
         with self._lock:

@@ -28,9 +28,9 @@ from .config import InitializerConfig, OptimizerConfig, TableConfig
 from .models import DeepFM, mlp
 from .store import EmbeddingStore
 from .synthetic import SyntheticCriteo
-from .trainer import Trainer, peak_rss_mb
+from .trainer import Trainer, TrainSummary, peak_rss_mb
 
-__all__ = ["run_train_bench"]
+__all__ = ["run_train_bench", "fit_timed"]
 
 
 class _TorchDeepFM(nn.Module):
@@ -50,6 +50,19 @@ class _TorchDeepFM(nn.Module):
         fm = 0.5 * (s * s - (e * e).sum(1)).sum(1)
         first = self.lin(idx).squeeze(2).sum(1) + self.dense_linear(dense).squeeze(1)
         return first + fm + self.deep(torch.cat([e.flatten(1), dense], 1)).squeeze(1)
+
+
+def fit_timed(trainer: Trainer, steps: int) -> tuple[TrainSummary, list[float]]:
+    """``trainer.fit(steps)`` with each step's wall time (step to step, as the caller sees it)."""
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def progress(step: int, loss: float) -> None:
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    return trainer.fit(steps, progress=progress), times
 
 
 def _median_rate(times: list[float], batch: int, warmup: int) -> float:
@@ -87,17 +100,9 @@ def bench_damo(data: SyntheticCriteo, cache_mb: float, steps: int, warmup: int, 
     tables = [TableConfig("emb", dim, initializer=InitializerConfig.normal(std=0.01), optimizer=opt),
               TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
     with EmbeddingStore(root / f"store-{cache_mb:g}", tables) as store:
-        model = DeepFM(store, data.sparse_fields, len(data.dense_fields), cache_mb=cache_mb)
+        model = DeepFM(store, data.sparse_fields, len(data.dense_fields), cache_mb=cache_mb, backend="cpu")
         trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-3), data.batch)
-        times: list[float] = []
-        last = [time.perf_counter()]
-
-        def progress(step: int, loss: float) -> None:
-            now = time.perf_counter()
-            times.append(now - last[0])
-            last[0] = now
-
-        s = trainer.fit(steps, progress=progress)
+        s, times = fit_timed(trainer, steps)
         ps = trainer.pipeline_stats
         stats = list(model.sparse.cache_stats().values())
         return {"samples_per_s": _median_rate(times, data.batch_size, warmup), "cache_mb": cache_mb,

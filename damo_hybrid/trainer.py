@@ -22,6 +22,7 @@ import torch
 from torch.profiler import record_function
 
 from .checkpoint import prune_checkpoints, save_training_checkpoint
+from .host_cache import CacheStats
 from .metrics import auc, logloss
 from .nn import PreparedBatch
 from .pipeline import Pipeline, PipelineStats
@@ -55,6 +56,7 @@ class TrainSummary:
     evictions: int
     peak_rss_mb: float
     stages: StageTimes = field(default_factory=StageTimes)
+    device_hit_rate: float | None = None  # with a device tier: the share of keys found on the device
 
     def as_dict(self) -> dict[str, object]:
         d = dict(self.__dict__)
@@ -81,6 +83,8 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, dense_optimizer: torch.optim.Optimizer,
                  train_batch: Callable[[int], Batch], eval_batch: Callable[[int], Batch] | None = None) -> None:
         self.model = model
+        self.device = model.sparse.device  # chosen once by the collection's backend
+        model.to(self.device)  # the dense layers; the sparse rows live in the caches
         self.opt = dense_optimizer
         self.train_batch = train_batch
         self.eval_batch = eval_batch
@@ -89,6 +93,8 @@ class Trainer:
         self.times = StageTimes()
         self.pipeline_stats: PipelineStats | None = None
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
+        # set to a list to collect (stage, start, end) perf_counter intervals of every stage
+        self.timeline: list[tuple[str, float, float]] | None = None
 
     def train_step(self, index: int) -> float:
         """One sequential step: load, prepare, compute, apply."""
@@ -106,19 +112,25 @@ class Trainer:
         t2 = time.perf_counter()
         with record_function("damo.compute"):
             self.model.train()
-            logits = self.model(prepared, torch.from_numpy(b.dense))
-            loss = self.loss_fn(logits, torch.from_numpy(b.label))
+            logits = self.model(prepared, self._to_device(b.dense))
+            loss = self.loss_fn(logits, self._to_device(b.label))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
         t3 = time.perf_counter()
         with record_function("damo.apply"):
             self.model.apply_sparse_gradients()
             self.opt.step()
+        t4 = time.perf_counter()
         self.times.compute += t3 - t2
-        self.times.apply += time.perf_counter() - t3
+        self.times.apply += t4 - t3
+        if self.timeline is not None:
+            self.timeline += [("compute", t2, t3), ("apply", t3, t4)]
         self.step += 1
         self.samples += len(b.label)
         return float(loss.detach())
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
@@ -158,7 +170,7 @@ class Trainer:
         if prefetch:
             sparse = self.model.sparse
             with Pipeline(self.train_batch, lambda b: self.model.prepare(b.sparse), sparse.release,
-                          self.step, self.step + steps) as pipe:
+                          self.step, self.step + steps, timeline=self.timeline) as pipe:
                 for _, b, prepared in pipe:
                     losses.append(self._compute_apply(b, prepared))
                     if progress is not None:
@@ -183,7 +195,7 @@ class Trainer:
             b = self.eval_batch(i)
             prepared = self.model.prepare(b.sparse)
             try:
-                p = torch.sigmoid(self.model(prepared, torch.from_numpy(b.dense))).numpy()
+                p = torch.sigmoid(self.model(prepared, self._to_device(b.dense))).cpu().numpy()
             finally:
                 self.model.sparse.release(prepared)
             labels.append(b.label)
@@ -224,13 +236,19 @@ class Trainer:
         if eval_batches:
             a, ll = self.evaluate(eval_batches)
         stats = list(self.model.sparse.cache_stats().values())
-        hits = sum(s.hits for s in stats)  # type: ignore[attr-defined]
-        look = hits + sum(s.misses for s in stats)  # type: ignore[attr-defined]
+        dstats = list(self.model.sparse.device_cache_stats().values())
         n = self.samples - samples0
         return TrainSummary(
             steps=steps, samples=n, seconds=secs, samples_per_s=n / secs if secs else 0.0,
             train_logloss=float(np.mean(losses[-max(1, steps // 10):])) if losses else float("nan"),
-            auc=a, logloss=ll, hit_rate=hits / look if look else 0.0,
-            evictions=sum(s.evictions for s in stats),  # type: ignore[attr-defined]
+            auc=a, logloss=ll, hit_rate=_hit_rate(stats),
+            evictions=sum(s.evictions for s in stats),
             peak_rss_mb=peak_rss_mb(), stages=self.times,
+            device_hit_rate=_hit_rate(dstats) if dstats else None,
         )
+
+
+def _hit_rate(stats: list[CacheStats]) -> float:
+    hits = sum(s.hits for s in stats)
+    look = hits + sum(s.misses for s in stats)
+    return hits / look if look else 0.0

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from damo_hybrid import EmbeddingStore, MemoryStorage, TableConfig
+from damo_hybrid.ops import cuda_available
 
 settings.register_profile(
     "ci", derandomize=True, deadline=None, max_examples=60,
@@ -18,14 +18,7 @@ settings.load_profile("ci")
 
 
 def _cuda_available() -> bool:
-    if importlib.util.find_spec("cupy") is None:
-        return False
-    try:
-        import cupy  # type: ignore[import-not-found]
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+    return cuda_available()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -57,7 +57,7 @@ def test_pinned_rows_are_never_evicted(tmp_path):
         pinned = cache.make_resident(np.arange(6, dtype=np.uint64), pin=True)
         for i in range(10):
             cache.lookup(np.array([100 + i, 200 + i], np.uint64))
-        assert (cache.index.lookup(np.arange(6, dtype=np.uint64)) == pinned).all()
+        assert (cache.slots.lookup(np.arange(6, dtype=np.uint64)) == pinned).all()
         with pytest.raises(RuntimeError, match="cannot free 3 slots"):
             cache.lookup(np.array([1000, 1001, 1002], np.uint64))
         cache.unpin(pinned)

@@ -40,7 +40,7 @@ def test_training_matches_in_memory_embeddings(tmp_path, opt, torch_opt):
     dense optimizer would still touch them with zero gradients, so we compare with one
     optimizer per row that steps only touched rows)."""
     with _store(tmp_path / "s", opt) as store:
-        emb = EmbeddingCollection(store, [Feature("x1", "a"), Feature("x2", "b"), Feature("bag", "a", pooling="mean")],
+        emb = EmbeddingCollection(store, [Feature("x1", "a"), Feature("x2", "b"), Feature("bag", "a", pooling="mean")], backend="cpu",
                                   cache_mb=0.001, min_cache_rows=120)  # smaller than the vocab: evictions happen
         head = torch.nn.Linear(3 * D, 1)
         ref_head = torch.nn.Linear(3 * D, 1)
@@ -83,7 +83,7 @@ def test_training_matches_in_memory_embeddings(tmp_path, opt, torch_opt):
 
 def test_forgetting_apply_gradients_is_an_error(tmp_path):
     with _store(tmp_path / "s", OptimizerConfig.sgd(0.1)) as store:
-        emb = EmbeddingCollection(store, [Feature("x1", "a")], cache_mb=1)
+        emb = EmbeddingCollection(store, [Feature("x1", "a")], cache_mb=1, backend="cpu")
         x = np.arange(4, dtype=np.uint64)
         emb({"x1": x}).get("x1").sum().backward()
         with pytest.raises(RuntimeError, match="not applied"):
@@ -95,7 +95,7 @@ def test_forgetting_apply_gradients_is_an_error(tmp_path):
 
 def test_bad_inputs(tmp_path):
     with _store(tmp_path / "s", OptimizerConfig.sgd(0.1)) as store:
-        emb = EmbeddingCollection(store, [Feature("x1", "a"), Feature("bag", "b", pooling="sum")], cache_mb=1)
+        emb = EmbeddingCollection(store, [Feature("x1", "a"), Feature("bag", "b", pooling="sum")], cache_mb=1, backend="cpu")
         x = np.arange(4, dtype=np.uint64)
         with pytest.raises(KeyError, match="bag"):
             emb.prepare({"x1": x})

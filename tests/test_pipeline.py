@@ -28,7 +28,7 @@ def _run(path, prefetch, steps=25, opt=OptimizerConfig.adagrad(0.05), fail_at=No
               TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
     store = EmbeddingStore(path, tables)
     # 3,000 rows per table, far fewer than the keys the run touches: evictions and reloads happen
-    model = DeepFM(store, data.sparse_fields, 3, hidden=(16,), cache_mb=1e-9, min_cache_rows=3000)
+    model = DeepFM(store, data.sparse_fields, 3, hidden=(16,), cache_mb=1e-9, min_cache_rows=3000, backend="cpu")
     trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), load)
 
     def progress(step, loss):

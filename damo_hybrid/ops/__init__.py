@@ -30,8 +30,10 @@ class Backend(str, enum.Enum):
 
 
 def cuda_available() -> bool:
-    """True when CuPy imports and sees at least one CUDA device."""
-    if importlib.util.find_spec("cupy") is None:
+    """True when torch sees a CUDA device and CuPy imports (the kernels need both)."""
+    import torch
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("cupy") is None:
         return False
     try:
         import cupy  # type: ignore[import-not-found]
