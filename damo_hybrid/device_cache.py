@@ -64,8 +64,11 @@ class _CpuDevice:
         self.device = device
         self._ops = cpu
 
-    def upload(self, arrays: list[np.ndarray]) -> tuple[list[torch.Tensor], object | None]:
-        return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays], None
+    def upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+
+    def ready(self) -> object | None:
+        return None
 
     def scatter(self, slabs: list[torch.Tensor], slots_t: torch.Tensor, rows: list[torch.Tensor]) -> None:
         for slab, r in zip(slabs, rows):
@@ -107,12 +110,15 @@ class _CudaDevice:
         t.numpy()[...] = a
         return t
 
-    def upload(self, arrays: list[np.ndarray]) -> tuple[list[torch.Tensor], object | None]:
+    def upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         with torch.cuda.stream(self.copy):
-            out = [self._pinned(a).to(self.device, non_blocking=True) for a in arrays]
-            ready = torch.cuda.Event()
-            ready.record(self.copy)
-        return out, ready
+            return [self._pinned(a).to(self.device, non_blocking=True) for a in arrays]
+
+    def ready(self) -> object | None:
+        """An event after everything queued on the copy stream so far (uploads and scatters)."""
+        e = torch.cuda.Event()
+        e.record(self.copy)
+        return e
 
     def scatter(self, slabs: list[torch.Tensor], slots_t: torch.Tensor, rows: list[torch.Tensor]) -> None:
         with torch.cuda.stream(self.copy):
@@ -222,7 +228,7 @@ class DeviceCache:
         self.slots.pin(slots[hit])  # protects this batch's hits from the evictions below
         try:
             if not len(miss):
-                up, ready = self._dev.upload([slots, *arrays])
+                up = self._dev.upload([slots, *arrays])
                 rest = up[1:]
             else:
                 keys = ukeys[miss]
@@ -234,7 +240,7 @@ class DeviceCache:
                     raise
                 try:
                     slots[miss] = new_slots
-                    up, ready = self._dev.upload([slots, new_slots, rows.weights, rows.state, rows.count, *arrays])
+                    up = self._dev.upload([slots, new_slots, rows.weights, rows.state, rows.count, *arrays])
                     self._dev.wait_fence()  # a victim's slot may still be read by queued compute
                     self._dev.scatter(self._slabs, up[1], up[2:5])
                 except BaseException:  # the rows left the host cache: give them back
@@ -253,7 +259,7 @@ class DeviceCache:
             self.slots.unpin(slots[hit])
             raise
         self.slots.touch(slots)
-        return DeviceBatch(slots, up[0], dict(zip(names, rest)), ready)
+        return DeviceBatch(slots, up[0], dict(zip(names, rest)), self._dev.ready())
 
     def _evict(self, victims: np.ndarray) -> None:
         """Send victims holding updates down to the host cache (called with victims still mapped)."""
