@@ -242,3 +242,14 @@ def test_gpu_benchmark_runs_all_three_sides(tmp_path):
         assert r["device"]["pipeline"]["batches"] == 6
     with pytest.raises(ValueError, match="sides"):
         run_gpu_bench(sides=("tpu",))
+
+
+@pytest.mark.skipif(cuda_available(), reason="checks the error given where CUDA is absent")
+def test_cli_asks_for_cuda_without_it(capsys, tmp_path):
+    from damo_hybrid.cli import main
+
+    args = ["train", "--steps", "1", "--batch-size", "64", "--quiet", "--store", str(tmp_path / "s")]
+    assert main([*args, "--backend", "cuda"]) == 2
+    assert "CUDA is unavailable" in capsys.readouterr().err
+    assert main([*args, "--device-cache-mb", "64"]) == 2
+    assert "needs the cuda backend" in capsys.readouterr().err
