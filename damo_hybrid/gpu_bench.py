@@ -42,7 +42,7 @@ from .ops import cuda_available
 from .storage import MemoryStorage
 from .store import EmbeddingStore
 from .synthetic import SyntheticCriteo
-from .train_bench import _median_rate, fit_timed
+from .train_bench import fit_timed, median_rate
 from .trainer import Trainer
 
 __all__ = ["run_gpu_bench"]
@@ -98,7 +98,7 @@ def _bench_hbm(model: str, data: SyntheticCriteo, rows: int, dim: int, steps: in
         dense_opt.step()
         float(loss.detach())  # the step is done when its loss is on the host
         times.append(time.perf_counter() - t0)
-    return {"samples_per_s": _median_rate(times, data.batch_size, warmup), "table_rows": rows,
+    return {"samples_per_s": median_rate(times, data.batch_size, warmup), "table_rows": rows,
             "device_bytes": rows * dim * 4 * 2 * (1 + (1 / dim if with_lin else 0))}
 
 
@@ -130,7 +130,7 @@ def _bench_damo(model: str, data: SyntheticCriteo, rows: int, dim: int, steps: i
         trainer.timeline = []
         summary, times = fit_timed(trainer, steps)
         ps = trainer.pipeline_stats
-        out = {"samples_per_s": _median_rate(times, data.batch_size, warmup), "backend": trainer.device.type,
+        out = {"samples_per_s": median_rate(times, data.batch_size, warmup), "backend": trainer.device.type,
                "host_cache_mb": host_mb, "device_cache_mb": dev_mb,
                "device_cache_rows": sum(c.capacity for c in m.sparse.device_caches.values()) or None,
                "host_hit_rate": summary.hit_rate, "device_hit_rate": summary.device_hit_rate,

@@ -30,7 +30,7 @@ from .store import EmbeddingStore
 from .synthetic import SyntheticCriteo
 from .trainer import Trainer, TrainSummary, peak_rss_mb
 
-__all__ = ["run_train_bench", "fit_timed"]
+__all__ = ["run_train_bench", "fit_timed", "median_rate"]
 
 
 class _TorchDeepFM(nn.Module):
@@ -65,7 +65,7 @@ def fit_timed(trainer: Trainer, steps: int) -> tuple[TrainSummary, list[float]]:
     return trainer.fit(steps, progress=progress), times
 
 
-def _median_rate(times: list[float], batch: int, warmup: int) -> float:
+def median_rate(times: list[float], batch: int, warmup: int) -> float:
     steady = times[warmup:] if len(times) > warmup else times
     return batch / statistics.median(steady)
 
@@ -89,7 +89,7 @@ def bench_torch(data: SyntheticCriteo, rows: int, steps: int, warmup: int, dim: 
         dense_opt.step()
         times.append(time.perf_counter() - t0)
     table_bytes = rows * (dim + 1) * 4 * 2  # weights + Adagrad state, both tables
-    return {"samples_per_s": _median_rate(times, data.batch_size, warmup), "table_rows": rows,
+    return {"samples_per_s": median_rate(times, data.batch_size, warmup), "table_rows": rows,
             "table_bytes": table_bytes, "loss": float(loss.detach())}
 
 
@@ -105,7 +105,7 @@ def bench_damo(data: SyntheticCriteo, cache_mb: float, steps: int, warmup: int, 
         s, times = fit_timed(trainer, steps)
         ps = trainer.pipeline_stats
         stats = list(model.sparse.cache_stats().values())
-        return {"samples_per_s": _median_rate(times, data.batch_size, warmup), "cache_mb": cache_mb,
+        return {"samples_per_s": median_rate(times, data.batch_size, warmup), "cache_mb": cache_mb,
                 "hit_rate": s.hit_rate, "evictions": s.evictions, "loss": s.train_logloss,
                 "stage_s": {"load": s.stages.load, "prepare": s.stages.prepare, "compute": s.stages.compute,
                             "apply": s.stages.apply, "worker_stall": ps.worker_stall if ps else 0.0},
