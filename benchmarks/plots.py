@@ -30,6 +30,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def train_plots(res: dict, out: Path, machine: str) -> list[Path]:
     plt = _plt()
     runs = sorted((r for r in res["damo"] if "error" not in r), key=lambda r: r["fraction"])
@@ -49,10 +56,7 @@ def train_plots(res: dict, out: Path, machine: str) -> list[Path]:
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize=8)
     ax.set_title(f"DeepFM training throughput vs cache budget\n{machine}", fontsize=9)
-    fig.tight_layout()
-    p1 = out / "cache_budget.png"
-    fig.savefig(p1, dpi=110)
-    plt.close(fig)
+    p1 = _save(plt, fig, out / "cache_budget.png")
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
     stages = ("load", "prepare", "compute", "apply")
@@ -67,10 +71,7 @@ def train_plots(res: dict, out: Path, machine: str) -> list[Path]:
     ax.set_ylabel("ms per step, summed per stage")
     ax.legend(fontsize=8)
     ax.set_title(f"Step time by pipeline stage\n{machine}", fontsize=9)
-    fig.tight_layout()
-    p2 = out / "stage_breakdown.png"
-    fig.savefig(p2, dpi=110)
-    plt.close(fig)
+    p2 = _save(plt, fig, out / "stage_breakdown.png")
     return [p1, p2]
 
 
@@ -86,10 +87,7 @@ def soak_plots(res: dict, out: Path, machine: str) -> list[Path]:
     ax.set_ylabel("MiB")
     ax.legend(fontsize=7)
     ax.set_title(f"Soak: resident memory\n{machine}", fontsize=9)
-    fig.tight_layout()
-    p1 = out / "soak_rss.png"
-    fig.savefig(p1, dpi=110)
-    plt.close(fig)
+    p1 = _save(plt, fig, out / "soak_rss.png")
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
     ax.plot(keys, [x["keys_per_s"] / 1e3 for x in s], label="keys/s (thousands, median per sample)")
@@ -103,10 +101,7 @@ def soak_plots(res: dict, out: Path, machine: str) -> list[Path]:
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left")
     ax.set_title(f"Soak: throughput and RocksDB compaction\n{machine}", fontsize=9)
-    fig.tight_layout()
-    p2 = out / "soak_throughput.png"
-    fig.savefig(p2, dpi=110)
-    plt.close(fig)
+    p2 = _save(plt, fig, out / "soak_throughput.png")
     return [p1, p2]
 
 
@@ -131,10 +126,7 @@ def gpu_plots(res: dict, out: Path, machine: str) -> list[Path]:
     ax.set_ylabel("samples/s (median)")
     ax.set_title(f"GPU tier: {res['rows']:,}-row tables\n{machine}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    p1 = out / "gpu_tiers.png"
-    fig.savefig(p1, dpi=110)
-    plt.close(fig)
+    p1 = _save(plt, fig, out / "gpu_tiers.png")
     made = [p1]
     run = next((r for r in runs if r.get("device", {}).get("timeline")), None)
     if run is not None:
@@ -148,10 +140,7 @@ def gpu_plots(res: dict, out: Path, machine: str) -> list[Path]:
         ax.set_xlabel("ms")
         ax.set_title(f"Stage timeline, {run['model']} batch {run['batch_size']:,}, device-cache run "
                      f"({run['device']['backend']})\n{machine}", fontsize=9)
-        fig.tight_layout()
-        p2 = out / "gpu_timeline.png"
-        fig.savefig(p2, dpi=110)
-        plt.close(fig)
+        p2 = _save(plt, fig, out / "gpu_timeline.png")
         made.append(p2)
     return made
 

@@ -450,8 +450,7 @@ class EmbeddingStore:
             t = self._table(table)
             if grads.shape != (len(keys), t.dim):
                 raise ValueError(f"grads must have shape ({len(keys)}, {t.dim}) for table {table!r}, got {grads.shape}")
-            if step is not None and (not isinstance(step, (int, np.integer)) or step < 0):
-                raise ValueError(f"step must be a non-negative int, got {step!r}")
+            lr = self.step_lr(table, step)  # validates step (the lock is re-entrant)
             finite = np.isfinite(grads).all(axis=1)
             if not finite.all():
                 bad = int(np.count_nonzero(~finite))
@@ -463,7 +462,6 @@ class EmbeddingStore:
                     )
                 self._dropped_nonfinite += bad
                 keys, grads = keys[finite], grads[finite]
-            lr = t.opt.lr(t.step if step is None else int(step))
             return keys, grads, lr
 
     def step_lr(self, table: str, step: int | None = None) -> float:
