@@ -14,11 +14,10 @@ import time
 
 import numpy as np
 
-from damo_hybrid import InitializerConfig, OptimizerConfig
-from damo_hybrid.initializers import RowInitializer
+from damo_hybrid import OptimizerConfig
 from damo_hybrid.ops import cpu as cpu_ops
 from damo_hybrid.ops import get_ops
-from damo_hybrid.optimizers import RowOptimizer
+from damo_hybrid.rows.optimizers import RowOptimizer
 
 
 def main() -> None:
@@ -32,8 +31,6 @@ def main() -> None:
     cuda = get_ops("cuda")
     n, d = a.rows, a.dim
     rng = np.random.default_rng(0)
-    keys = rng.integers(0, 2**63, n, dtype=np.int64).view(np.uint64)
-    keys_g = cp.asarray(keys)
 
     def gpu_time(fn) -> float:
         fn()
@@ -61,14 +58,8 @@ def main() -> None:
     def report(name: str, c: float, g: float) -> None:
         print(f"{name:34s} {n / c:14,.0f} {n / g:16,.0f} {c / g:8.0f}x")
 
-    init = RowInitializer(InitializerConfig.truncated_normal(std=0.01), "t", d)
-    report("init_rows truncated_normal", cpu_time(lambda: cpu_ops.init_rows(init, keys)),
-           gpu_time(lambda: cuda.init_rows(init, keys_g)))
-    inv = rng.integers(0, n // 4, n)
     g = rng.standard_normal((n, d)).astype(np.float32)
-    g_g, inv_g = cp.asarray(g), cp.asarray(inv)
-    report("reduce_by_key (4 rows per key)", cpu_time(lambda: cpu_ops.reduce_by_key(g, inv, n // 4)),
-           gpu_time(lambda: cuda.reduce_by_key(g_g, inv_g, n // 4)))
+    g_g = cp.asarray(g)
     for cfg in (OptimizerConfig.sgd(0.01), OptimizerConfig.adagrad(0.01), OptimizerConfig.rowwise_adagrad(0.01),
                 OptimizerConfig.adam(0.001), OptimizerConfig.ftrl(), OptimizerConfig.lion()):
         opt = RowOptimizer(cfg, d)
@@ -79,12 +70,6 @@ def main() -> None:
         report(f"optimizer_step {cfg.kind.value}",
                cpu_time(lambda o=opt, w=w, s=s, c=cnt: cpu_ops.optimizer_step(o, w, s, g, c, 0.01)),
                gpu_time(lambda o=opt, w=w_g, s=s_g, c=c_g: cuda.optimizer_step(o, w, s, g_g, c, 0.01)))
-    slab = cp.asarray(rng.standard_normal((n, d)).astype(np.float32))
-    slots = cp.asarray(rng.permutation(n))
-    slab_c, slots_c = cp.asnumpy(slab), cp.asnumpy(slots)
-    report("gather_rows", cpu_time(lambda: cpu_ops.gather_rows(slab_c, slots_c)),
-           gpu_time(lambda: cuda.gather_rows(slab, slots)))
-
 
 if __name__ == "__main__":
     main()

@@ -27,9 +27,9 @@ import numpy as np
 
 from damo_hybrid import EmbeddingStore, TableConfig
 from damo_hybrid.config import InitializerConfig, OptimizerConfig, StoreConfig
-from damo_hybrid.hashing import mix64
-from damo_hybrid.host_cache import HostCache
-from damo_hybrid.synthetic import zipf_ranks
+from damo_hybrid.keys.hashing import mix64
+from damo_hybrid.cache.host import HostCache
+from damo_hybrid.data.synthetic import zipf_ranks
 
 
 def rss_mb() -> dict[str, float]:
@@ -57,9 +57,9 @@ def run(keys: int, cache_mb: float, batch: int, fresh: float, dim: int, root: Pa
     steps = -(-keys // n_fresh)
     samples = []
     with EmbeddingStore(root / "store", tables, StoreConfig(mmap_reads=mmap_reads)) as store:
-        _, opt = store.table_ops("t")
+        opt = store.table("t").opt
         capacity = int(cache_mb * 2**20 / HostCache.nbytes_per_row(dim, opt.width))
-        cache = HostCache(store, "t", capacity)
+        cache = store.cache_table("t", capacity).host  # store.apply_gradients steps the rows in it
         log(f"soak: {keys:,} distinct keys in {steps:,} steps of {batch:,} ({n_fresh:,} new), "
             f"cache {cache_mb:,.0f} MiB = {capacity:,} rows, dim {dim}, adagrad; RSS at start {rss_mb()['total']:,.0f} MiB")
         seen = 0
@@ -72,7 +72,7 @@ def run(keys: int, cache_mb: float, batch: int, fresh: float, dim: int, root: Pa
             k = mix64(np.concatenate([fresh_ids, hot]) ^ np.uint64(0x5EED))
             g = rng.standard_normal((len(k), dim), dtype=np.float32) * np.float32(0.01)
             t0 = time.perf_counter()
-            cache.apply_gradients(k, g)
+            store.apply_gradients("t", k, g)
             dt = time.perf_counter() - t0
             seen += n_fresh
             window.append(dt)
@@ -93,7 +93,7 @@ def run(keys: int, cache_mb: float, batch: int, fresh: float, dim: int, root: Pa
                     f"{s['keys_per_s']:>9,.0f} keys/s  disk {st.disk_bytes / 2**30:6.2f} GiB "
                     f"({st.disk_bytes / max(st.rows, 1):.0f} B/row)  compacting {s['compacting_share']:.0%}")
         t0 = time.perf_counter()
-        cache.flush()
+        store.flush()
         flush_s = time.perf_counter() - t0
         st = store.stats()
     row_value = 4 * (5 + dim + opt.width + 1)  # header words + weights + state + checksum

@@ -14,8 +14,8 @@ from .config import (
     TableConfig,
 )
 from .errors import DamoHybridError
-from .hashing import hash_feature
-from .storage import MemoryStorage
+from .keys.hashing import hash_feature
+from .storage.backend import MemoryStorage
 from .store import EmbeddingStore, StoreStats
 
 __version__ = "0.1.0"

@@ -17,8 +17,14 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .config import InitializerConfig, OptimizerConfig, OptimizerKind, StoreConfig, TableConfig
-from .data import FORMATS
+from .config import (
+    InitializerConfig,
+    OptimizerConfig,
+    OptimizerKind,
+    StoreConfig,
+    TableConfig,
+)
+from .data.readers import FORMATS
 from .errors import DamoHybridError
 from .ops import Backend, resolve_backend
 from .store import EmbeddingStore
@@ -28,7 +34,7 @@ __all__ = ["main"]
 
 def _demo(args: argparse.Namespace) -> int:
     """Logistic regression on Zipf-distributed synthetic ids, every weight in RocksDB."""
-    from .synthetic import zipf_keys
+    from .data.synthetic import zipf_keys
 
     rng = np.random.default_rng(args.seed)
     fields, batch = args.fields, args.batch_size
@@ -70,7 +76,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _file_data(args: argparse.Namespace) -> tuple[Any, Any]:
     """The training file and held-out data: ``--eval-data``, or an ``--eval-fraction`` split."""
-    from .data import Schema, read_dataset
+    from .data.readers import Schema, read_dataset
 
     schema = Schema.from_dict(args.schema) if getattr(args, "schema", None) else None
     data = read_dataset(args.data, args.format, args.batch_size, schema)
@@ -121,10 +127,10 @@ def _train(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .checkpoint import latest_checkpoint, load_trainer_state
-    from .models import MODELS
-    from .synthetic import SyntheticCriteo
-    from .trainer import Trainer
+    from .data.synthetic import SyntheticCriteo
+    from .nn.models import MODELS
+    from .pipeline.checkpoint import latest_checkpoint, load_trainer_state
+    from .pipeline.trainer import Trainer
 
     torch.manual_seed(args.seed)
     cores = os.cpu_count() or 1
@@ -411,13 +417,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.cmd == "bench":
             if args.quality:
-                from .quality import DATASETS, run_quality
+                from .bench.quality import DATASETS, run_quality
 
                 names = tuple(args.datasets.split(","))
                 unknown = [n for n in names if n not in DATASETS]
                 if unknown:
                     raise ValueError(f"unknown datasets {unknown}; known: {sorted(DATASETS)}")
-                res = run_quality(args.data_root, names, tuple(int(x) for x in args.seeds.split(",")))
+                res = run_quality(args.data_root, names, tuple(int(x) for x in args.seeds.split(",")), log_fn=print)
                 print("\n| dataset | train/eval rows | epochs | damo AUC | in-memory AUC | gap | damo logloss | in-memory logloss |")
                 print("|---|---:|---:|---:|---:|---:|---:|---:|")
                 for n, r in res["datasets"].items():
@@ -429,25 +435,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                     Path(args.json).write_text(json.dumps(res, indent=1))
                 return 0 if all(r["within_0.005"] for r in res["datasets"].values()) else 1
             if args.gpu:
-                from .gpu_bench import run_gpu_bench
+                from .bench.gpu import run_gpu_bench
 
                 res = run_gpu_bench(models=tuple(args.models.split(",")), rows=args.gpu_rows,
                                     batch_sizes=tuple(int(x) for x in args.gpu_batches.split(",")), steps=args.gpu_steps,
                                     device_fraction=args.device_fraction, host_fraction=args.host_fraction,
-                                    sides=tuple(args.sides.split(",")), root=args.dir, trace_dir=args.trace_dir)
+                                    sides=tuple(args.sides.split(",")), root=args.dir, trace_dir=args.trace_dir,
+                                    log_fn=print)
                 if args.json:
                     Path(args.json).write_text(json.dumps(res, indent=1))
                 return 0
             if args.train:
-                from .train_bench import run_train_bench
+                from .bench.train import run_train_bench
 
-                res = run_train_bench(steps=args.train_steps, fractions=tuple(float(x) for x in args.fractions.split(",")))
+                res = run_train_bench(steps=args.train_steps, fractions=tuple(float(x) for x in args.fractions.split(",")),
+                                      log=print)
                 if args.json:
                     Path(args.json).write_text(json.dumps(res, indent=1))
                 return 0
-            from .bench import run_store_bench
+            from .bench.store import run_store_bench
 
-            return run_store_bench(args)
+            return run_store_bench(args, log=print)
         return int(args.fn(args))
     except (DamoHybridError, FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
         print(f"damo-hybrid {args.cmd}: error: {e}", file=sys.stderr)

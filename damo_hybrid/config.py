@@ -405,6 +405,14 @@ class StoreConfig:
             about 2x faster random lookups when the files sit in the page cache).
         read_threads: threads that split a large multi-get (rocksdict releases
             the GIL while RocksDB reads); 0 picks ``min(4, cpu_count)``.
+        cache_mb: host-cache budget of the tables a collection caches, shared by
+            them in proportion to their row bytes. A collection given its own
+            ``cache_mb`` uses that instead when it creates a table's cache; a table
+            cached once keeps its cache (see ``EmbeddingStore.cache``).
+        device_cache_mb: device-cache budget, split like ``cache_mb``; None picks
+            2048 on the ``cuda`` backend and no device tier on ``cpu``.
+        min_cache_rows: floor of rows per table and tier (a batch's distinct keys
+            plus the pinned rows of the batches in flight must fit).
     """
 
     ttl_seconds: int | None = None
@@ -415,8 +423,16 @@ class StoreConfig:
     sync_writes: bool = False
     mmap_reads: bool = True
     read_threads: int = 0
+    cache_mb: float = 256.0
+    device_cache_mb: float | None = None
+    min_cache_rows: int = 1 << 16
 
     def __post_init__(self) -> None:
+        _positive("cache_mb", self.cache_mb)
+        if self.device_cache_mb is not None:
+            _positive("device_cache_mb", self.device_cache_mb)
+        if not isinstance(self.min_cache_rows, int) or isinstance(self.min_cache_rows, bool) or self.min_cache_rows < 1:
+            raise ValueError(f"min_cache_rows must be an int >= 1, got {self.min_cache_rows!r}")
         if not isinstance(self.read_threads, int) or self.read_threads < 0:
             raise ValueError(f"read_threads must be an int >= 0, got {self.read_threads!r}")
         if self.ttl_seconds is not None and (not isinstance(self.ttl_seconds, int) or self.ttl_seconds < 1):

@@ -16,6 +16,7 @@ __all__ = [
     "NonFiniteGradientError",
     "UnknownTableError",
     "PipelineError",
+    "WriteBackError",
 ]
 
 
@@ -65,3 +66,8 @@ class UnknownTableError(DamoHybridError, KeyError):
 
 class PipelineError(DamoHybridError):
     """A pipeline stage failed; the stage's exception is the ``__cause__``."""
+
+
+class WriteBackError(DamoHybridError):
+    """Cached rows could not be written to the storage (a full disk, say); they are still
+    held in memory: fix the cause and flush or close again."""

@@ -1,4 +1,19 @@
-"""The embedding store: many tables of rows in RocksDB, with a numpy batch API.
+"""The embedding store: many tables of rows on disk, their cache tiers, and a numpy batch API.
+
+:class:`EmbeddingStore` is the facade users hold. It owns, per store:
+
+- the storage (RocksDB, or the in-memory reference) and its row I/O
+  (:mod:`damo_hybrid.storage`);
+- the table registry: one :class:`~damo_hybrid.rows.table.Table` per table, which owns that
+  table's global step and learning-rate schedule;
+- at most one :class:`~damo_hybrid.cache.tiers.TableTiers` per table (host tier, optional
+  device tier, writer), created by :meth:`EmbeddingStore.cache` and shared by every
+  collection, model and trainer over the table.
+
+Every public read (:meth:`~EmbeddingStore.lookup`, :meth:`~EmbeddingStore.read_rows`) sees the
+newest row in whatever tier it is; every scan (export, dump, expiry, checkpoint) and
+:meth:`~EmbeddingStore.close` first sends every update down to the storage. A failed flush
+raises :class:`~damo_hybrid.errors.WriteBackError` and keeps the rows in memory.
 
 Layout of a store directory::
 
@@ -7,60 +22,58 @@ Layout of a store directory::
     db/                the RocksDB database (rows)
 
 RocksDB's own LOCK file makes a second writer fail with
-:class:`~damo_hybrid.errors.StoreLockedError`; ``meta.json`` and the admission
-files are written atomically (temp file, fsync, rename) and only by the
-lock holder. A crash loses at most the global-step counters, row counts and
-admission counts since the last ``flush()``/``checkpoint()``; rows themselves
-are in RocksDB's write-ahead log.
+:class:`~damo_hybrid.errors.StoreLockedError`. A crash loses at most the updates still in
+the cache tiers, the global steps, row counts and admission counts since the last
+``flush()``/``checkpoint()``; rows written to RocksDB are in its write-ahead log.
 
-Thread safety: one store may be shared between threads; every public method
-takes the store's lock.
+Thread safety: one store may be shared between threads; every public method takes the
+store's lock, and each table's tiers have their own (see :mod:`damo_hybrid.cache.tiers`).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
-import operator
 import os
-import shutil
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ._files import atomic_file, fsync_dir
-from .admission import CountingBloomFilter
-from .config import NonFinitePolicy, StoreConfig, TableConfig
+from .cache.host import CacheStats
+from .cache.registry import TierRegistry
+from .cache.tiers import TableTiers
+from .config import StoreConfig, TableConfig
 from .errors import (
     ConfigConflictError,
     DamoHybridError,
-    NonFiniteGradientError,
     StoreClosedError,
     UnknownTableError,
 )
-from .hashing import as_keys
-from .initializers import RowInitializer
-from .ops.cpu import reduce_by_key
-from .optimizers import RowOptimizer, state_width
-from .rows import RowCodec, Rows
-from .storage import MemoryStorage, RocksDBStorage, Storage
+from .keys.hashing import as_keys
+from .rows.codec import Rows
+from .rows.table import Table
+from .storage.backend import MemoryStorage, Storage
+from .storage.checkpoint import copy_checkpoint, write_checkpoint
+from .storage.maintenance import dump_tables, dump_window, expired_keys, expiry_rule
+from .storage.meta import (
+    META,
+    check_compatible,
+    check_ttl,
+    load_tables,
+    read_meta,
+    write_meta,
+)
+from .storage.rocksdb import RocksDBStorage
+from .storage.rowio import RowIO
 
-__all__ = ["EmbeddingStore", "StoreStats"]
+__all__ = ["EmbeddingStore", "StoreStats", "open_memory_store"]
 
 log = logging.getLogger(__name__)
-
-META_FORMAT = 1
-_META = "meta.json"
-_MARKER = "CHECKPOINT.json"
-_DAY = 86400.0
 
 
 @dataclass(frozen=True)
@@ -70,9 +83,10 @@ class StoreStats:
     Attributes:
         rows: stored rows per the store's running count (exact unless the
             process crashed since the last flush, or RocksDB's TTL mode
-            dropped rows; ``count_rows`` scans for the exact number).
+            dropped rows; ``count_rows`` scans for the exact number). Rows
+            still only in a cache tier are counted once written.
         disk_bytes: RocksDB's SST + memtable size.
-        hits: unique keys found on disk by lookup/apply_gradients.
+        hits: unique keys found on disk by reads.
         misses: unique keys not stored (new or never admitted).
         writes: rows written.
         dropped_nonfinite: gradient rows dropped for NaN/Inf (``skip`` policy).
@@ -91,44 +105,6 @@ class StoreStats:
     table_rows: dict[str, int] = field(default_factory=dict)
 
 
-class _Table:
-    """Runtime state of one table, decomposed from its config once."""
-
-    def __init__(self, tid: int, cfg: TableConfig, step: int, rows: int, counters: np.ndarray | None) -> None:
-        self.id = tid
-        self.cfg = cfg
-        self.name = cfg.name
-        self.dim = cfg.dim
-        self.init = RowInitializer(cfg.initializer, cfg.name, cfg.dim)
-        self.opt = RowOptimizer(cfg.optimizer, cfg.dim)
-        self.codec = RowCodec(cfg.name, cfg.dim, self.opt.width)
-        self.step = step
-        self.rows = rows
-        self.skip_nonfinite = cfg.nonfinite is NonFinitePolicy.SKIP
-        adm = cfg.admission
-        self.filter = CountingBloomFilter.from_config(adm, counters) if adm is not None else None
-        self.min_count = adm.min_count if adm is not None else 0
-        self.unadmitted_zeros = adm is not None and adm.unadmitted_value == "zeros"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    with atomic_file(path) as f:
-        f.write(data)
-
-
-def _read_meta(root: Path) -> dict[str, Any] | None:
-    p = root / _META
-    if not p.exists():
-        return None
-    try:
-        meta = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise DamoHybridError(f"store metadata {p} is unreadable: {e}; restore it from a checkpoint") from e
-    if meta.get("format") != META_FORMAT:
-        raise DamoHybridError(f"store metadata {p} has format {meta.get('format')!r}, this version reads {META_FORMAT}")
-    return meta
-
-
 class EmbeddingStore:
     """Embedding tables on disk, with vectorized lookup and optimizer steps.
 
@@ -138,7 +114,7 @@ class EmbeddingStore:
         tables: table configs. Tables already in the store keep their rows;
             their dim and optimizer kind must match, other settings (learning
             rate, initializer, ...) may change between runs.
-        config: RocksDB options (TTL, caches).
+        config: RocksDB options and cache budgets.
         read_only: open without the write lock (``inspect`` while training).
         storage: a storage backend to use instead of RocksDB (tests).
 
@@ -180,124 +156,37 @@ class EmbeddingStore:
         self.read_only = read_only
         self.config = config
         self.root: Path | None = Path(path) if path is not None else None
-        self._hits = self._misses = self._writes = 0
-        self._dropped_nonfinite = self._dropped_unadmitted = 0
         if storage is not None:
             self._storage: Storage = storage
-            meta = _read_meta(self.root) if self.root is not None else None
         else:
             if self.root is None:
                 raise ValueError("path is required unless a storage backend is given")
-            if read_only and not (self.root / _META).exists():
-                raise FileNotFoundError(f"no store at {self.root} (missing {_META})")
-            pre = _read_meta(self.root) if self.root.exists() else None
+            if read_only and not (self.root / META).exists():
+                raise FileNotFoundError(f"no store at {self.root} (missing {META})")
+            pre = read_meta(self.root) if self.root.exists() else None
             if pre is not None:
-                self._check_ttl(pre)
+                check_ttl(pre, self.root, config.ttl_seconds)
             self.root.mkdir(parents=True, exist_ok=True)
             self._storage = RocksDBStorage(str(self.root / "db"), config, read_only=read_only)
-            try:
-                meta = _read_meta(self.root)  # re-read under the RocksDB lock
-            except BaseException:
-                self._storage.close()
-                raise
         try:
-            self._load(meta, tables)
+            meta = read_meta(self.root) if self.root is not None else None  # re-read under the RocksDB lock
+            if meta is not None:
+                check_ttl(meta, self.root, config.ttl_seconds)
+            self._tables, self._next_id, changed = load_tables(meta, tables, self.root)
+            if changed and not read_only:
+                self._write_meta()
         except BaseException:
             self._storage.close()
             raise
+        self._io = RowIO(self._storage)
+        self._caches = TierRegistry(self._io, config)
 
-    # ------------------------------------------------------------------ meta
-    def _check_ttl(self, meta: dict[str, Any]) -> None:
-        stored = bool(meta.get("ttl", False))
-        if stored != (self.config.ttl_seconds is not None):
-            want = "with" if stored else "without"
-            raise ConfigConflictError(
-                f"store {self.root} was created {want} a TTL; reopen it {want} StoreConfig.ttl_seconds "
-                "(RocksDB's TTL mode changes the stored value format)"
-            )
-
-    def _load(self, meta: dict[str, Any] | None, tables: list[TableConfig]) -> None:
-        self._tables: dict[str, _Table] = {}
-        self._next_id = 1
-        if meta is not None:
-            self._check_ttl(meta)
-            self._next_id = int(meta["next_table_id"])
-            given = {t.name: t for t in tables}
-            for name, entry in meta["tables"].items():
-                stored = TableConfig.from_dict(entry["config"])
-                cfg = given.pop(name, None)
-                if cfg is None:
-                    cfg = stored
-                else:
-                    self._check_compatible(stored, cfg)
-                counters = self._load_counters(int(entry["id"]), cfg)
-                self._tables[name] = _Table(int(entry["id"]), cfg, int(entry["step"]), int(entry["rows"]), counters)
-            new = list(given.values())
-        else:
-            new = tables
-        for cfg in new:
-            self._tables[cfg.name] = _Table(self._next_id, cfg, 0, 0, None)
-            self._next_id += 1
-        if not self.read_only and (new or meta is None or any(
-                t.cfg.to_dict() != meta["tables"][t.name]["config"] for t in self._tables.values()
-                if t.name in meta["tables"])):
-            self._write_meta()
-
-    def _check_compatible(self, stored: TableConfig, cfg: TableConfig) -> None:
-        if stored.dim != cfg.dim:
-            raise ConfigConflictError(
-                f"table {cfg.name!r} is stored with dim={stored.dim}, opened with dim={cfg.dim}; "
-                "use a new table name for a different dim"
-            )
-        sk, ck = stored.optimizer.kind, cfg.optimizer.kind
-        if sk != ck:
-            raise ConfigConflictError(
-                f"table {cfg.name!r} is stored with optimizer {sk.value!r} "
-                f"({state_width(sk, stored.dim)} state floats per row), opened with {ck.value!r} "
-                f"({state_width(ck, cfg.dim)}); the stored optimizer state cannot be reused"
-            )
-        sa, ca = stored.admission, cfg.admission
-        if sa is not None and ca is not None and (sa.capacity, sa.fpr) != (ca.capacity, ca.fpr):
-            raise ConfigConflictError(
-                f"table {cfg.name!r} has admission counters sized for capacity={sa.capacity}, fpr={sa.fpr}; "
-                f"opened with capacity={ca.capacity}, fpr={ca.fpr}"
-            )
-
-    def _load_counters(self, tid: int, cfg: TableConfig) -> np.ndarray | None:
-        if cfg.admission is None or self.root is None:
-            return None
-        p = self.root / "admission" / f"{tid}.npy"
-        if not p.exists():
-            return None
-        try:
-            return np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise DamoHybridError(f"admission counters {p} are unreadable: {e}") from e
-
-    def _meta_dict(self) -> dict[str, Any]:
-        return {
-            "format": META_FORMAT,
-            "ttl": self.config.ttl_seconds is not None,
-            "next_table_id": self._next_id,
-            "tables": {
-                t.name: {"id": t.id, "config": t.cfg.to_dict(), "step": t.step, "rows": t.rows}
-                for t in self._tables.values()
-            },
-        }
-
+    # --------------------------------------------------------------- registry
     def _write_meta(self, root: Path | None = None) -> None:
         root = root or self.root
-        if root is None:
-            return
-        adm = root / "admission"
-        for t in self._tables.values():
-            if t.filter is not None:
-                adm.mkdir(exist_ok=True)
-                with atomic_file(adm / f"{t.id}.npy") as f:
-                    np.save(f, t.filter.counters, allow_pickle=False)
-        _atomic_write(root / _META, json.dumps(self._meta_dict(), indent=1, sort_keys=True).encode())
+        if root is not None:
+            write_meta(root, self._tables.values(), self._next_id, self.config.ttl_seconds is not None)
 
-    # --------------------------------------------------------------- helpers
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosedError("the store is closed")
@@ -307,7 +196,7 @@ class EmbeddingStore:
         if self.read_only:
             raise DamoHybridError("the store was opened read_only")
 
-    def _table(self, name: str) -> _Table:
+    def _table(self, name: str) -> Table:
         try:
             return self._tables[name]
         except KeyError:
@@ -315,6 +204,16 @@ class EmbeddingStore:
                 f"unknown table {name!r}; this store holds {sorted(self._tables)}. "
                 "Pass its TableConfig when opening the store, or call add_table()."
             ) from None
+
+    def table(self, name: str) -> Table:
+        """The runtime :class:`~damo_hybrid.rows.table.Table` of a table: its initializer,
+        optimizer, schedule and global step (for code that steps rows itself).
+
+        Raises:
+            UnknownTableError: no such table.
+        """
+        with self._lock:
+            return self._table(name)
 
     @property
     def tables(self) -> dict[str, TableConfig]:
@@ -325,7 +224,8 @@ class EmbeddingStore:
         """Register a table (or check an existing one for compatibility).
 
         Raises:
-            ConfigConflictError: the name exists with another dim or optimizer.
+            ConfigConflictError: the name exists with another dim or optimizer, or is cached
+                and the new config changes it.
         """
         with self._lock:
             self._check_writable()
@@ -333,26 +233,73 @@ class EmbeddingStore:
                 raise TypeError(f"config must be a TableConfig, got {type(config).__name__}")
             old = self._tables.get(config.name)
             if old is not None:
-                self._check_compatible(old.cfg, config)
+                check_compatible(old.cfg, config)
                 if old.cfg == config:
                     return
-                self._tables[config.name] = _Table(old.id, config, old.step, old.rows,
-                                                   old.filter.counters if old.filter and config.admission else None)
+                if self._caches.get(config.name) is not None:
+                    raise ConfigConflictError(f"table {config.name!r} has a cache; change its config after "
+                                              "closing the store")
+                self._tables[config.name] = Table(old.id, config, old.step, old.rows,
+                                                  old.filter.counters if old.filter and config.admission else None)
             else:
-                self._tables[config.name] = _Table(self._next_id, config, 0, 0, None)
+                self._tables[config.name] = Table(self._next_id, config)
                 self._next_id += 1
             self._write_meta()
 
-    def _read(self, t: _Table, ukeys: np.ndarray) -> tuple[Rows, np.ndarray]:
-        rows, found = t.codec.decode(ukeys, self._storage.get(t.id, ukeys))
-        nf = int(found.sum())
-        self._hits += nf
-        self._misses += len(ukeys) - nf
-        return rows, found
+    # ----------------------------------------------------------------- tiers
+    def cache(self, tables: Sequence[str], *, cache_mb: float | None = None, device_cache_mb: float | None = None,
+              device: Any = None, min_cache_rows: int | None = None) -> dict[str, TableTiers]:
+        """The cache tiers of ``tables``, created where a table has none yet.
+
+        Budgets are split across the tables being created in proportion to their row bytes
+        (equal row counts), at least ``StoreConfig.min_cache_rows`` rows each. A table that
+        already has tiers keeps them, whatever this call asks: the first creation wins, and a
+        different budget is logged as ignored.
+
+        Args:
+            tables: table names.
+            cache_mb: host-tier budget; default ``StoreConfig.cache_mb``.
+            device_cache_mb: device-tier budget; default ``StoreConfig.device_cache_mb``, and
+                2048 MiB when ``device`` is a GPU.
+            device: ``torch.device`` of the device tier; None for the host tier only.
+            min_cache_rows: floor of rows per table and tier; default ``StoreConfig.min_cache_rows``.
+        Returns:
+            name -> :class:`~damo_hybrid.cache.tiers.TableTiers`.
+        Raises:
+            ConfigConflictError: a table is cached already on another device (or without one).
+            ValueError: a table with admission (not cached yet), or a bad budget.
+        """
+        with self._lock:
+            self._check_writable()
+            return self._caches.cache([self._table(n) for n in dict.fromkeys(tables)], cache_mb,
+                                      device_cache_mb, device, min_cache_rows)
+
+    def cache_table(self, table: str, rows: int, device_rows: int | None = None, device: Any = None) -> TableTiers:
+        """The tiers of one table with exact slot counts (created if missing; existing tiers win).
+
+        Args:
+            table: table name.
+            rows: host-tier slots.
+            device_rows: device-tier slots, or None for no device tier.
+            device: the device tier's ``torch.device`` (default ``cpu``: the tier's logic in host memory).
+        """
+        with self._lock:
+            self._check_writable()
+            return self._caches.cache_table(self._table(table), rows, device_rows, device)
+
+    def tiers(self, table: str) -> TableTiers | None:
+        """The table's cache tiers, or None where it is not cached."""
+        with self._lock:
+            return self._caches.get(self._table(table).name)
+
+    def cache_stats(self) -> dict[str, tuple[CacheStats, CacheStats | None]]:
+        """Per cached table: ``(host tier stats, device tier stats or None)``."""
+        with self._lock:
+            return self._caches.stats()
 
     # ------------------------------------------------------------- batch API
     def lookup(self, table: str, keys: np.ndarray) -> np.ndarray:
-        """Current weights of ``keys``; read-only.
+        """Current weights of ``keys``, in whatever tier they are; read-only.
 
         A key never stored returns its deterministic initial row (or zeros,
         for a table whose admission says so) and nothing is written.
@@ -380,8 +327,13 @@ class EmbeddingStore:
                 out[missing] = 0.0 if t.unadmitted_zeros else t.init(ukeys[missing])
             return out[inv]
 
+    def _read(self, t: Table, ukeys: np.ndarray) -> tuple[Rows, np.ndarray]:
+        tiers = self._caches.get(t.name)
+        return tiers.read_rows(ukeys) if tiers is not None else self._io.read(t, ukeys)
+
     def read_rows(self, table: str, keys: np.ndarray) -> tuple[Rows, np.ndarray]:
-        """Full stored rows (weights, optimizer state, metadata) of distinct keys.
+        """Newest full rows (weights, optimizer state, metadata) of distinct keys, in whatever
+        tier they are.
 
         Args:
             table: table name.
@@ -400,7 +352,9 @@ class EmbeddingStore:
         Gradients of repeated keys are summed (in order of appearance, in
         float32) and the row is stepped once. Unseen keys start from their
         initial row. Keys not yet admitted are counted and their gradients
-        dropped. The whole call is written in one atomic RocksDB batch.
+        dropped. On a table without a cache the whole call is written in one
+        atomic RocksDB batch; on a cached table the rows are stepped in its
+        tiers and reach disk on flush, checkpoint or close.
 
         Args:
             table: table name.
@@ -415,144 +369,22 @@ class EmbeddingStore:
             OutOfSpaceError: disk full; nothing was written.
         """
         with self._lock:
-            keys, grads, lr = self.begin_step(table, keys, grads, step)
-            if len(keys):
-                self._step_rows(self._tables[table], keys, grads, lr)
-            self.end_step(table)
-
-    def begin_step(self, table: str, keys: np.ndarray, grads: np.ndarray,
-                   step: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-        """Validate one step's gradients and give its learning rate.
-
-        The shared front half of every ``apply_gradients`` (the store's and the caches'):
-        checks dtypes and shapes, applies the table's NaN/Inf policy and returns the
-        scheduled learning rate. Call :meth:`end_step` once the rows are updated, so a
-        step that failed half-way does not advance the schedule.
-
-        Args:
-            table: table name.
-            keys: uint64 (N,) (int64 read as the same bits).
-            grads: float32 (N, dim).
-            step: global step for the schedule; default: the table's own counter.
-        Returns:
-            ``(keys uint64 (M,), grads float32 (M, dim), lr)`` with non-finite rows dropped
-            under the ``skip`` policy (M <= N).
-        Raises:
-            NonFiniteGradientError, TypeError, ValueError: nothing was changed.
-        """
-        keys = as_keys(keys)
-        if not isinstance(grads, np.ndarray):
-            raise TypeError(f"grads must be a numpy float32 array, got {type(grads).__name__}")
-        if grads.dtype != np.float32:
-            raise TypeError(f"grads must have dtype float32, got {grads.dtype}")
-        with self._lock:
             self._check_writable()
             t = self._table(table)
-            if grads.shape != (len(keys), t.dim):
-                raise ValueError(f"grads must have shape ({len(keys)}, {t.dim}) for table {table!r}, got {grads.shape}")
-            lr = self.step_lr(table, step)  # validates step (the lock is re-entrant)
-            finite = np.isfinite(grads).all(axis=1)
-            if not finite.all():
-                bad = int(np.count_nonzero(~finite))
-                if not t.skip_nonfinite:
-                    i = int(np.nonzero(~finite)[0][0])
-                    raise NonFiniteGradientError(
-                        f"{bad} gradient row(s) of table {table!r} hold NaN or Inf (first at position {i}, "
-                        f"key {int(keys[i])}); nothing was written. Use nonfinite='skip' to drop such rows."
-                    )
-                self._dropped_nonfinite += bad
+            keys, grads, finite = t.check_gradients(keys, grads)
+            lr = t.lr(step)
+            if finite is not None:
                 keys, grads = keys[finite], grads[finite]
-            return keys, grads, lr
-
-    def step_lr(self, table: str, step: int | None = None) -> float:
-        """The scheduled learning rate of the table's next step, for callers that validated
-        their gradients themselves (the device cache checks finiteness on the device).
-
-        Raises:
-            ValueError: a negative or non-integer ``step``; DamoHybridError: a closed or read-only store.
-        """
-        with self._lock:
-            self._check_writable()
-            t = self._table(table)
-            if step is not None and (not isinstance(step, (int, np.integer)) or step < 0):
-                raise ValueError(f"step must be a non-negative int, got {step!r}")
-            return t.opt.lr(t.step if step is None else int(step))
-
-    def end_step(self, table: str) -> None:
-        """Advance the table's global step (after a successful update)."""
-        with self._lock:
-            self._table(table).step += 1
-
-    def table_ops(self, table: str) -> tuple[RowInitializer, RowOptimizer]:
-        """The table's row initializer and optimizer (for caches that step rows themselves)."""
-        with self._lock:
-            t = self._table(table)
-            return t.init, t.opt
-
-    def write_rows(self, table: str, keys: np.ndarray, rows: Rows, new: np.ndarray) -> None:
-        """Store full rows (a cache's write-back) in one atomic batch.
-
-        Args:
-            table: table name.
-            keys: uint64 (N,) distinct.
-            rows: N rows.
-            new: bool (N,) rows known not to be stored yet (keeps the row count exact).
-        """
-        keys = as_keys(keys)
-        with self._lock:
-            self._check_writable()
-            t = self._table(table)
-            if len(keys):
-                self._storage.put(t.id, keys, t.codec.encode(keys, rows))
-                self._writes += len(keys)
-                t.rows += int(np.count_nonzero(new))
-
-    def _step_rows(self, t: _Table, keys: np.ndarray, grads: np.ndarray, lr: float) -> None:
-        ukeys, inv = np.unique(keys, return_inverse=True)
-        if len(ukeys) == len(keys):
-            g = np.empty_like(grads)
-            g[inv] = grads
-        else:
-            g = reduce_by_key(grads, inv, len(ukeys))
-        occurrences = None
-        if t.filter is not None:
-            occurrences = np.bincount(inv, minlength=len(ukeys))
-            admitted = t.filter.count(ukeys) + occurrences >= t.min_count
-            if not admitted.all():
-                self._dropped_unadmitted += int(np.count_nonzero(~admitted))
-                self._misses += int(np.count_nonzero(~admitted))
-                wkeys, g = ukeys[admitted], g[admitted]
-            else:
-                wkeys = ukeys
-        else:
-            wkeys = ukeys
-        now = int(time.time())
-        n = len(wkeys)
-        if n:
-            rows, found = self._read(t, wkeys)
-            w = np.empty((n, t.dim), dtype=np.float32)
-            st = np.empty((n, t.opt.width), dtype=np.float32)
-            count = np.zeros(n, dtype=np.int64)
-            created = np.full(n, now, dtype=np.int64)
-            w[found], st[found] = rows.weights, rows.state
-            count[found], created[found] = rows.count, rows.created
-            new = ~found
-            n_new = int(np.count_nonzero(new))
-            if n_new:
-                w[new] = t.init(wkeys[new])
-                st[new] = t.opt.initial_state(n_new)
-            count += 1
-            t.opt.update(w, st, g, count, lr)
-            values = t.codec.encode(wkeys, Rows(w, st, count, created, np.full(n, now, dtype=np.int64)))
-            self._storage.put(t.id, wkeys, values)
-            self._writes += n
-            t.rows += n_new
-        if t.filter is not None:
-            assert occurrences is not None
-            t.filter.add(ukeys, occurrences)
+            tiers = self._caches.get(table)
+            if tiers is not None:
+                tiers.step_rows(keys, grads, lr)
+            elif len(keys):
+                self._io.step(t, keys, grads, lr)
+            t.count_dropped(finite)
+            t.advance()
 
     def delete(self, table: str, keys: np.ndarray) -> None:
-        """Remove rows (they return to their initial value). Absent keys are ignored.
+        """Remove rows from every tier (they return to their initial value). Absent keys are ignored.
 
         Args:
             table: table name.
@@ -563,31 +395,45 @@ class EmbeddingStore:
             self._check_writable()
             t = self._table(table)
             ukeys = np.unique(keys)
-            present = np.fromiter(map(operator.is_not, self._storage.get(t.id, ukeys), repeat(None)), bool, len(ukeys))
-            self._storage.delete(t.id, ukeys)
-            t.rows = max(0, t.rows - int(present.sum()))
+            self._caches.flush([table])
+            self._caches.discard(table, ukeys)
+            self._io.delete(t, ukeys)
 
     # ------------------------------------------------------------ lifecycle
     def flush(self) -> None:
-        """Persist rows (RocksDB flush + WAL sync), step counters and admission counts."""
+        """Send every cached update down to the storage, then persist rows (RocksDB flush +
+        WAL sync), step counters and admission counts.
+
+        Raises:
+            WriteBackError: the storage refused cached rows; they are still in memory.
+        """
         with self._lock:
             self._check_open()
             if self.read_only:
                 return
+            self._caches.flush()
             self._storage.flush()
             self._write_meta()
 
     def close(self) -> None:
-        """Flush and release the store. Closing twice is a no-op."""
+        """Flush every tier and release the store. Closing twice is a no-op.
+
+        Raises:
+            WriteBackError: cached rows could not be written; the store stays open and keeps
+                them in memory, so fix the cause (free disk space, say) and call close() again.
+        """
         with self._lock:
             if self._closed:
                 return
+            if not self.read_only:
+                self._caches.flush()  # on failure: still open, rows still in memory
             try:
                 if not self.read_only:
                     self._storage.flush()
                     self._write_meta()
             except BaseException:
                 # the first error is the one to report; the handle is released either way
+                # (rows written to RocksDB are in its write-ahead log)
                 self._closed = True
                 try:
                     self._storage.close()
@@ -595,6 +441,7 @@ class EmbeddingStore:
                     pass
                 raise
             self._closed = True
+            self._caches.clear()
             self._storage.close()
 
     def __enter__(self) -> EmbeddingStore:
@@ -607,26 +454,26 @@ class EmbeddingStore:
         """Counters; see :class:`StoreStats`."""
         with self._lock:
             self._check_open()
-            per = {n: t.rows for n, t in self._tables.items()}
+            ts = list(self._tables.values())
+            per = {t.name: t.rows for t in ts}
+
+            def total(attr: str) -> int:
+                return sum(getattr(t.counters, attr) for t in ts)
+
             return StoreStats(
-                rows=sum(per.values()),
-                disk_bytes=self._storage.disk_bytes(),
-                hits=self._hits,
-                misses=self._misses,
-                writes=self._writes,
-                dropped_nonfinite=self._dropped_nonfinite,
-                dropped_unadmitted=self._dropped_unadmitted,
-                table_rows=per,
+                rows=sum(per.values()), disk_bytes=self._storage.disk_bytes(), hits=total("hits"),
+                misses=total("misses"), writes=total("writes"), dropped_nonfinite=total("dropped_nonfinite"),
+                dropped_unadmitted=total("dropped_unadmitted"), table_rows=per,
             )
 
     def step(self, table: str) -> int:
-        """The table's global step (number of apply_gradients calls so far)."""
+        """The table's global step (number of steps applied to it so far)."""
         with self._lock:
             return self._table(table).step
 
     # ------------------------------------------------------------- scanning
     def scan(self, table: str, batch: int = 65536) -> Iterator[tuple[np.ndarray, Rows]]:
-        """Every stored row of a table in key order.
+        """Every stored row of a table in key order (cached updates are flushed first).
 
         Yields:
             ``(keys uint64 (M,), rows)`` chunks of at most ``batch`` rows.
@@ -634,21 +481,19 @@ class EmbeddingStore:
         with self._lock:
             self._check_open()
             t = self._table(table)
-        for keys, values in self._storage.scan(t.id, batch):
-            rows, _ = t.codec.decode(keys, values)
-            yield keys, rows
+            if not self.read_only:
+                self._caches.flush([table])
+        yield from self._io.scan(t, batch)
 
     def count_rows(self, table: str) -> int:
         """Exact number of stored rows (a full scan of the table)."""
         return sum(len(k) for k, _ in self.scan(table))
 
-    def _select(self, tables: Iterable[str] | None) -> list[str]:
+    def _select(self, tables: Iterable[str] | None) -> list[Table]:
         if tables is None:
-            return list(self._tables)
+            return list(self._tables.values())
         names = [tables] if isinstance(tables, str) else list(tables)
-        for n in names:
-            self._table(n)
-        return names
+        return [self._table(n) for n in names]
 
     def expire(
         self,
@@ -657,7 +502,7 @@ class EmbeddingStore:
         tables: Iterable[str] | None = None,
         now: float | None = None,
     ) -> int:
-        """Delete stale rows; they return to their initial value if seen again.
+        """Delete stale rows from every tier; they return to their initial value if seen again.
 
         A row is removed when it was last updated before ``now - older_than``,
         or has fewer than ``min_count`` updates. With neither given, each
@@ -679,24 +524,16 @@ class EmbeddingStore:
         removed = 0
         with self._lock:
             self._check_writable()
-            for name in self._select(tables):
-                t = self._tables[name]
-                if older_than is None and min_count is None:
-                    exp = t.cfg.expiry
-                    if exp is None:
-                        continue
-                    age = exp.max_age_days * _DAY if exp.max_age_days is not None else None
-                    mc = exp.min_count
-                else:
-                    age = older_than.total_seconds() if older_than is not None else None
-                    mc = min_count or 0
-                doomed = [k[stale_mask(rows, now, age, mc)] for k, rows in self.scan(name)]
-                if doomed:
-                    dk = np.concatenate(doomed)
-                    if len(dk):
-                        self._storage.delete(t.id, dk)
-                        t.rows = max(0, t.rows - len(dk))
-                        removed += len(dk)
+            for t in self._select(tables):
+                rule = expiry_rule(t, older_than, min_count)
+                if rule is None:
+                    continue
+                age, mc = rule
+                self._caches.flush([t.name])
+                doomed = expired_keys(self._io, t, now, age, mc)
+                if len(doomed):
+                    self._caches.discard(t.name, doomed)
+                    removed += self._io.delete(t, doomed)
         return removed
 
     def export(self, path: str | os.PathLike[str], tables: Iterable[str] | None = None) -> dict[str, int]:
@@ -729,54 +566,36 @@ class EmbeddingStore:
             Rows written per table.
         """
         now, age = dump_window(min_count, expire_days, now)
-        arrays: dict[str, np.ndarray] = {}
-        written: dict[str, int] = {}
         with self._lock:
             self._check_open()
-            for name in self._select(tables):
-                t = self._tables[name]
-                ks, ws, cs, us = [np.zeros(0, np.uint64)], [np.zeros((0, t.dim), np.float32)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-                for k, rows in self.scan(name):
-                    keep = ~stale_mask(rows, now, age, min_count)
-                    ks.append(k[keep])
-                    ws.append(rows.weights[keep])
-                    cs.append(rows.count[keep])
-                    us.append(rows.updated[keep])
-                arrays[f"keys_{name}"] = np.concatenate(ks)
-                arrays[f"weights_{name}"] = np.concatenate(ws)
-                arrays[f"counts_{name}"] = np.concatenate(cs)
-                arrays[f"updated_{name}"] = np.concatenate(us)
-                written[name] = len(arrays[f"keys_{name}"])
-        with atomic_file(path) as f:
-            np.savez(f, **arrays)
-        return written
+            ts = self._select(tables)
+            if not self.read_only:
+                self._caches.flush([t.name for t in ts])
+            return dump_tables(self._io, ts, path, now, age, min_count)
 
     def compact(self) -> None:
         """Full RocksDB compaction: reclaims deleted rows, applies TTL."""
         with self._lock:
             self._check_writable()
-            compact = getattr(self._storage, "compact", None)
-            if compact is not None:
-                compact()
+            self._storage.compact()
 
     def wait_for_compactions(self, timeout: float = 300.0) -> float:
         """Wait until RocksDB's background compactions are done (benchmarks use
         this to measure a settled store). Returns the seconds waited."""
         with self._lock:
             self._check_open()
-            wait = getattr(self._storage, "wait_for_compactions", None)
-        return float(wait(timeout)) if wait is not None else 0.0
+        return float(self._storage.wait_for_compactions(timeout))
 
     def running_compactions(self) -> int:
         """Background compactions running now (0 for the memory backend); for benchmarks."""
         with self._lock:
             self._check_open()
-            f = getattr(self._storage, "running_compactions", None)
-        return int(f()) if f is not None else 0
+            return int(self._storage.running_compactions())
 
     # ----------------------------------------------------------- checkpoint
     def checkpoint(self, path: str | os.PathLike[str]) -> Path:
-        """Write a consistent, atomic snapshot of rows, counters and configs.
+        """Write a consistent, atomic snapshot of rows (cached updates included), counters
+        and configs.
 
         The snapshot is built in a hidden sibling directory and renamed into
         place only when complete, with a ``CHECKPOINT.json`` marker written
@@ -788,29 +607,13 @@ class EmbeddingStore:
         Returns:
             The checkpoint path.
         """
-        dst = Path(path)
         with self._lock:
             self._check_writable()
             if self.root is None:
                 raise DamoHybridError("an in-memory store cannot be checkpointed; open it on a path")
-            if dst.exists():
-                raise FileExistsError(f"checkpoint path {dst} already exists; choose a new directory")
-            dst.parent.mkdir(parents=True, exist_ok=True)
+            self._caches.flush()
             self._storage.flush()
-            tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex}"
-            tmp.mkdir()
-            try:
-                self._storage.checkpoint(str(tmp / "db"))
-                self._write_meta(tmp)
-                marker = {"format": META_FORMAT, "created": time.time(), "tables": sorted(self._tables)}
-                _atomic_write(tmp / _MARKER, json.dumps(marker).encode())
-                for sub in (tmp / "db",):
-                    _fsync_tree(sub)
-                os.rename(tmp, dst)
-                fsync_dir(dst.parent)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            dst = write_checkpoint(self._storage, Path(path), self._write_meta, list(self._tables))
             self._write_meta()
             return dst
 
@@ -830,53 +633,10 @@ class EmbeddingStore:
             DamoHybridError: ``checkpoint`` is incomplete (no marker) or not a checkpoint.
             FileExistsError: ``path`` exists and is not empty.
         """
-        src, dst = Path(checkpoint), Path(path)
-        if not (src / _MARKER).is_file() or not (src / _META).is_file():
-            raise DamoHybridError(
-                f"{src} is not a complete checkpoint (no {_MARKER}); an interrupted checkpoint is never used"
-            )
-        if dst.exists() and any(dst.iterdir()):
-            raise FileExistsError(f"restore target {dst} is not empty")
-        dst.mkdir(parents=True, exist_ok=True)
-        tmp = dst.parent / f".{dst.name}.restore-{uuid.uuid4().hex}"
-        try:
-            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(_MARKER))
-            dst.rmdir()
-            os.rename(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return cls(dst, tables, config)
+        copy_checkpoint(Path(checkpoint), Path(path))
+        return cls(path, tables, config)
 
 
-def dump_window(min_count: int, expire_days: float | None, now: float | None) -> tuple[float, float | None]:
-    """Validate dump conditions; returns ``(now, max age in seconds or None)``."""
-    if not isinstance(min_count, int) or min_count < 0:
-        raise ValueError(f"min_count must be an int >= 0, got {min_count!r}")
-    if expire_days is not None and not (isinstance(expire_days, (int, float)) and expire_days > 0):
-        raise ValueError(f"expire_days must be None or > 0, got {expire_days!r}")
-    return (time.time() if now is None else float(now)), (expire_days * _DAY if expire_days is not None else None)
-
-
-def stale_mask(rows: Rows, now: float, age: float | None, min_count: int) -> np.ndarray:
-    """bool (M,): rows older than ``age`` seconds or with fewer than ``min_count`` updates."""
-    bad = rows.count < min_count
-    if age is not None:
-        bad |= rows.updated < now - age
-    return bad
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-def open_memory_store(tables: Sequence[TableConfig] = ()) -> EmbeddingStore:
+def open_memory_store(tables: Sequence[TableConfig] = (), config: StoreConfig = StoreConfig()) -> EmbeddingStore:
     """An in-memory store over :class:`MemoryStorage` (the reference model)."""
-    return EmbeddingStore(None, tables, storage=MemoryStorage())
+    return EmbeddingStore(None, tables, config, storage=MemoryStorage())

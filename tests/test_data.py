@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from damo_hybrid.cli import main
-from damo_hybrid.data import CriteoTSV
-from damo_hybrid.hashing import hash_feature
+from damo_hybrid.data.readers import CriteoTSV
+from damo_hybrid.keys.hashing import hash_feature
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "criteo_dac_head8k"
 

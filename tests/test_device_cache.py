@@ -12,13 +12,11 @@ import pytest
 import torch
 
 from damo_hybrid import EmbeddingStore, InitializerConfig, OptimizerConfig, TableConfig
-from damo_hybrid.device_cache import DeviceCache
 from damo_hybrid.errors import NonFiniteGradientError
-from damo_hybrid.host_cache import HostCache
 from damo_hybrid.models import DeepFM
 from damo_hybrid.nn import EmbeddingCollection, Feature
 from damo_hybrid.ops import cuda_available
-from damo_hybrid.synthetic import SyntheticCriteo
+from damo_hybrid.data.synthetic import SyntheticCriteo
 from damo_hybrid.trainer import Trainer
 
 STEPS = 25
@@ -100,14 +98,14 @@ def test_pipelined_gpu_run_equals_cpu_sequential_reference(tmp_path, opt):
 
 
 def _host(store, table="emb", capacity=64):
-    return HostCache(store, table, capacity)
+    return store.cache_table(table, capacity).host
 
 
 def test_take_rows_moves_rows_up_and_put_rows_brings_them_back(tmp_path):
     with EmbeddingStore(tmp_path / "s", _tables(OptimizerConfig.adagrad(0.1))) as st:
         st.apply_gradients("emb", np.arange(4, dtype=np.uint64), np.ones((4, 8), np.float32))  # keys 0..3 stored
         host = _host(st)
-        host.apply_gradients(np.array([2, 3, 10], np.uint64), np.ones((3, 8), np.float32))  # 2, 3, 10 dirty here
+        st.apply_gradients("emb", np.array([2, 3, 10], np.uint64), np.ones((3, 8), np.float32))  # 2, 3, 10 dirty here
         want, _ = st.read_rows("emb", np.arange(4, dtype=np.uint64))
         rows, stored, dirty = host.take_rows(np.array([0, 2, 10, 99], np.uint64))
         np.testing.assert_array_equal(stored, [True, True, False, False])
@@ -117,7 +115,7 @@ def test_take_rows_moves_rows_up_and_put_rows_brings_them_back(tmp_path):
         assert len(host) == 1  # 2 and 10 left the host cache; 3 stays; 0 and 99 were never resident
         rows.weights += 1.0
         host.put_rows(np.array([0, 2, 10, 99], np.uint64), rows, stored)
-        host.flush()
+        st.flush()
         got, found = st.read_rows("emb", np.array([0, 2, 10, 99], np.uint64))
         assert found.all()
         np.testing.assert_array_equal(got.weights, rows.weights)
@@ -210,13 +208,14 @@ def test_device_cache_step_matches_cpu_twin(tmp_path, opt):
     out = {}
     for dev in ("cpu", "cuda"):
         with EmbeddingStore(tmp_path / dev, _tables(opt)) as st:
-            dc = DeviceCache(HostCache(st, "emb", 4096), 4096, dev)
+            dc = st.cache_table("emb", 4096, 4096, dev).device
+            table = st.table("emb")
             for _ in range(3):
                 b = dc.prepare(keys, {})
                 dc.gather(b)
-                dc.step(b, torch.from_numpy(g).to(dc.device), st.step_lr("emb"))
+                dc.step(b, torch.from_numpy(g).to(dc.device), table.lr())
                 dc.release(b)
-                st.end_step("emb")
+                table.advance()
             torch.cuda.synchronize()
             out[dev] = (dc.weights[torch.from_numpy(b.slots).to(dc.device)].cpu().numpy(),
                         dc.state[torch.from_numpy(b.slots).to(dc.device)].cpu().numpy())
@@ -229,7 +228,7 @@ def test_device_cache_step_matches_cpu_twin(tmp_path, opt):
 
 def test_gpu_benchmark_runs_all_three_sides(tmp_path):
     """The GPU benchmark's code path end to end (on the CPU device where there is no GPU)."""
-    from damo_hybrid.gpu_bench import run_gpu_bench
+    from damo_hybrid.bench.gpu import run_gpu_bench
 
     res = run_gpu_bench(models=("deepfm", "dlrm"), rows=20_000, batch_sizes=(512,), steps=6, warmup=2,
                         root=tmp_path, log_fn=lambda s: None)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from damo_hybrid.cli import main
-from damo_hybrid.data import DenseMode, Schema, _buckets, read_dataset
-from damo_hybrid.hashing import hash_feature
+from damo_hybrid.data.readers import DenseMode, Schema, _buckets, read_dataset
+from damo_hybrid.keys.hashing import hash_feature
 
 
 def test_avazu_header_is_detected_and_ids_hash_per_field(tmp_path):

@@ -1,4 +1,4 @@
-"""The host cache against the store alone: a row's value never depends on the tier that served it."""
+"""The host tier against the store alone: a row's value never depends on the tier that served it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from damo_hybrid import AdmissionConfig, EmbeddingStore, InitializerConfig, OptimizerConfig, ScheduleConfig, TableConfig
-from damo_hybrid.host_cache import HostCache
 
 OPTS = [OptimizerConfig.sgd(0.1), OptimizerConfig.adagrad(0.1),
         OptimizerConfig.adam(0.01, schedule=ScheduleConfig(kind="exponential", decay_steps=3, decay_rate=0.5)),
@@ -23,92 +22,108 @@ def test_cached_training_equals_store_alone_with_evictions(tmp_path, opt):
     batches = [rng.integers(0, 300, 64).astype(np.uint64) for _ in range(40)]  # many repeats and duplicates
     grads = [rng.standard_normal((64, 4)).astype(np.float32) for _ in range(40)]
     with EmbeddingStore(tmp_path / "ref", [_table(opt)]) as ref, EmbeddingStore(tmp_path / "c", [_table(opt)]) as st:
-        cache = HostCache(st, "t", capacity=80)  # far smaller than the 300 keys: evictions happen
+        cache = st.cache_table("t", 80).host  # far smaller than the 300 keys: evictions happen
         for k, g in zip(batches, grads):
-            np.testing.assert_array_equal(cache.lookup(k), ref.lookup("t", k))
+            np.testing.assert_array_equal(st.lookup("t", k), ref.lookup("t", k))
             ref.apply_gradients("t", k, g)
-            cache.apply_gradients(k, g)
+            st.apply_gradients("t", k, g)  # a cached table: stepped in its tiers
         assert cache.stats.evictions > 0 and cache.stats.write_backs > 0 and cache.stats.hits > 0
         allk = np.arange(300, dtype=np.uint64)
-        np.testing.assert_array_equal(cache.lookup(allk[:60]), ref.lookup("t", allk[:60]))
-        cache.flush()
-        np.testing.assert_array_equal(st.lookup("t", allk), ref.lookup("t", allk))
+        np.testing.assert_array_equal(st.lookup("t", allk), ref.lookup("t", allk))  # before any flush
         r1, f1 = ref.read_rows("t", allk)
         r2, f2 = st.read_rows("t", allk)
         np.testing.assert_array_equal(f1, f2)
         np.testing.assert_array_equal(r1.count, r2.count)
         np.testing.assert_array_equal(r1.state, r2.state)
         assert st.step("t") == ref.step("t") == 40
+        st.flush()
         assert st.stats().rows == ref.stats().rows == st.count_rows("t")
 
 
-def test_lookup_through_cache_writes_nothing(tmp_path):
+def test_making_rows_resident_writes_nothing(tmp_path):
     with EmbeddingStore(tmp_path / "s", [_table(OPTS[0])]) as st:
-        cache = HostCache(st, "t", capacity=4)
+        cache = st.cache_table("t", 4).host
         for i in range(5):
-            cache.lookup(np.arange(i * 3, i * 3 + 3, dtype=np.uint64))
-        cache.flush()
+            cache.make_resident(np.arange(i * 3, i * 3 + 3, dtype=np.uint64))
+        st.flush()
         assert st.count_rows("t") == 0 and cache.stats.write_backs == 0 and cache.stats.evictions > 0
 
 
 def test_pinned_rows_are_never_evicted(tmp_path):
     with EmbeddingStore(tmp_path / "s", [_table(OPTS[0])]) as st:
-        cache = HostCache(st, "t", capacity=8)
+        cache = st.cache_table("t", 8).host
         pinned = cache.make_resident(np.arange(6, dtype=np.uint64), pin=True)
         for i in range(10):
-            cache.lookup(np.array([100 + i, 200 + i], np.uint64))
+            cache.make_resident(np.array([100 + i, 200 + i], np.uint64))
         assert (cache.slots.lookup(np.arange(6, dtype=np.uint64)) == pinned).all()
         with pytest.raises(RuntimeError, match="cannot free 3 slots"):
-            cache.lookup(np.array([1000, 1001, 1002], np.uint64))
+            cache.make_resident(np.array([1000, 1001, 1002], np.uint64))
         cache.unpin(pinned)
-        cache.lookup(np.array([1000, 1001, 1002], np.uint64))
+        cache.make_resident(np.array([1000, 1001, 1002], np.uint64))
 
 
 def test_bad_input_and_unsupported_table(tmp_path):
     adm = TableConfig("a", 2, admission=AdmissionConfig(min_count=2, capacity=100))
-    with EmbeddingStore(tmp_path / "s", [_table(OPTS[0]), adm]) as st:
-        cache = HostCache(st, "t", capacity=8)
+    with EmbeddingStore(tmp_path / "s", [_table(OPTS[0]), adm, TableConfig("u", 2)]) as st:
+        st.cache_table("t", 8)
         with pytest.raises(TypeError, match="float32"):
-            cache.apply_gradients(np.array([1], np.uint64), np.ones((1, 4), np.float64))
+            st.apply_gradients("t", np.array([1], np.uint64), np.ones((1, 4), np.float64))
         with pytest.raises(ValueError, match="admission"):
-            HostCache(st, "a", capacity=8)
+            st.cache_table("a", 8)
         with pytest.raises(ValueError, match="capacity"):
-            HostCache(st, "t", capacity=0)
-        assert st.step("t") == 0
+            st.cache_table("u", 0)
+        assert st.step("t") == 0 and st.tiers("a") is None and st.tiers("u") is None
 
 
 def test_rows_waiting_in_the_writer_are_served_from_it(tmp_path, monkeypatch):
     import threading
 
-    from damo_hybrid.errors import DamoHybridError, OutOfSpaceError
+    from damo_hybrid.errors import OutOfSpaceError, WriteBackError
 
     with EmbeddingStore(tmp_path / "s", [_table(OPTS[0])]) as st:
-        cache = HostCache(st, "t", capacity=4)
+        tiers = st.cache_table("t", 4)
+        cache = tiers.host
         gate = threading.Event()
-        real = st.write_rows
+        real = cache.io.write
 
         def slow(*a, **k):
             assert gate.wait(10)
             real(*a, **k)
 
-        monkeypatch.setattr(st, "write_rows", slow)
+        monkeypatch.setattr(cache.io, "write", slow)
         k1 = np.arange(4, dtype=np.uint64)
-        cache.apply_gradients(k1, np.ones((4, 4), np.float32))
-        w_after = cache.lookup(k1)
-        cache.lookup(np.arange(10, 14, dtype=np.uint64))  # evicts the 4 dirty rows into the blocked writer
-        assert cache.stats.write_backs == 4 and st.count_rows("t") == 0
-        np.testing.assert_array_equal(cache.lookup(k1), w_after)  # served from the queue, not stale disk
-        cache.lookup(np.arange(20, 24, dtype=np.uint64))  # evicted again (clean now): nothing more queued
+        st.apply_gradients("t", k1, np.ones((4, 4), np.float32))
+        w_after = st.lookup("t", k1)
+        cache.make_resident(np.arange(10, 14, dtype=np.uint64))  # evicts the 4 dirty rows into the blocked writer
+        assert cache.stats.write_backs == 4 and cache.writer.held == 4
+        np.testing.assert_array_equal(st.lookup("t", k1), w_after)  # served from the queue, not stale disk
+        cache.make_resident(k1)  # back from the queue
+        np.testing.assert_array_equal(cache.weights[cache.slots.lookup(k1)], w_after)
+        cache.make_resident(np.arange(20, 24, dtype=np.uint64))  # evicted again (clean now): nothing more queued
         gate.set()
-        cache.flush()
+        st.flush()
         assert st.count_rows("t") == 4 and st.stats().rows == 4
         np.testing.assert_array_equal(st.lookup("t", k1), w_after)
 
-        def full(*a, **k):
-            raise OutOfSpaceError("disk full (simulated)")
+        fail = [True]
 
-        monkeypatch.setattr(st, "write_rows", full)
-        cache.apply_gradients(np.arange(30, 34, dtype=np.uint64), np.ones((4, 4), np.float32))
-        with pytest.raises(DamoHybridError, match="writing evicted rows of table 't' failed") as ei:
-            cache.flush()
+        def full(*a, **k):
+            if fail[0]:
+                raise OutOfSpaceError("disk full (simulated)")
+            real(*a, **k)
+
+        monkeypatch.setattr(cache.io, "write", full)
+        k2 = np.arange(30, 34, dtype=np.uint64)
+        st.apply_gradients("t", k2, np.ones((4, 4), np.float32))
+        want = st.lookup("t", k2)
+        with pytest.raises(WriteBackError, match="writing evicted rows of table 't' failed.*4 rows are held") as ei:
+            st.flush()
         assert isinstance(ei.value.__cause__, OutOfSpaceError)
+        np.testing.assert_array_equal(st.lookup("t", k2), want)  # nothing dropped: still served from memory
+        with pytest.raises(WriteBackError):
+            st.close()  # the store stays open and keeps the rows
+        fail[0] = False  # space freed
+        st.close()
+    with EmbeddingStore(tmp_path / "s", [_table(OPTS[0])]) as st:
+        np.testing.assert_array_equal(st.lookup("t", k2), want)
+        assert st.count_rows("t") == 8

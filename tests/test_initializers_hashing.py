@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from damo_hybrid import InitializerConfig, hash_feature
-from damo_hybrid.hashing import fnv1a64, mix64
-from damo_hybrid.initializers import RowInitializer
+from damo_hybrid.keys.hashing import fnv1a64, mix64
+from damo_hybrid.rows.initializers import RowInitializer
 
 KEYS = np.concatenate([np.array([0, 1, 2**63, 2**64 - 1], np.uint64),
                        np.random.default_rng(0).integers(0, 2**63, 20000, dtype=np.int64).view(np.uint64)])
@@ -33,7 +33,7 @@ def test_same_rows_in_another_process():
     code = (
         "import json,sys,numpy as np\n"
         "from damo_hybrid import InitializerConfig\n"
-        "from damo_hybrid.initializers import RowInitializer\n"
+        "from damo_hybrid.rows.initializers import RowInitializer\n"
         "k=np.array(json.loads(sys.argv[1]),dtype=np.uint64)\n"
         "cfgs={'normal':InitializerConfig.normal(0.1,0.3,seed=5),'truncated':InitializerConfig.truncated_normal(std=1.0),"
         "'uniform':InitializerConfig.uniform(-2,3),'xavier':InitializerConfig.xavier_uniform(seed=9)}\n"

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from damo_hybrid.keyindex import KeyIndex
+from damo_hybrid.cache.keyindex import KeyIndex
 
 POOL = [0, 1, 2, 3, 17, 2**32, 2**63 - 1, 2**63, 2**64 - 2, 2**64 - 1]
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from damo_hybrid.metrics import auc, logloss
-from damo_hybrid.synthetic import SyntheticCriteo, zipf_ranks
+from damo_hybrid.data.metrics import auc, logloss
+from damo_hybrid.data.synthetic import SyntheticCriteo, zipf_ranks
 
 
 def test_auc_matches_pairwise_definition():

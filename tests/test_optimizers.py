@@ -10,7 +10,7 @@ import torch
 
 from damo_hybrid import InitializerConfig, OptimizerConfig, ScheduleConfig, TableConfig
 from damo_hybrid.config import ScheduleKind
-from damo_hybrid.optimizers import RowOptimizer, scheduled_lr
+from damo_hybrid.rows.optimizers import RowOptimizer, scheduled_lr
 
 N, D, STEPS = 6, 5, 60
 

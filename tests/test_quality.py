@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from damo_hybrid.quality import DATASETS, run_quality
+from damo_hybrid.bench.quality import DATASETS, run_quality
 
 ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from damo_hybrid import EmbeddingStore
-from damo_hybrid.checkpoint import latest_checkpoint, load_trainer_state
+from damo_hybrid.pipeline.checkpoint import latest_checkpoint, load_trainer_state
 
 ARGS = ["train", "--steps", "30", "--batch-size", "256", "--dim", "8", "--vocab-min", "300", "--vocab-max", "3000",
         "--cache-mb", "4", "--eval-batches", "0", "--quiet", "--checkpoint-every", "5", "--threads", "1"]

@@ -26,7 +26,7 @@ from damo_hybrid.errors import (
     OutOfSpaceError,
     StoreLockedError,
 )
-from damo_hybrid.storage import encode_keys
+from damo_hybrid.storage.backend import encode_keys
 
 T = TableConfig("emb", 4, initializer=InitializerConfig.normal(std=0.1), optimizer=OptimizerConfig.adagrad(0.1))
 KEYS = np.array([3, 2**63 + 5, 2**64 - 1], np.uint64)
@@ -173,7 +173,7 @@ def test_interrupted_checkpoint_is_never_picked_up(tmp_path, monkeypatch):
         def boom(*a, **k):
             raise OSError("simulated crash while writing the checkpoint")
 
-        monkeypatch.setattr("damo_hybrid.store._fsync_tree", boom)
+        monkeypatch.setattr("damo_hybrid.storage.checkpoint._fsync_tree", boom)
         with pytest.raises(OSError, match="simulated"):
             s.checkpoint(tmp_path / "ck")
         assert not (tmp_path / "ck").exists()

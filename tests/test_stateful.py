@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from damo_hybrid import EmbeddingStore, InitializerConfig, OptimizerConfig, TableConfig
-from damo_hybrid.initializers import RowInitializer
+from damo_hybrid.rows.initializers import RowInitializer
 
 DIM = 3
 LR = np.float32(0.25)

@@ -2,7 +2,7 @@
 
     python benchmarks/quality/run.py --data-root ../shared/data --out bench_out/quality.json
 
-Same as ``damo-hybrid bench --quality``. See :mod:`damo_hybrid.quality` for the protocol.
+Same as ``damo-hybrid bench --quality``. See :mod:`damo_hybrid.bench.quality` for the protocol.
 """
 
 from __future__ import annotations

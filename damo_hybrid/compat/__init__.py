@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 
-from ..admission import CountingBloomFilter
 from ..config import (
     InitializerConfig,
     InitializerKind,
@@ -49,9 +48,10 @@ from ..config import (
     StoreConfig,
     TableConfig,
 )
-from ..hashing import as_keys
-from ..initializers import RowInitializer
-from ..optimizers import RowOptimizer
+from ..keys.hashing import as_keys
+from ..rows.admission import CountingBloomFilter
+from ..rows.initializers import RowInitializer
+from ..rows.optimizers import RowOptimizer
 from ..store import EmbeddingStore
 from .seed_format import dump_seed_format
 

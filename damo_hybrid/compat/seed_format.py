@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .._files import atomic_file
-from ..store import EmbeddingStore, dump_window, stale_mask
+from ..storage.files import atomic_file
+from ..storage.maintenance import dump_window, stale_mask
+from ..store import EmbeddingStore
 
 __all__ = ["dump_seed_format", "read_seed_format", "group_of_tables"]
 

@@ -1,16 +1,14 @@
-"""The few hot ops, with a CPU implementation and a CUDA twin of each.
+"""The hot ops of the worker stage, and the one-time choice of backend.
 
-Each op has the same name and signature in :mod:`damo_hybrid.ops.cpu` (numpy arrays) and
-:mod:`damo_hybrid.ops.cuda` (CuPy arrays, kernels from ``kernels/*.cu``). The backend is
-resolved once, at construction of whatever uses the ops, with :func:`resolve_backend`;
-hot loops call the chosen module's functions and never probe for CUDA again.
+:mod:`damo_hybrid.ops.cpu` (numpy) holds every op; :mod:`damo_hybrid.ops.cuda` (CuPy, kernels
+from ``ops/kernels/*.cu``, shipped as package data) holds the CUDA twin of each op the device
+tier runs. The backend is resolved once, at construction of whatever uses the ops, with
+:func:`resolve_backend`; hot loops call the chosen module's functions and never probe for
+CUDA again. Pure functions: safe from any thread.
 
 Ops:
-    gather_rows(slab, slots) -> rows
-    scatter_rows(slab, slots, rows)            (in place)
-    reduce_by_key(grads, inverse, n_unique) -> summed rows, in order of appearance
-    init_rows(init, keys) -> rows              (deterministic per (seed, table, key))
-    optimizer_step(opt, w, state, g, count, lr)  (in place)
+    reduce_by_key(grads, inverse, n_unique) -> summed rows, in order of appearance  (CPU paths)
+    optimizer_step(opt, w, state, g, count, lr)  (in place; CPU and CUDA)
 """
 
 from __future__ import annotations
@@ -18,9 +16,12 @@ from __future__ import annotations
 import enum
 import importlib
 import importlib.util
+from pathlib import Path
 from types import ModuleType
 
-__all__ = ["Backend", "resolve_backend", "get_ops", "cuda_available"]
+__all__ = ["Backend", "KERNELS", "resolve_backend", "get_ops", "cuda_available"]
+
+KERNELS = Path(__file__).resolve().parent / "kernels"  # the .cu sources, package data of the wheel
 
 
 class Backend(str, enum.Enum):

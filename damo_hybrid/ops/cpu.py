@@ -4,33 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..initializers import RowInitializer
-from ..optimizers import RowOptimizer
+from ..rows.optimizers import RowOptimizer
 
-__all__ = ["gather_rows", "scatter_rows", "reduce_by_key", "init_rows", "optimizer_step"]
-
-
-def gather_rows(slab: np.ndarray, slots: np.ndarray) -> np.ndarray:
-    """Rows of a slab.
-
-    Args:
-        slab: float32 (S, W).
-        slots: int64 (N,) in [0, S).
-    Returns:
-        float32 (N, W), a copy.
-    """
-    return slab[slots]
-
-
-def scatter_rows(slab: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> None:
-    """``slab[slots] = rows`` in place; slots must be distinct.
-
-    Args:
-        slab: float32 (S, W).
-        slots: int64 (N,) distinct.
-        rows: float32 (N, W).
-    """
-    slab[slots] = rows
+__all__ = ["reduce_by_key", "optimizer_step"]
 
 
 def reduce_by_key(grads: np.ndarray, inverse: np.ndarray, n_unique: int) -> np.ndarray:
@@ -46,11 +22,6 @@ def reduce_by_key(grads: np.ndarray, inverse: np.ndarray, n_unique: int) -> np.n
     out = np.zeros((n_unique, grads.shape[1]), dtype=np.float32)
     np.add.at(out, inverse, grads)
     return out
-
-
-def init_rows(init: RowInitializer, keys: np.ndarray) -> np.ndarray:
-    """Initial rows: uint64 (N,) keys -> float32 (N, dim)."""
-    return init(keys)
 
 
 def optimizer_step(opt: RowOptimizer, w: np.ndarray, state: np.ndarray, g: np.ndarray,

@@ -71,7 +71,7 @@ def test_libfm_bad_lines(tmp_path):
 
 
 def test_libfm_skip_policy_counts_both_kinds(tmp_path):
-    from damo_hybrid.data import _read_libfm
+    from damo_hybrid.data.readers import _read_libfm
     p = _write(tmp_path, "1 3:1 10:1\n-1 4:1 11:1\nx 5:1 12:1\n1 6:1\n", "d.libfm")
     d = _read_libfm(p, 2, OnError.SKIP)
     assert d.skipped == 2 and d.n == 2

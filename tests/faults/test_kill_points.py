@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from damo_hybrid.checkpoint import latest_checkpoint, load_trainer_state
+from damo_hybrid.pipeline.checkpoint import latest_checkpoint, load_trainer_state
 
 KILLS = int(os.environ.get("DAMO_FAULT_KILLS", "20"))
 ARGS = ["train", "--steps", "24", "--batch-size", "256", "--dim", "8", "--vocab-min", "300", "--vocab-max", "3000",

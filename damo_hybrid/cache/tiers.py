@@ -1,0 +1,146 @@
+"""One owner for each table's cached rows: the table's tiers.
+
+A :class:`TableTiers` holds one table's host tier (:class:`~damo_hybrid.cache.host.HostCache`,
+with its background writer) and, optionally, its device tier
+(:class:`~damo_hybrid.cache.device.DeviceCache`). The store creates at most one per table and
+hands the same object to every collection, model and trainer over that table, so there is one
+copy of every cached row. The tiers are exclusive: a row lives in the device tier, or in the
+host tier, or in the writer's queue, or only in the storage, and the highest tier holding it
+is the truth. Reads through :meth:`TableTiers.read_rows` look top-down and change nothing;
+:meth:`TableTiers.flush` sends every update down to the storage.
+
+Thread safety: :attr:`TableTiers.lock` serialises residency changes (the host manager's
+``prepare``, the store's reads, steps, flushes and deletions); the worker steps and unpins
+rows it holds pinned without it, which is safe because pinned rows never move.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..ops.cpu import reduce_by_key
+from ..rows.codec import Rows
+from ..storage.rowio import TableIO
+from .host import CacheStats, HostCache
+
+if TYPE_CHECKING:
+    from .device import DeviceCache
+
+__all__ = ["TableTiers"]
+
+
+class TableTiers:
+    """One table's host tier and optional device tier.
+
+    Args:
+        io: the table's row I/O (the storage below the tiers).
+        host_rows: host-tier slots.
+        device_rows: device-tier slots, or None for no device tier.
+        device: the device tier's ``torch.device`` (``cuda[:i]``, or ``cpu`` to run the tier's
+            logic in host memory).
+    """
+
+    def __init__(self, io: TableIO, host_rows: int, device_rows: int | None = None, device: Any = None) -> None:
+        self.table = io.table
+        self.name = io.table.name
+        self.lock = threading.RLock()
+        self.host = HostCache(io, host_rows)
+        self.device: DeviceCache | None = None
+        if device_rows is not None:
+            from .device import (
+                DeviceCache,  # torch is imported only where a device tier exists
+            )
+
+            self.device = DeviceCache(self.host, device_rows, device)
+
+    @property
+    def device_type(self) -> Any:
+        """The device tier's ``torch.device``, or None without one."""
+        return self.device.device if self.device is not None else None
+
+    # --------------------------------------------------------------- reads
+    def read_rows(self, keys: np.ndarray) -> tuple[Rows, np.ndarray]:
+        """The newest rows of distinct ``keys`` in whatever tier they are; changes nothing.
+
+        Args:
+            keys: uint64 (N,) distinct.
+        Returns:
+            ``(rows, found)``: rows of the M keys that are stored or hold updates, in order;
+            bool (N,) ``found``. Other keys read as their initial row.
+        """
+        n = len(keys)
+        t = self.table
+        out = Rows.empty(n, t.dim, t.width)
+        found = np.zeros(n, dtype=bool)
+        todo = np.arange(n)
+        with self.lock:
+            for tier in (self.device, self.host):
+                if tier is None or not len(todo):
+                    continue
+                rows, hit, known = tier.peek(keys[todo])
+                idx = todo[hit]
+                out.put(idx, rows)
+                found[idx] = known
+                todo = todo[~hit]
+            if len(todo):
+                rows, f = self.host.read_below(keys[todo])
+                out.put(todo[f], rows.take(f))
+                found[todo[f]] = True
+        return out.take(found), found
+
+    # --------------------------------------------------------------- steps
+    def step_rows(self, keys: np.ndarray, grads: np.ndarray, lr: float) -> None:
+        """One optimizer step of ``keys`` with already validated gradients (the store's
+        ``apply_gradients`` on a cached table): duplicates summed, each row stepped once.
+
+        Rows on the device tier are first sent down, then the host tier steps them.
+
+        Args:
+            keys: uint64 (N,).
+            grads: float32 (N, dim), finite.
+            lr: the step's learning rate.
+        """
+        if not len(keys):
+            return
+        ukeys, inv = np.unique(keys, return_inverse=True)
+        g = reduce_by_key(grads, inv, len(ukeys))
+        with self.lock:
+            if self.device is not None:
+                self.device.send_down(ukeys)
+            slots = self.host.make_resident(ukeys)
+            self.host.step_slots(slots, g, lr)
+
+    # ------------------------------------------------------------ lifecycle
+    def flush(self) -> None:
+        """Send every update down: device tier -> host tier -> writer -> storage (written,
+        not yet synced: the store flushes the storage). Rows stay resident, clean.
+
+        Raises:
+            WriteBackError: the storage refused the rows; they are still held in memory.
+        """
+        with self.lock:
+            if self.device is not None:
+                self.device.flush()
+            self.host.write_back_dirty()
+            self.host.writer.drain()
+
+    def discard(self, keys: np.ndarray) -> None:
+        """Drop resident copies of ``keys`` (call after :meth:`flush`; for deletion and expiry)."""
+        with self.lock:
+            if self.device is not None:
+                self.device.send_down(keys)
+            self.host.discard(keys)
+
+    def dirty_rows(self) -> int:
+        """Rows holding updates the storage lacks (in any tier or the writer's queue)."""
+        n = int(self.host.dirty.sum()) + self.host.writer.held
+        if self.device is not None:
+            n += int(self.device.dirty.sum())
+        return n
+
+    def stats(self) -> tuple[CacheStats, CacheStats | None]:
+        """``(host tier stats, device tier stats or None)``."""
+        return self.host.stats, (self.device.stats if self.device is not None else None)

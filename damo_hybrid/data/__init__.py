@@ -1,0 +1,14 @@
+"""Stage 1 of the data flow: input files and synthetic data -> batches of keys.
+
+- :mod:`.readers`: schema-declared CSV/TSV, Criteo, Avazu, MovieLens, libFM and parquet.
+- :mod:`.synthetic`: the Criteo-like generator used for scale.
+- :mod:`.metrics`: AUC and logloss.
+
+Pure data; a reader runs in the loader thread.
+"""
+
+from .metrics import auc, logloss
+from .readers import FORMATS, OnError, Schema, TabularData, read_dataset
+from .synthetic import Batch, SyntheticCriteo
+
+__all__ = ["FORMATS", "Batch", "OnError", "Schema", "SyntheticCriteo", "TabularData", "auc", "logloss", "read_dataset"]

@@ -1,0 +1,358 @@
+"""The ``torch.nn.Module`` users put in their models: embeddings whose rows live on disk.
+
+:class:`EmbeddingCollection` looks up many categorical features at once. Each feature reads
+one table; several features may share a table. Per table, a batch's keys are de-duplicated,
+made resident in the table's cache tiers (pinned until the step is applied) and copied into
+one leaf tensor of the batch's unique rows. The tiers belong to the store
+(:meth:`EmbeddingStore.cache <damo_hybrid.store.EmbeddingStore.cache>`): every collection over
+a table shares them, so two collections never hold two copies of a row. Autograd then
+sums every occurrence's gradient into that leaf, and :meth:`EmbeddingCollection.apply_gradients`
+steps each unique row once with the table's sparse optimizer, after ``loss.backward()``,
+like ``optimizer.step()``.
+
+Example:
+    >>> emb = EmbeddingCollection(store, [Feature("user", "user"), Feature("tags", "tag", pooling="mean")])
+    ...                                                                          # doctest: +SKIP
+    >>> out = emb({"user": user_keys, "tags": (tag_keys, tag_offsets)})          # doctest: +SKIP
+    >>> loss = model_head(out).mean(); loss.backward()                           # doctest: +SKIP
+    >>> emb.apply_gradients(); dense_opt.step()                                  # doctest: +SKIP
+
+Backends (chosen once, at construction): ``cpu`` serves rows from the host tier and computes
+on the CPU; ``cuda`` adds a :class:`~damo_hybrid.cache.device.DeviceCache` per table in GPU
+memory in front of the host tier, and the outputs live on the GPU; ``auto`` picks ``cuda``
+where CUDA and CuPy work, else ``cpu``.
+
+Eval and inference: a forward in ``eval()`` mode or under ``torch.no_grad()`` pins nothing
+beyond the call and needs no ``apply_gradients``/``release``.
+
+Thread safety: :meth:`prepare` may run in the host-manager thread (it takes each table's tier
+lock) while the worker thread runs :meth:`forward`, :meth:`apply_gradients` and
+:meth:`release` on an earlier batch; one batch is trained at a time per collection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+import torch
+
+from ..cache.device import DeviceBatch, DeviceCache
+from ..cache.host import CacheStats, HostCache
+from ..cache.registry import DEFAULT_DEVICE_CACHE_MB
+from ..cache.tiers import TableTiers
+from ..keys.hashing import as_keys
+from ..ops import Backend, resolve_backend
+from ..store import EmbeddingStore
+
+__all__ = ["Feature", "EmbeddingCollection", "PreparedBatch", "DEFAULT_DEVICE_CACHE_MB"]
+
+# a single-valued feature: uint64 (B,); a multi-valued one: (values uint64 (L,), offsets int64 (B + 1,))
+FeatureInput = Union[np.ndarray, tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One categorical input.
+
+    Attributes:
+        name: the key of this feature in the input dict and in the output.
+        table: the store table holding its rows.
+        pooling: ``None`` for one key per sample; ``"sum"`` or ``"mean"`` for a bag of keys
+            per sample (input given as ``(values, offsets)``).
+    """
+
+    name: str
+    table: str
+    pooling: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pooling not in (None, "sum", "mean"):
+            raise ValueError(f"pooling must be None, 'sum' or 'mean', got {self.pooling!r}")
+
+
+@dataclass
+class _TableBatch:
+    table: str
+    ukeys: np.ndarray  # uint64 (U,)
+    slots: np.ndarray  # int64 (U,) pinned host-cache slots (host tier)
+    inverse: dict[str, torch.Tensor] = field(default_factory=dict)  # feature -> int64 index into ukeys
+    offsets: dict[str, torch.Tensor] = field(default_factory=dict)  # bag features only: starts (B,)
+    device: DeviceBatch | None = None  # device tier: its pinned slots and uploaded indices
+    leaf: torch.Tensor | None = None
+
+
+@dataclass
+class PreparedBatch:
+    """A batch whose rows are resident and pinned (made by :meth:`EmbeddingCollection.prepare`)."""
+
+    batch_size: int
+    tables: dict[str, _TableBatch]
+    applied: bool = False
+
+
+class EmbeddingCollection(torch.nn.Module):
+    """Disk-backed embeddings for many features.
+
+    Args:
+        store: the open store holding every table named by ``features``.
+        features: the inputs, in output order.
+        cache_mb: host-tier budget for this collection's tables, where it creates their
+            tiers; default ``StoreConfig.cache_mb``. A table already cached (by another
+            collection, say) keeps its tiers: the first creation wins.
+        min_cache_rows: floor per table and tier; default ``StoreConfig.min_cache_rows``.
+        backend: ``"auto"``, ``"cpu"`` or ``"cuda"`` (see the module doc).
+        device_cache_mb: device-tier budget, split like ``cache_mb``. Default:
+            ``StoreConfig.device_cache_mb``, else none on the ``cpu`` backend and
+            :data:`DEFAULT_DEVICE_CACHE_MB` on ``cuda``. Given with the ``cpu`` backend, the
+            device tier runs in host memory (its logic without a GPU).
+
+    Raises:
+        ValueError: bad features or budgets, or ``backend="cuda"`` where CUDA is unavailable.
+        ConfigConflictError: a table is cached already with another device tier.
+    """
+
+    def __init__(self, store: EmbeddingStore, features: Sequence[Feature], cache_mb: float | None = None,
+                 min_cache_rows: int | None = None, backend: Backend | str = Backend.AUTO,
+                 device_cache_mb: float | None = None) -> None:
+        super().__init__()
+        if not features:
+            raise ValueError("features must not be empty")
+        names = [f.name for f in features]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate feature names in {names}")
+        if cache_mb is not None and not cache_mb > 0:
+            raise ValueError(f"cache_mb must be > 0, got {cache_mb}")
+        if device_cache_mb is not None and not device_cache_mb > 0:
+            raise ValueError(f"device_cache_mb must be > 0, got {device_cache_mb}")
+        self.backend = resolve_backend(backend)
+        if self.backend is Backend.CUDA:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            tier_device: torch.device | None = self.device
+        else:
+            self.device = torch.device("cpu")
+            with_tier = device_cache_mb is not None or store.config.device_cache_mb is not None
+            tier_device = self.device if with_tier else None
+        self.store = store
+        self.features = list(features)
+        self.tiers: dict[str, TableTiers] = store.cache(
+            sorted({f.table for f in features}), cache_mb=cache_mb, device_cache_mb=device_cache_mb,
+            device=tier_device, min_cache_rows=min_cache_rows)
+        self.dims = {f.name: self.tiers[f.table].table.dim for f in features}
+        self._pooling = {f.name: f.pooling for f in features}
+        self._pending: PreparedBatch | None = None
+
+    @property
+    def caches(self) -> dict[str, HostCache]:
+        """The host tier of each table (shared with every other user of the table)."""
+        return {t: tr.host for t, tr in self.tiers.items()}
+
+    @property
+    def device_caches(self) -> dict[str, DeviceCache]:
+        """The device tier of each table that has one."""
+        return {t: tr.device for t, tr in self.tiers.items() if tr.device is not None}
+
+    # -------------------------------------------------------------- stage 2
+    def prepare(self, inputs: Mapping[str, FeatureInput]) -> PreparedBatch:
+        """De-duplicate keys per table and make their rows resident (pinned).
+
+        Args:
+            inputs: feature name -> uint64 (B,) keys, or (values uint64 (L,), offsets int64 (B + 1,)).
+        Returns:
+            A batch to pass to :meth:`forward`; its pins are released by :meth:`apply_gradients`
+            or :meth:`release`.
+        """
+        missing = [f.name for f in self.features if f.name not in inputs]
+        if missing:
+            raise KeyError(f"inputs lack features {missing}")
+        per_table: dict[str, list[tuple[Feature, np.ndarray, np.ndarray | None]]] = {}
+        batch_size = None
+        for f in self.features:
+            x = inputs[f.name]
+            if f.pooling is None:
+                if isinstance(x, tuple):
+                    raise TypeError(f"feature {f.name!r} has no pooling: give uint64 (B,) keys, not (values, offsets)")
+                keys, offs = as_keys(x, f.name), None
+                b = len(keys)
+            else:
+                if not (isinstance(x, tuple) and len(x) == 2):
+                    raise TypeError(f"feature {f.name!r} pools a bag: give (values uint64 (L,), offsets int64 (B + 1,))")
+                keys = as_keys(x[0], f"{f.name} values")
+                offs = np.asarray(x[1], dtype=np.int64)
+                if offs.ndim != 1 or len(offs) < 1 or offs[0] != 0 or offs[-1] != len(keys) or (np.diff(offs) < 0).any():
+                    raise ValueError(f"offsets of {f.name!r} must rise from 0 to len(values) = {len(keys)}")
+                b = len(offs) - 1
+            if batch_size is None:
+                batch_size = b
+            elif b != batch_size:
+                raise ValueError(f"feature {f.name!r} has batch size {b}, others {batch_size}")
+            per_table.setdefault(f.table, []).append((f, keys, offs))
+        tables: dict[str, _TableBatch] = {}
+        dedup: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+        try:
+            for t, items in per_table.items():
+                # tables fed by the very same key arrays (DeepFM's emb and lin) share one de-duplication
+                ident = tuple(id(k) for _, k, _ in items)
+                if ident not in dedup:
+                    dedup[ident] = np.unique(np.concatenate([k for _, k, _ in items]), return_inverse=True)
+                ukeys, inv = dedup[ident]
+                arrays: dict[str, np.ndarray] = {}
+                start = 0
+                for f, k, offs in items:
+                    arrays[f.name] = inv[start:start + len(k)]
+                    if offs is not None:
+                        arrays[f"{f.name}#offsets"] = offs[:-1]
+                    start += len(k)
+                tiers = self.tiers[t]
+                with tiers.lock:
+                    if tiers.device is not None:
+                        db = tiers.device.prepare(ukeys, arrays)
+                        tb = _TableBatch(t, ukeys, db.slots, device=db)
+                        up = db.tensors
+                    else:
+                        tb = _TableBatch(t, ukeys, tiers.host.make_resident(ukeys, pin=True))
+                        up = {n: torch.from_numpy(a) for n, a in arrays.items()}
+                tables[t] = tb
+                for f, _, offs in items:
+                    tb.inverse[f.name] = up[f.name]
+                    if offs is not None:
+                        tb.offsets[f.name] = up[f"{f.name}#offsets"]
+        except BaseException:
+            for tb in tables.values():
+                self._unpin(tb)
+            raise
+        return PreparedBatch(int(batch_size or 0), tables)
+
+    # -------------------------------------------------------------- stage 3
+    def forward(self, batch: PreparedBatch | Mapping[str, FeatureInput]) -> dict[str, torch.Tensor]:
+        """Embeddings per feature.
+
+        In training mode with gradients enabled, the batch stays pinned until
+        :meth:`apply_gradients` (or :meth:`release`); otherwise (eval, inference) it is released
+        before this returns.
+
+        Args:
+            batch: a :class:`PreparedBatch`, or raw inputs (then prepared here).
+        Returns:
+            feature name -> float32 tensor (B, dim) (pooled for bag features).
+        """
+        if not isinstance(batch, PreparedBatch):
+            batch = self.prepare(batch)
+        train = self.training and torch.is_grad_enabled()
+        if train and self._pending is not None and self._pending is not batch and not self._pending.applied:
+            self.release(batch)
+            raise RuntimeError("the previous batch's gradients were not applied: call apply_gradients() "
+                               "(or release()) after each backward pass")
+        try:
+            out: dict[str, torch.Tensor] = {}
+            for t, tb in batch.tables.items():
+                tiers = self.tiers[t]
+                if tb.device is not None:
+                    assert tiers.device is not None
+                    rows = tiers.device.gather(tb.device)
+                else:
+                    rows = torch.from_numpy(tiers.host.weights[tb.slots])
+                leaf = rows.requires_grad_(train)
+                tb.leaf = leaf if train else None
+                for name, idx in tb.inverse.items():
+                    if name in tb.offsets:
+                        out[name] = torch.nn.functional.embedding_bag(idx, leaf, tb.offsets[name], mode=self._pooling[name])
+                    else:
+                        out[name] = leaf.index_select(0, idx)
+        except BaseException:
+            self.release(batch)
+            raise
+        if train:
+            self._pending = batch
+        else:
+            self.release(batch)  # the outputs are copies: nothing needs the pins after this
+        return {f.name: out[f.name] for f in self.features}
+
+    def apply_gradients(self, step: int | None = None) -> None:
+        """Step every row of the last batch once with its table's optimizer, then unpin them.
+
+        Every table's gradients are checked first, so a bad gradient (NaN/Inf under the
+        ``raise`` policy) in any table changes no row and no step counter in any table. Rows
+        that received no gradient (the loss did not depend on them) are not stepped.
+
+        Raises:
+            NonFiniteGradientError: nothing was written; the batch is released.
+        """
+        batch = self._pending
+        if batch is None or batch.applied:
+            raise RuntimeError("no batch to apply: run forward() and backward() first")
+        try:
+            steps = [self._check(t, tb, tb.leaf.grad, step) for t, tb in batch.tables.items()
+                     if tb.leaf is not None and tb.leaf.grad is not None]
+            for do in steps:
+                do()
+        finally:
+            self.release(batch)
+
+    def _check(self, t: str, tb: _TableBatch, grad: torch.Tensor, step: int | None) -> Callable[[], None]:
+        """Validate one table's gradients (raising changes nothing) and return its step."""
+        tiers = self.tiers[t]
+        table = tiers.table
+        if tb.device is not None:
+            dev = tiers.device
+            assert dev is not None
+            g = grad.to(torch.float32)
+            keep = None
+            finite = None
+            if not bool(torch.isfinite(g).all()):  # the step's one host sync
+                # rare path: the table's NaN/Inf policy (raise, or drop and count) on a host copy
+                _, _, finite = table.check_gradients(tb.ukeys, g.cpu().numpy())
+                keep = torch.from_numpy(finite).to(g.device)
+            lr = table.lr(step)
+
+            def run_device() -> None:
+                dev.step(tb.device, g, lr, keep)  # type: ignore[arg-type]
+                table.count_dropped(finite)
+                table.advance()
+
+            return run_device
+        host = tiers.host
+        _, g2, finite = table.check_gradients(tb.ukeys, np.ascontiguousarray(grad.numpy(), dtype=np.float32))
+        lr = table.lr(step)
+
+        def run_host() -> None:
+            if finite is None:
+                host.step_slots(tb.slots, g2, lr)
+            else:
+                host.step_slots(tb.slots[finite], g2[finite], lr)
+            table.count_dropped(finite)
+            table.advance()
+
+        return run_host
+
+    def release(self, batch: PreparedBatch | None = None) -> None:
+        """Unpin a batch's rows without applying anything."""
+        batch = batch or self._pending
+        if batch is None or batch.applied:
+            return
+        for tb in batch.tables.values():
+            self._unpin(tb)
+            tb.leaf = None
+        batch.applied = True
+
+    def _unpin(self, tb: _TableBatch) -> None:
+        tiers = self.tiers[tb.table]
+        if tb.device is not None:
+            assert tiers.device is not None
+            tiers.device.release(tb.device)
+        else:
+            tiers.host.unpin(tb.slots)
+
+    def flush(self) -> None:
+        """Send every updated row of every tier down to the storage and flush it (``store.flush()``)."""
+        self.store.flush()
+
+    def cache_stats(self) -> dict[str, CacheStats]:
+        """Per-table :class:`~damo_hybrid.cache.host.CacheStats` of the host tiers."""
+        return {t: c.stats for t, c in self.caches.items()}
+
+    def device_cache_stats(self) -> dict[str, CacheStats]:
+        """Per-table stats of the device tiers (empty without one)."""
+        return {t: c.stats for t, c in self.device_caches.items()}

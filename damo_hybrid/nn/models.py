@@ -1,0 +1,198 @@
+"""CTR models whose sparse part is an :class:`~damo_hybrid.nn.EmbeddingCollection`.
+
+Every model takes ``embedding_module``: a module that serves the same per-field embeddings
+from somewhere else (the in-memory ``nn.Embedding`` baseline of the benchmarks,
+:class:`damo_hybrid.bench.baseline.InMemoryEmbeddings`), so a comparison trains the very same
+dense modules on both sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..store import EmbeddingStore
+from .collection import EmbeddingCollection, Feature
+
+__all__ = ["DeepFM", "WideAndDeep", "DCNv2", "DLRM", "MODELS", "mlp"]
+
+
+def mlp(sizes: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
+    """Linear-ReLU stack; the last layer has no activation."""
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class _SparseCTR(nn.Module):
+    """Shared sparse part: each field has an embedding (``emb_table``) and a first-order
+    weight (``lin_table``, dim 1), both in the store behind its cache tiers; or, with
+    ``embedding_module``, both from that module (``prepare(sparse) -> batch`` and
+    ``forward(batch) -> (e (B, F, D), first-order (B,) or None)``, with a ``dim``)."""
+
+    def __init__(self, store: EmbeddingStore | None, fields: Sequence[str], emb_table: str, lin_table: str | None,
+                 cache_mb: float | None, min_cache_rows: int | None, backend: str, device_cache_mb: float | None,
+                 embedding_module: nn.Module | None) -> None:
+        super().__init__()
+        self.fields = list(fields)
+        self.lin = lin_table is not None
+        self.rows = embedding_module
+        self.sparse: EmbeddingCollection | None = None
+        if embedding_module is not None:
+            self.dim = int(embedding_module.dim)
+            return
+        if store is None:
+            raise ValueError("give a store, or an embedding_module to serve the rows")
+        feats = [Feature(f, emb_table) for f in self.fields]
+        if lin_table is not None:
+            feats += [Feature(f"{f}#lin", lin_table) for f in self.fields]
+        self.sparse = EmbeddingCollection(store, feats, cache_mb=cache_mb, min_cache_rows=min_cache_rows,
+                                          backend=backend, device_cache_mb=device_cache_mb)
+        self.dim = self.sparse.dims[self.fields[0]]
+
+    def inputs(self, sparse: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Raw sparse keys -> the collection's inputs (a field may feed two tables)."""
+        out = {f: sparse[f] for f in self.fields}
+        if self.lin:
+            out.update({f"{f}#lin": sparse[f] for f in self.fields})
+        return out
+
+    def prepare(self, sparse: Mapping[str, np.ndarray]) -> Any:
+        """Make a batch's rows resident (stage 2); returns what :meth:`forward` takes."""
+        if self.rows is not None:
+            return self.rows.prepare(sparse)
+        assert self.sparse is not None
+        return self.sparse.prepare(self.inputs(sparse))
+
+    def embeddings(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(e (B, F, D), first-order sum (B,) or None)``."""
+        if self.rows is not None:
+            return self.rows(batch)
+        assert self.sparse is not None
+        out = self.sparse(batch)
+        e = torch.stack([out[f] for f in self.fields], dim=1)
+        first = torch.cat([out[f"{f}#lin"] for f in self.fields], dim=1).sum(1) if self.lin else None
+        return e, first
+
+    def apply_sparse_gradients(self) -> None:
+        """Step the batch's rows (a no-op with an embedding module: its own optimizer steps it)."""
+        if self.sparse is not None:
+            self.sparse.apply_gradients()
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Parameters other than the embedding module's rows."""
+        skip = {id(p) for p in self.rows.parameters()} if self.rows is not None else set()
+        return [p for p in self.parameters() if id(p) not in skip]
+
+
+class WideAndDeep(_SparseCTR):
+    """Wide & Deep (Cheng et al. 2016): a wide linear part over ids and dense values plus an MLP.
+
+    Args:
+        store: an open store holding ``emb_table`` (dim D) and ``lin_table`` (dim 1).
+        fields: categorical field names (the keys of the sparse input).
+        n_dense: number of dense features.
+        hidden: MLP hidden sizes.
+        cache_mb, min_cache_rows: cache budget for the sparse tables (default: the store's).
+        backend, device_cache_mb: where rows are served and computed (see
+            :class:`~damo_hybrid.nn.EmbeddingCollection`); the model's dense layers belong on
+            ``model.sparse.device``.
+        embedding_module: serve the rows from this module instead of the store (see above).
+    """
+
+    def __init__(self, store: EmbeddingStore | None, fields: Sequence[str], n_dense: int, hidden: Sequence[int] = (400, 400),
+                 emb_table: str = "emb", lin_table: str = "lin", cache_mb: float | None = None,
+                 min_cache_rows: int | None = None, backend: str = "auto", device_cache_mb: float | None = None,
+                 embedding_module: nn.Module | None = None) -> None:
+        super().__init__(store, fields, emb_table, lin_table, cache_mb, min_cache_rows, backend, device_cache_mb,
+                         embedding_module)
+        # no dense features (Avazu, MovieLens, Frappe): no dense linear term
+        self.dense_linear = nn.Linear(n_dense, 1) if n_dense else None
+        self.deep = mlp([len(self.fields) * self.dim + n_dense, *hidden, 1])
+
+    def _wide_deep(self, e: torch.Tensor, first: torch.Tensor | None, dense: torch.Tensor) -> torch.Tensor:
+        assert first is not None
+        if self.dense_linear is not None:
+            first = first + self.dense_linear(dense).squeeze(1)
+        return first + self.deep(torch.cat([e.flatten(1), dense], 1)).squeeze(1)
+
+    def forward(self, batch: Any, dense: torch.Tensor) -> torch.Tensor:
+        """Logits, float32 (B,)."""
+        e, first = self.embeddings(batch)
+        return self._wide_deep(e, first, dense)
+
+
+class DeepFM(WideAndDeep):
+    """DeepFM (Guo et al. 2017): Wide & Deep's parts plus the FM pairwise term
+    ``0.5 * sum_d ((sum_f e_fd)^2 - sum_f e_fd^2)``, all sharing one embedding per field."""
+
+    def forward(self, batch: Any, dense: torch.Tensor) -> torch.Tensor:
+        """Logits, float32 (B,)."""
+        e, first = self.embeddings(batch)
+        s = e.sum(1)
+        fm = 0.5 * (s * s - (e * e).sum(1)).sum(1)
+        return self._wide_deep(e, first, dense) + fm
+
+
+class DCNv2(_SparseCTR):
+    """DCN-V2 (Wang et al. 2021), parallel form: full-rank cross layers
+    ``x_{l+1} = x0 * (W x_l + b) + x_l`` beside an MLP, then a linear head."""
+
+    def __init__(self, store: EmbeddingStore | None, fields: Sequence[str], n_dense: int, hidden: Sequence[int] = (400, 400),
+                 cross_layers: int = 3, emb_table: str = "emb", cache_mb: float | None = None,
+                 min_cache_rows: int | None = None, backend: str = "auto", device_cache_mb: float | None = None,
+                 embedding_module: nn.Module | None = None) -> None:
+        super().__init__(store, fields, emb_table, None, cache_mb, min_cache_rows, backend, device_cache_mb,
+                         embedding_module)
+        d = len(self.fields) * self.dim + n_dense
+        self.cross = nn.ModuleList(nn.Linear(d, d) for _ in range(cross_layers))
+        self.deep = mlp([d, *hidden])
+        self.head = nn.Linear(d + (hidden[-1] if hidden else d), 1)
+
+    def forward(self, batch: Any, dense: torch.Tensor) -> torch.Tensor:
+        e, _ = self.embeddings(batch)
+        x0 = torch.cat([e.flatten(1), dense], 1)
+        x = x0
+        for layer in self.cross:
+            x = x0 * layer(x) + x
+        deep = torch.relu(self.deep(x0)) if len(self.deep) else x0
+        return self.head(torch.cat([x, deep], 1)).squeeze(1)
+
+
+class DLRM(_SparseCTR):
+    """DLRM (Naumov et al. 2019): a bottom MLP maps dense features to the embedding width,
+    pairwise dot products of all vectors feed a top MLP."""
+
+    def __init__(self, store: EmbeddingStore | None, fields: Sequence[str], n_dense: int, bottom: Sequence[int] = (64,),
+                 top: Sequence[int] = (400, 400), emb_table: str = "emb", cache_mb: float | None = None,
+                 min_cache_rows: int | None = None, backend: str = "auto", device_cache_mb: float | None = None,
+                 embedding_module: nn.Module | None = None) -> None:
+        super().__init__(store, fields, emb_table, None, cache_mb, min_cache_rows, backend, device_cache_mb,
+                         embedding_module)
+        # without dense features there is no bottom vector: only the embeddings interact
+        self.bottom = mlp([n_dense, *bottom, self.dim]) if n_dense else None
+        n = len(self.fields) + (1 if n_dense else 0)
+        self.register_buffer("_iu", torch.triu_indices(n, n, offset=1), persistent=False)
+        self.top = mlp([(self.dim if n_dense else 0) + n * (n - 1) // 2, *top, 1])
+
+    def forward(self, batch: Any, dense: torch.Tensor) -> torch.Tensor:
+        e, _ = self.embeddings(batch)
+        if self.bottom is None:
+            z = torch.bmm(e, e.transpose(1, 2))[:, self._iu[0], self._iu[1]]
+            return self.top(z).squeeze(1)
+        b = torch.relu(self.bottom(dense))
+        v = torch.cat([b.unsqueeze(1), e], 1)  # (B, F + 1, D)
+        z = torch.bmm(v, v.transpose(1, 2))[:, self._iu[0], self._iu[1]]
+        return self.top(torch.cat([b, z], 1)).squeeze(1)
+
+
+MODELS = {"deepfm": DeepFM, "wide_deep": WideAndDeep, "dcn": DCNv2, "dlrm": DLRM}

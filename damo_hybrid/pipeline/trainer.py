@@ -1,0 +1,254 @@
+"""Training loop for CTR models with disk-backed embeddings (sequential reference mode).
+
+The loop per step: make the batch's rows resident (host manager's work), forward and
+backward (worker), apply the sparse optimizer to the touched rows and the dense optimizer to
+the MLP. Each phase runs inside ``torch.profiler.record_function`` and its time is counted in
+:class:`StageTimes`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.profiler import record_function
+
+from ..cache.host import CacheStats
+from ..data.metrics import auc, logloss
+from ..data.synthetic import Batch
+from ..nn.collection import PreparedBatch
+from .checkpoint import prune_checkpoints, save_training_checkpoint
+from .stages import Pipeline, PipelineStats
+
+__all__ = ["Trainer", "StageTimes", "TrainSummary"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage."""
+
+    load: float = 0.0
+    prepare: float = 0.0
+    compute: float = 0.0
+    apply: float = 0.0
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    samples: int
+    seconds: float
+    samples_per_s: float
+    train_logloss: float
+    auc: float | None
+    logloss: float | None
+    hit_rate: float
+    evictions: int
+    peak_rss_mb: float
+    stages: StageTimes = field(default_factory=StageTimes)
+    device_hit_rate: float | None = None  # with a device tier: the share of keys found on the device
+
+    def as_dict(self) -> dict[str, object]:
+        d = dict(self.__dict__)
+        d["stages"] = dict(self.stages.__dict__)
+        return d
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Trainer:
+    """Runs a model of :mod:`damo_hybrid.models` (anything with ``sparse``, ``prepare``,
+    ``forward(prepared, dense)`` and ``apply_sparse_gradients``) over batches.
+
+    Args:
+        model: the model (its ``sparse`` collection holds the caches).
+        dense_optimizer: any ``torch.optim`` optimizer over the model's dense parameters.
+        train_batch: batch index -> :class:`~damo_hybrid.synthetic.Batch`.
+        eval_batch: batch index -> held-out batch (optional).
+    """
+
+    def __init__(self, model: torch.nn.Module, dense_optimizer: torch.optim.Optimizer,
+                 train_batch: Callable[[int], Batch], eval_batch: Callable[[int], Batch] | None = None) -> None:
+        self.model = model
+        self.device = model.sparse.device  # chosen once by the collection's backend
+        model.to(self.device)  # the dense layers; the sparse rows live in the caches
+        self.opt = dense_optimizer
+        self.train_batch = train_batch
+        self.eval_batch = eval_batch
+        self.step = 0
+        self.samples = 0
+        self.times = StageTimes()
+        self.pipeline_stats: PipelineStats | None = None
+        self.loss_fn = torch.nn.BCEWithLogitsLoss()
+        # set to a list to collect (stage, start, end) perf_counter intervals of every stage
+        self.timeline: list[tuple[str, float, float]] | None = None
+
+    def train_step(self, index: int) -> float:
+        """One sequential step: load, prepare, compute, apply."""
+        t0 = time.perf_counter()
+        with record_function("damo.load"):
+            b = self.train_batch(index)
+        t1 = time.perf_counter()
+        with record_function("damo.prepare"):
+            prepared = self.model.prepare(b.sparse)
+        self.times.load += t1 - t0
+        self.times.prepare += time.perf_counter() - t1
+        return self._compute_apply(b, prepared)
+
+    def _compute_apply(self, b: Batch, prepared: PreparedBatch) -> float:
+        t2 = time.perf_counter()
+        with record_function("damo.compute"):
+            self.model.train()
+            logits = self.model(prepared, self._to_device(b.dense))
+            loss = self.loss_fn(logits, self._to_device(b.label))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+        t3 = time.perf_counter()
+        with record_function("damo.apply"):
+            self.model.apply_sparse_gradients()
+            self.opt.step()
+        t4 = time.perf_counter()
+        self.times.compute += t3 - t2
+        self.times.apply += t4 - t3
+        if self.timeline is not None:
+            self.timeline += [("compute", t2, t3), ("apply", t3, t4)]
+        self.step += 1
+        self.samples += len(b.label)
+        return float(loss.detach())
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        """Dense model, dense optimizer, position and RNG states (sparse rows live in the store)."""
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
+                "samples": self.samples, "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state`."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.samples = int(state["step"]), int(state["samples"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+
+    def checkpoint(self, root: str | os.PathLike[str], keep: int = 2) -> Path:
+        """Flush the caches and write ``root/step-<step>`` atomically; keep the ``keep`` newest."""
+        self.model.sparse.flush()
+        path = save_training_checkpoint(root, self.step, self.model.sparse.store, self.state())
+        prune_checkpoints(root, keep)
+        return path
+
+    def _run(self, steps: int, prefetch: bool, progress: Callable[[int, float], None] | None,
+             losses: list[float], checkpoint_every: int = 0, checkpoint_dir: str | os.PathLike[str] | None = None) -> None:
+        end = self.step + steps
+        while self.step < end:
+            # checkpoints fall between pipeline runs: no stage is in flight while one is written
+            seg = end - self.step
+            if checkpoint_every:
+                seg = min(seg, checkpoint_every - self.step % checkpoint_every)
+            self._run_segment(seg, prefetch, progress, losses)
+            if checkpoint_every and checkpoint_dir is not None and self.step % checkpoint_every == 0:
+                self.checkpoint(checkpoint_dir)
+
+    def _run_segment(self, steps: int, prefetch: bool, progress: Callable[[int, float], None] | None,
+                     losses: list[float]) -> None:
+        if prefetch:
+            sparse = self.model.sparse
+            with Pipeline(self.train_batch, lambda b: self.model.prepare(b.sparse), sparse.release,
+                          self.step, self.step + steps, timeline=self.timeline) as pipe:
+                for _, b, prepared in pipe:
+                    losses.append(self._compute_apply(b, prepared))
+                    if progress is not None:
+                        progress(self.step, losses[-1])
+            self.pipeline_stats = pipe.stats
+            self.times.load += pipe.stats.load
+            self.times.prepare += pipe.stats.prepare
+        else:
+            for _ in range(steps):
+                losses.append(self.train_step(self.step))
+                if progress is not None:
+                    progress(self.step, losses[-1])
+
+    @torch.no_grad()
+    def evaluate(self, n_batches: int) -> tuple[float, float]:
+        """AUC and logloss over ``n_batches`` held-out batches (no updates)."""
+        if self.eval_batch is None or n_batches <= 0:
+            raise ValueError("no eval data")
+        self.model.eval()
+        labels, probs = [], []
+        for i in range(n_batches):
+            b = self.eval_batch(i)
+            prepared = self.model.prepare(b.sparse)
+            try:
+                p = torch.sigmoid(self.model(prepared, self._to_device(b.dense))).cpu().numpy()
+            finally:
+                self.model.sparse.release(prepared)
+            labels.append(b.label)
+            probs.append(p)
+        y, p = np.concatenate(labels), np.concatenate(probs)
+        return auc(y, p), logloss(y, p)
+
+    def fit(self, steps: int, eval_batches: int = 0, progress: Callable[[int, float], None] | None = None,
+            prefetch: bool = True, checkpoint_every: int = 0,
+            checkpoint_dir: str | os.PathLike[str] | None = None) -> TrainSummary:
+        """Train ``steps`` steps, then evaluate.
+
+        Args:
+            steps: batches to train.
+            eval_batches: held-out batches to evaluate after training.
+            progress: called as ``progress(step, loss)`` after every step.
+            prefetch: run the loader and host manager ahead in their own threads
+                (:class:`~damo_hybrid.pipeline.Pipeline`); ``False`` is the sequential
+                reference loop. Both give the same weights.
+            checkpoint_every: write a checkpoint whenever the global step is a multiple of this.
+            checkpoint_dir: where (``step-<N>`` directories; the two newest are kept).
+        """
+        t0 = time.perf_counter()
+        samples0 = self.samples
+        losses: list[float] = []
+        try:
+            self._run(steps, prefetch, progress, losses, checkpoint_every, checkpoint_dir)
+        except BaseException:
+            # Ctrl-C or a failed stage: keep the work of the steps that completed
+            try:
+                self.model.sparse.flush()
+            except Exception:  # the store itself may be what failed
+                log.exception("could not flush the caches after an error")
+            raise
+        secs = time.perf_counter() - t0
+        self.model.sparse.flush()
+        a = ll = None
+        if eval_batches:
+            a, ll = self.evaluate(eval_batches)
+        stats = list(self.model.sparse.cache_stats().values())
+        dstats = list(self.model.sparse.device_cache_stats().values())
+        n = self.samples - samples0
+        return TrainSummary(
+            steps=steps, samples=n, seconds=secs, samples_per_s=n / secs if secs else 0.0,
+            train_logloss=float(np.mean(losses[-max(1, steps // 10):])) if losses else float("nan"),
+            auc=a, logloss=ll, hit_rate=_hit_rate(stats),
+            evictions=sum(s.evictions for s in stats),
+            peak_rss_mb=peak_rss_mb(), stages=self.times,
+            device_hit_rate=_hit_rate(dstats) if dstats else None,
+        )
+
+
+def _hit_rate(stats: list[CacheStats]) -> float:
+    hits = sum(s.hits for s in stats)
+    look = hits + sum(s.misses for s in stats)
+    return hits / look if look else 0.0

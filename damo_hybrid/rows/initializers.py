@@ -1,0 +1,111 @@
+"""Deterministic row initialisation.
+
+A row is a pure function of ``(seed, table name, key)``: the same in every
+process, after the row was evicted or expired, and on every backend. Each
+value comes from a counter-based generator:
+
+- ``base = mix64(mix64(seed ^ fnv1a64(table)) ^ key)`` per row;
+- ``bits(c) = mix64(base + (c + 1) * 0x9e3779b97f4a7c15)`` for counter ``c``;
+- column ``j`` uses counter ``j``; a uniform in (0, 1) is
+  ``((bits >> 40) + 0.5) / 2**24``, exact in float32;
+- a normal uses Box-Muller on the two 24-bit halves of one ``bits`` value:
+  ``u1 = ((bits >> 40) + 0.5) / 2**24``, ``u2 = (((bits >> 16) & 0xffffff) + 0.5) / 2**24``,
+  ``z = sqrt(-2 ln u1) cos(2 pi u2)``, computed in float64 and rounded to float32;
+- a truncated normal redraws (with counters shifted by ``dim`` per round)
+  values outside ``mean +- 2 std``, up to 8 rounds, then clips (the chance of
+  reaching the clip is about 1e-11 per value).
+
+``xavier_uniform`` treats a row as the weight of a one-hot input, so
+``fan_in = 1`` and ``fan_out = dim``: ``U(-b, b)`` with ``b = sqrt(6 / (1 + dim))``.
+
+A CUDA twin of this algorithm must give the same rows (none ships today: new rows are
+initialised on the host and uploaded with the rest).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..config import InitializerConfig, InitializerKind
+from ..keys.hashing import fnv1a64, mix64
+
+__all__ = ["RowInitializer"]
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_TRUNC_ROUNDS = 8
+_INV24 = 1.0 / (1 << 24)
+_LOW24 = np.uint64(0xFFFFFF)
+
+
+class RowInitializer:
+    """Initial rows of one table.
+
+    Args:
+        config: the table's initializer.
+        table: the table name (part of the seed, so equal keys in different
+            tables start differently).
+        dim: row width.
+    """
+
+    def __init__(self, config: InitializerConfig, table: str, dim: int) -> None:
+        self.kind = config.kind
+        self.dim = dim
+        self.low, self.high = float(config.low), float(config.high)
+        self.mean, self.std = float(config.mean), float(config.std)
+        table_salt = fnv1a64([table.encode("utf-8")])[0]
+        self._salt = mix64(np.uint64(config.seed) ^ table_salt)[0]
+        # (counter + 1) * golden for counters 0 .. rounds * dim - 1
+        self._cols = (np.arange(1, _TRUNC_ROUNDS * dim + 1, dtype=np.uint64) * _GOLDEN)
+
+    def _bits(self, base: np.ndarray, first: int) -> np.ndarray:
+        """uint64 (N, dim) hashes of counters first .. first + dim - 1."""
+        return mix64(base[:, None] + self._cols[None, first:first + self.dim])
+
+    def _uniform(self, base: np.ndarray) -> np.ndarray:
+        """float64 (N, dim) uniforms in (0, 1)."""
+        return ((self._bits(base, 0) >> np.uint64(40)).astype(np.float64) + 0.5) * _INV24
+
+    def _normal(self, base: np.ndarray, first: int) -> np.ndarray:
+        bits = self._bits(base, first)
+        u1 = ((bits >> np.uint64(40)).astype(np.float64) + 0.5) * _INV24
+        u2 = (((bits >> np.uint64(16)) & _LOW24).astype(np.float64) + 0.5) * _INV24
+        return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
+
+    def __call__(self, keys: np.ndarray) -> np.ndarray:
+        """Initial rows.
+
+        Args:
+            keys: uint64 (N,).
+        Returns:
+            float32 (N, dim).
+        """
+        n, d = len(keys), self.dim
+        if self.kind is InitializerKind.ZEROS:
+            return np.zeros((n, d), dtype=np.float32)
+        if self.kind is InitializerKind.ONES:
+            return np.ones((n, d), dtype=np.float32)
+        base = mix64(keys.astype(np.uint64, copy=False) ^ self._salt)
+        if self.kind is InitializerKind.UNIFORM:
+            u = self._uniform(base)
+            return (self.low + (self.high - self.low) * u).astype(np.float32)
+        if self.kind is InitializerKind.XAVIER_UNIFORM:
+            b = math.sqrt(6.0 / (1.0 + d))
+            return (-b + 2.0 * b * self._uniform(base)).astype(np.float32)
+        if self.kind is InitializerKind.NORMAL:
+            return (self.mean + self.std * self._normal(base, 0)).astype(np.float32)
+        # truncated normal within 2 sigma: redraw the out-of-range values
+        z = self._normal(base, 0)
+        for r in range(1, _TRUNC_ROUNDS):
+            bad = np.abs(z) > 2.0
+            if not bad.any():
+                break
+            rows = np.nonzero(bad.any(axis=1))[0]
+            z2 = self._normal(base[rows], d * r)
+            zr = z[rows]
+            m = bad[rows]
+            zr[m] = z2[m]
+            z[rows] = zr
+        np.clip(z, -2.0, 2.0, out=z)
+        return (self.mean + self.std * z).astype(np.float32)

@@ -1,0 +1,120 @@
+"""One table at run time: its config decomposed once, and the one owner of its global step.
+
+A :class:`Table` holds what every tier needs to treat the table's rows alike: the row
+initializer, the row optimizer and its learning-rate schedule, the row codec, the NaN/Inf
+policy, the admission filter, and the table's global step. Whoever steps rows (the store's
+uncached path, a table's cache tiers, an :class:`~damo_hybrid.nn.EmbeddingCollection`) asks
+the table to validate the gradients (:meth:`Table.check_gradients`), takes the step's
+learning rate from it (:meth:`Table.lr`), updates the rows with that rate, and only then calls
+:meth:`Table.advance`; the caches themselves never touch the schedule.
+
+Thread safety: the step and the counters are plain ints changed by one stepping thread at a
+time (the worker); readers in other threads (metadata writes between steps) see a whole int.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import NonFinitePolicy, TableConfig
+from ..errors import NonFiniteGradientError
+from ..keys.hashing import as_keys
+from .admission import CountingBloomFilter
+from .codec import RowCodec
+from .initializers import RowInitializer
+from .optimizers import RowOptimizer
+
+__all__ = ["Table", "TableCounters"]
+
+
+class TableCounters:
+    """Per-table counters since the store was opened (see :class:`~damo_hybrid.store.StoreStats`)."""
+
+    __slots__ = ("hits", "misses", "writes", "dropped_nonfinite", "dropped_unadmitted")
+
+    def __init__(self) -> None:
+        self.hits = self.misses = self.writes = 0
+        self.dropped_nonfinite = self.dropped_unadmitted = 0
+
+
+class Table:
+    """Runtime state of one table.
+
+    Args:
+        tid: the table's numeric id in the storage.
+        cfg: its config.
+        step: its global step so far.
+        rows: its stored row count so far.
+        counters: admission counters to resume from (uint8), if the table has admission.
+    """
+
+    def __init__(self, tid: int, cfg: TableConfig, step: int = 0, rows: int = 0,
+                 counters: np.ndarray | None = None) -> None:
+        self.id = tid
+        self.cfg = cfg
+        self.name = cfg.name
+        self.dim = cfg.dim
+        self.init = RowInitializer(cfg.initializer, cfg.name, cfg.dim)
+        self.opt = RowOptimizer(cfg.optimizer, cfg.dim)
+        self.width = self.opt.width
+        self.codec = RowCodec(cfg.name, cfg.dim, self.opt.width)
+        self.step = step
+        self.rows = rows
+        self.skip_nonfinite = cfg.nonfinite is NonFinitePolicy.SKIP
+        adm = cfg.admission
+        self.filter = CountingBloomFilter.from_config(adm, counters) if adm is not None else None
+        self.min_count = adm.min_count if adm is not None else 0
+        self.unadmitted_zeros = adm is not None and adm.unadmitted_value == "zeros"
+        self.counters = TableCounters()
+
+    def lr(self, step: int | None = None) -> float:
+        """The scheduled learning rate of the next step (or of ``step``).
+
+        Raises:
+            ValueError: a negative or non-integer ``step``.
+        """
+        if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0):
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        return self.opt.lr(self.step if step is None else int(step))
+
+    def advance(self) -> None:
+        """Count one applied step (call after the rows were updated, so a failed step does not count)."""
+        self.step += 1
+
+    def check_gradients(self, keys: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Validate one step's gradients against this table; changes nothing.
+
+        Args:
+            keys: uint64 (N,) (int64 read as the same bits).
+            grads: float32 (N, dim).
+        Returns:
+            ``(keys uint64 (N,), grads, finite)``: ``finite`` is None when every row is finite,
+            else bool (N,) the rows to keep (the ``skip`` policy); count the dropped ones with
+            :meth:`count_dropped` once the step is applied.
+        Raises:
+            TypeError, ValueError: wrong dtype or shape.
+            NonFiniteGradientError: a NaN/Inf row under the ``raise`` policy.
+        """
+        keys = as_keys(keys)
+        if not isinstance(grads, np.ndarray):
+            raise TypeError(f"grads must be a numpy float32 array, got {type(grads).__name__}")
+        if grads.dtype != np.float32:
+            raise TypeError(f"grads must have dtype float32, got {grads.dtype}")
+        if grads.shape != (len(keys), self.dim):
+            raise ValueError(f"grads must have shape ({len(keys)}, {self.dim}) for table {self.name!r}, got {grads.shape}")
+        finite = np.isfinite(grads).all(axis=1)
+        if finite.all():
+            return keys, grads, None
+        if not self.skip_nonfinite:
+            bad = int(np.count_nonzero(~finite))
+            i = int(np.nonzero(~finite)[0][0])
+            raise NonFiniteGradientError(
+                f"{bad} gradient row(s) of table {self.name!r} hold NaN or Inf (first at position {i}, "
+                f"key {int(keys[i])}); nothing was written. Use nonfinite='skip' to drop such rows."
+            )
+        return keys, grads, finite
+
+    def count_dropped(self, finite: np.ndarray | None) -> None:
+        """Count the rows a ``skip`` decision dropped."""
+        if finite is not None:
+            self.counters.dropped_nonfinite += int(np.count_nonzero(~finite))

@@ -1,0 +1,95 @@
+"""Atomic store checkpoints and restores.
+
+A checkpoint is a directory holding a RocksDB checkpoint (``db/``, hard links of immutable
+files), the registry (``meta.json``, admission counters) and a ``CHECKPOINT.json`` marker
+written last. It is built in a hidden sibling directory and renamed into place, so an
+interrupted checkpoint leaves nothing at its path; a directory without the marker is never
+restored.
+
+Functions only; the store calls :func:`write_checkpoint` under its lock, after flushing
+every cache tier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import DamoHybridError
+from .backend import Storage
+from .files import atomic_file, fsync_dir
+from .meta import META, META_FORMAT
+
+__all__ = ["MARKER", "write_checkpoint", "copy_checkpoint"]
+
+MARKER = "CHECKPOINT.json"
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def write_checkpoint(storage: Storage, dst: Path, write_registry: Callable[[Path], None], tables: list[str]) -> Path:
+    """Write a complete checkpoint at ``dst`` (which must not exist) or nothing.
+
+    Args:
+        storage: the flushed storage.
+        dst: the checkpoint directory.
+        write_registry: writes ``meta.json`` and the admission counters into a directory.
+        tables: table names, recorded in the marker.
+    """
+    if dst.exists():
+        raise FileExistsError(f"checkpoint path {dst} already exists; choose a new directory")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        storage.checkpoint(str(tmp / "db"))
+        write_registry(tmp)
+        marker = {"format": META_FORMAT, "created": time.time(), "tables": sorted(tables)}
+        with atomic_file(tmp / MARKER) as f:
+            f.write(json.dumps(marker).encode())
+        _fsync_tree(tmp / "db")
+        os.rename(tmp, dst)
+        fsync_dir(dst.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """Copy a complete checkpoint to a new store directory ``dst`` (absent or empty); the
+    copy appears by one rename, and the checkpoint itself is never modified.
+
+    Raises:
+        DamoHybridError: ``src`` is incomplete (no marker) or not a checkpoint.
+        FileExistsError: ``dst`` exists and is not empty.
+    """
+    if not (src / MARKER).is_file() or not (src / META).is_file():
+        raise DamoHybridError(
+            f"{src} is not a complete checkpoint (no {MARKER}); an interrupted checkpoint is never used"
+        )
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"restore target {dst} is not empty")
+    dst.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.restore-{uuid.uuid4().hex}"
+    try:
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(MARKER))
+        dst.rmdir()
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,144 @@
+"""The store's table registry on disk: ``meta.json`` and the admission counters.
+
+``meta.json`` holds each table's id, config, global step and row count, the format version
+and whether the store uses RocksDB's TTL mode; ``admission/<id>.npy`` holds the counting
+Bloom counters of tables with admission. Both are written atomically (temp file, fsync,
+rename), only by the holder of the store's write lock.
+
+Functions only; the store calls them under its lock.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import TableConfig
+from ..errors import ConfigConflictError, DamoHybridError
+from ..rows.optimizers import state_width
+from ..rows.table import Table
+from .files import atomic_file
+
+__all__ = ["META", "META_FORMAT", "read_meta", "write_meta", "check_ttl", "check_compatible", "load_tables"]
+
+META_FORMAT = 1
+META = "meta.json"
+
+
+def read_meta(root: Path) -> dict[str, Any] | None:
+    """The parsed ``meta.json`` under ``root``, or None where there is none.
+
+    Raises:
+        DamoHybridError: unreadable, or of another format version.
+    """
+    p = root / META
+    if not p.exists():
+        return None
+    try:
+        meta = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise DamoHybridError(f"store metadata {p} is unreadable: {e}; restore it from a checkpoint") from e
+    if meta.get("format") != META_FORMAT:
+        raise DamoHybridError(f"store metadata {p} has format {meta.get('format')!r}, this version reads {META_FORMAT}")
+    return meta
+
+
+def check_ttl(meta: dict[str, Any], root: Path | None, ttl_seconds: int | None) -> None:
+    """Raise ConfigConflictError where the store's TTL mode differs from the one asked for."""
+    stored = bool(meta.get("ttl", False))
+    if stored != (ttl_seconds is not None):
+        want = "with" if stored else "without"
+        raise ConfigConflictError(
+            f"store {root} was created {want} a TTL; reopen it {want} StoreConfig.ttl_seconds "
+            "(RocksDB's TTL mode changes the stored value format)"
+        )
+
+
+def check_compatible(stored: TableConfig, cfg: TableConfig) -> None:
+    """Raise ConfigConflictError where ``cfg`` cannot reuse rows stored under ``stored``."""
+    if stored.dim != cfg.dim:
+        raise ConfigConflictError(
+            f"table {cfg.name!r} is stored with dim={stored.dim}, opened with dim={cfg.dim}; "
+            "use a new table name for a different dim"
+        )
+    sk, ck = stored.optimizer.kind, cfg.optimizer.kind
+    if sk != ck:
+        raise ConfigConflictError(
+            f"table {cfg.name!r} is stored with optimizer {sk.value!r} "
+            f"({state_width(sk, stored.dim)} state floats per row), opened with {ck.value!r} "
+            f"({state_width(ck, cfg.dim)}); the stored optimizer state cannot be reused"
+        )
+    sa, ca = stored.admission, cfg.admission
+    if sa is not None and ca is not None and (sa.capacity, sa.fpr) != (ca.capacity, ca.fpr):
+        raise ConfigConflictError(
+            f"table {cfg.name!r} has admission counters sized for capacity={sa.capacity}, fpr={sa.fpr}; "
+            f"opened with capacity={ca.capacity}, fpr={ca.fpr}"
+        )
+
+
+def _load_counters(root: Path | None, tid: int, cfg: TableConfig) -> np.ndarray | None:
+    if cfg.admission is None or root is None:
+        return None
+    p = root / "admission" / f"{tid}.npy"
+    if not p.exists():
+        return None
+    try:
+        return np.load(p, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DamoHybridError(f"admission counters {p} are unreadable: {e}") from e
+
+
+def load_tables(meta: dict[str, Any] | None, given: Iterable[TableConfig],
+                root: Path | None) -> tuple[dict[str, Table], int, bool]:
+    """Runtime tables from the stored registry and the configs the caller gives.
+
+    A stored table keeps its id, step and row count; a given config replaces its stored one
+    where compatible. Given tables not stored yet get new ids.
+
+    Returns:
+        ``(tables by name, next table id, whether meta.json needs rewriting)``.
+    """
+    tables: dict[str, Table] = {}
+    next_id = 1
+    todo = {t.name: t for t in given}
+    changed = meta is None
+    if meta is not None:
+        next_id = int(meta["next_table_id"])
+        for name, entry in meta["tables"].items():
+            stored = TableConfig.from_dict(entry["config"])
+            cfg = todo.pop(name, None)
+            if cfg is None:
+                cfg = stored
+            else:
+                check_compatible(stored, cfg)
+                changed |= cfg.to_dict() != entry["config"]
+            tid = int(entry["id"])
+            tables[name] = Table(tid, cfg, int(entry["step"]), int(entry["rows"]), _load_counters(root, tid, cfg))
+    for cfg in todo.values():
+        tables[cfg.name] = Table(next_id, cfg)
+        next_id += 1
+        changed = True
+    return tables, next_id, changed
+
+
+def write_meta(root: Path, tables: Iterable[Table], next_id: int, ttl: bool) -> None:
+    """Write the admission counters, then ``meta.json``, atomically."""
+    tables = list(tables)
+    adm = root / "admission"
+    for t in tables:
+        if t.filter is not None:
+            adm.mkdir(exist_ok=True)
+            with atomic_file(adm / f"{t.id}.npy") as f:
+                np.save(f, t.filter.counters, allow_pickle=False)
+    meta = {
+        "format": META_FORMAT,
+        "ttl": ttl,
+        "next_table_id": next_id,
+        "tables": {t.name: {"id": t.id, "config": t.cfg.to_dict(), "step": t.step, "rows": t.rows} for t in tables},
+    }
+    with atomic_file(root / META) as f:
+        f.write(json.dumps(meta, indent=1, sort_keys=True).encode())

@@ -1,0 +1,154 @@
+"""Row I/O: decoded rows of one table in and out of a :class:`~damo_hybrid.storage.backend.Storage`.
+
+:class:`RowIO` is the only code that encodes, decodes, reads, writes, deletes and scans rows.
+It serialises every call to the storage under its own re-entrant lock (held only for the
+call itself, never while waiting on another thread, so the background writer can always
+write while the store waits for it to drain), keeps
+each table's running row count, and counts hits, misses and writes. :class:`TableIO` is one
+table's view of it, handed to that table's cache tiers and background writer so that they
+read and write rows without reaching back into the store.
+
+Thread safety: any thread; calls are serialised by :attr:`RowIO.lock`.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+import time
+from collections.abc import Iterator
+from itertools import repeat
+
+import numpy as np
+
+from ..ops.cpu import reduce_by_key
+from ..rows.codec import Rows
+from ..rows.table import Table
+from .backend import Storage
+
+__all__ = ["RowIO", "TableIO"]
+
+
+class RowIO:
+    """Encoded row I/O over one storage.
+
+    Args:
+        storage: the backend.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.lock = threading.RLock()
+
+    def read(self, t: Table, keys: np.ndarray) -> tuple[Rows, np.ndarray]:
+        """Stored rows of distinct ``keys`` (uint64 (N,)).
+
+        Returns:
+            ``(rows, found)``: rows of the M found keys, in order; bool (N,) ``found``.
+        Raises:
+            CorruptRowError: a stored value fails its checks.
+        """
+        with self.lock:
+            values = self.storage.get(t.id, keys)
+        rows, found = t.codec.decode(keys, values)
+        nf = int(found.sum())
+        t.counters.hits += nf
+        t.counters.misses += len(keys) - nf
+        return rows, found
+
+    def write(self, t: Table, keys: np.ndarray, rows: Rows, new: np.ndarray) -> None:
+        """Store full rows in one atomic batch.
+
+        Args:
+            keys: uint64 (N,) distinct.
+            rows: their N rows.
+            new: bool (N,) rows known not to be stored yet (keeps the row count exact).
+        """
+        if not len(keys):
+            return
+        values = t.codec.encode(keys, rows)
+        with self.lock:
+            self.storage.put(t.id, keys, values)
+            t.counters.writes += len(keys)
+            t.rows += int(np.count_nonzero(new))
+
+    def delete(self, t: Table, keys: np.ndarray) -> int:
+        """Remove distinct ``keys``; returns how many were stored."""
+        with self.lock:
+            present = np.fromiter(map(operator.is_not, self.storage.get(t.id, keys), repeat(None)), bool, len(keys))
+            self.storage.delete(t.id, keys)
+            n = int(present.sum())
+            t.rows = max(0, t.rows - n)
+            return n
+
+    def scan(self, t: Table, batch: int = 65536) -> Iterator[tuple[np.ndarray, Rows]]:
+        """Every stored row of a table in key order: ``(keys uint64 (M,), rows)`` chunks."""
+        for keys, values in self.storage.scan(t.id, batch):
+            rows, _ = t.codec.decode(keys, values)
+            yield keys, rows
+
+    def step(self, t: Table, keys: np.ndarray, grads: np.ndarray, lr: float) -> None:
+        """One optimizer step of stored rows, read and written in one atomic batch (the store's
+        path for a table without a cache). Duplicates are summed and each row stepped once;
+        with admission, keys not yet admitted are counted and dropped.
+
+        Args:
+            keys: uint64 (N,).
+            grads: float32 (N, dim), finite.
+            lr: the step's learning rate.
+        """
+        ukeys, inv = np.unique(keys, return_inverse=True)
+        if len(ukeys) == len(keys):
+            g = np.empty_like(grads)
+            g[inv] = grads
+        else:
+            g = reduce_by_key(grads, inv, len(ukeys))
+        occurrences = None
+        wkeys = ukeys
+        if t.filter is not None:
+            occurrences = np.bincount(inv, minlength=len(ukeys))
+            admitted = t.filter.count(ukeys) + occurrences >= t.min_count
+            if not admitted.all():
+                t.counters.dropped_unadmitted += int(np.count_nonzero(~admitted))
+                t.counters.misses += int(np.count_nonzero(~admitted))
+                wkeys, g = ukeys[admitted], g[admitted]
+        n = len(wkeys)
+        with self.lock:
+            if n:
+                now = int(time.time())
+                stored, found = self.read(t, wkeys)
+                rows = Rows.empty(n, t.dim, t.width)
+                rows.created[:] = now
+                rows.put(found, stored)
+                new = ~found
+                n_new = int(np.count_nonzero(new))
+                if n_new:
+                    rows.weights[new] = t.init(wkeys[new])
+                    rows.state[new] = t.opt.initial_state(n_new)
+                rows.count += 1
+                t.opt.update(rows.weights, rows.state, g, rows.count, lr)
+                rows.updated[:] = now
+                self.write(t, wkeys, rows, new)
+            if t.filter is not None:
+                assert occurrences is not None
+                t.filter.add(ukeys, occurrences)
+
+    def bind(self, t: Table) -> TableIO:
+        """One table's view."""
+        return TableIO(self, t)
+
+
+class TableIO:
+    """Row I/O of one table (what its cache tiers and writer see of the storage)."""
+
+    def __init__(self, io: RowIO, table: Table) -> None:
+        self._io = io
+        self.table = table
+
+    def read(self, keys: np.ndarray) -> tuple[Rows, np.ndarray]:
+        """See :meth:`RowIO.read`."""
+        return self._io.read(self.table, keys)
+
+    def write(self, keys: np.ndarray, rows: Rows, new: np.ndarray) -> None:
+        """See :meth:`RowIO.write`."""
+        self._io.write(self.table, keys, rows, new)
