@@ -32,12 +32,10 @@ store's lock, and each table's tiers have their own (see :mod:`damo_hybrid.cache
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
 import threading
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,8 +56,8 @@ from .keys.hashing import as_keys
 from .rows.codec import Rows
 from .rows.table import Table
 from .storage.backend import MemoryStorage, Storage
-from .storage.checkpoint import copy_checkpoint, write_checkpoint
-from .storage.maintenance import dump_tables, dump_window, expired_keys, expiry_rule
+from .storage.checkpoint import copy_checkpoint
+from .storage.maintenance import StoreMaintenance
 from .storage.meta import (
     META,
     check_compatible,
@@ -105,7 +103,7 @@ class StoreStats:
     table_rows: dict[str, int] = field(default_factory=dict)
 
 
-class EmbeddingStore:
+class EmbeddingStore(StoreMaintenance):
     """Embedding tables on disk, with vectorized lookup and optimizer steps.
 
     Args:
@@ -470,152 +468,6 @@ class EmbeddingStore:
         """The table's global step (number of steps applied to it so far)."""
         with self._lock:
             return self._table(table).step
-
-    # ------------------------------------------------------------- scanning
-    def scan(self, table: str, batch: int = 65536) -> Iterator[tuple[np.ndarray, Rows]]:
-        """Every stored row of a table in key order (cached updates are flushed first).
-
-        Yields:
-            ``(keys uint64 (M,), rows)`` chunks of at most ``batch`` rows.
-        """
-        with self._lock:
-            self._check_open()
-            t = self._table(table)
-            if not self.read_only:
-                self._caches.flush([table])
-        yield from self._io.scan(t, batch)
-
-    def count_rows(self, table: str) -> int:
-        """Exact number of stored rows (a full scan of the table)."""
-        return sum(len(k) for k, _ in self.scan(table))
-
-    def _select(self, tables: Iterable[str] | None) -> list[Table]:
-        if tables is None:
-            return list(self._tables.values())
-        names = [tables] if isinstance(tables, str) else list(tables)
-        return [self._table(n) for n in names]
-
-    def expire(
-        self,
-        older_than: _dt.timedelta | None = None,
-        min_count: int | None = None,
-        tables: Iterable[str] | None = None,
-        now: float | None = None,
-    ) -> int:
-        """Delete stale rows from every tier; they return to their initial value if seen again.
-
-        A row is removed when it was last updated before ``now - older_than``,
-        or has fewer than ``min_count`` updates. With neither given, each
-        table's :class:`ExpiryConfig` decides (tables without one are kept).
-
-        Args:
-            older_than: age limit.
-            min_count: minimum update count to keep a row.
-            tables: table names (default all).
-            now: the current unix time (default ``time.time()``).
-        Returns:
-            The number of rows removed.
-        """
-        if older_than is not None and not isinstance(older_than, _dt.timedelta):
-            raise TypeError(f"older_than must be a datetime.timedelta, got {type(older_than).__name__}")
-        if min_count is not None and (not isinstance(min_count, int) or min_count < 0):
-            raise ValueError(f"min_count must be an int >= 0, got {min_count!r}")
-        now = time.time() if now is None else float(now)
-        removed = 0
-        with self._lock:
-            self._check_writable()
-            for t in self._select(tables):
-                rule = expiry_rule(t, older_than, min_count)
-                if rule is None:
-                    continue
-                age, mc = rule
-                self._caches.flush([t.name])
-                doomed = expired_keys(self._io, t, now, age, mc)
-                if len(doomed):
-                    self._caches.discard(t.name, doomed)
-                    removed += self._io.delete(t, doomed)
-        return removed
-
-    def export(self, path: str | os.PathLike[str], tables: Iterable[str] | None = None) -> dict[str, int]:
-        """Write every row's weights to ``.npz`` for serving.
-
-        The file holds ``keys_<table>`` (uint64 (M,)) and ``weights_<table>``
-        (float32 (M, dim)) for each table. It is written to a temp file and
-        renamed, so a reader never sees half a file.
-
-        Returns:
-            Rows written per table.
-        """
-        return self.dump(path, tables=tables)
-
-    def dump(
-        self,
-        path: str | os.PathLike[str],
-        tables: Iterable[str] | None = None,
-        min_count: int = 0,
-        expire_days: float | None = None,
-        now: float | None = None,
-    ) -> dict[str, int]:
-        """Like :meth:`export`, keeping only rows with at least ``min_count``
-        updates and, if ``expire_days`` is set, updated within that many days.
-
-        Also writes ``counts_<table>`` (int64 update counts) and
-        ``updated_<table>`` (int64 unix seconds).
-
-        Returns:
-            Rows written per table.
-        """
-        now, age = dump_window(min_count, expire_days, now)
-        with self._lock:
-            self._check_open()
-            ts = self._select(tables)
-            if not self.read_only:
-                self._caches.flush([t.name for t in ts])
-            return dump_tables(self._io, ts, path, now, age, min_count)
-
-    def compact(self) -> None:
-        """Full RocksDB compaction: reclaims deleted rows, applies TTL."""
-        with self._lock:
-            self._check_writable()
-            self._storage.compact()
-
-    def wait_for_compactions(self, timeout: float = 300.0) -> float:
-        """Wait until RocksDB's background compactions are done (benchmarks use
-        this to measure a settled store). Returns the seconds waited."""
-        with self._lock:
-            self._check_open()
-        return float(self._storage.wait_for_compactions(timeout))
-
-    def running_compactions(self) -> int:
-        """Background compactions running now (0 for the memory backend); for benchmarks."""
-        with self._lock:
-            self._check_open()
-            return int(self._storage.running_compactions())
-
-    # ----------------------------------------------------------- checkpoint
-    def checkpoint(self, path: str | os.PathLike[str]) -> Path:
-        """Write a consistent, atomic snapshot of rows (cached updates included), counters
-        and configs.
-
-        The snapshot is built in a hidden sibling directory and renamed into
-        place only when complete, with a ``CHECKPOINT.json`` marker written
-        last; an interrupted checkpoint leaves no directory at ``path``.
-        RocksDB hard-links its immutable files, so this is cheap.
-
-        Args:
-            path: the checkpoint directory; must not exist yet.
-        Returns:
-            The checkpoint path.
-        """
-        with self._lock:
-            self._check_writable()
-            if self.root is None:
-                raise DamoHybridError("an in-memory store cannot be checkpointed; open it on a path")
-            self._caches.flush()
-            self._storage.flush()
-            dst = write_checkpoint(self._storage, Path(path), self._write_meta, list(self._tables))
-            self._write_meta()
-            return dst
 
     @classmethod
     def from_checkpoint(
