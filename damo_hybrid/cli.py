@@ -23,6 +23,7 @@ from .config import (
     OptimizerKind,
     StoreConfig,
     TableConfig,
+    reject_unknown,
 )
 from .data.readers import FORMATS
 from .errors import DamoHybridError
@@ -96,10 +97,7 @@ def _file_data(args: argparse.Namespace) -> tuple[Any, Any]:
 def _store_config(d: dict[str, Any] | None) -> StoreConfig:
     if not d:
         return StoreConfig()
-    known = set(StoreConfig.__dataclass_fields__)
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown [store] keys {unknown}; known: {sorted(known)}")
+    reject_unknown("[store] keys", d, StoreConfig.__dataclass_fields__)
     return StoreConfig(**d)
 
 
@@ -394,9 +392,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         cfg = _load_config(args.config)
         actions = {a.dest: a for a in train._actions if a.dest not in ("help", "config")}
         opts = {k.replace("-", "_"): v for k, v in cfg.get("train", {}).items()}
-        unknown = sorted(set(opts) - set(actions))
-        if unknown:
-            raise ValueError(f"{args.config}: unknown [train] keys {unknown}; known: {sorted(actions)}")
+        try:
+            reject_unknown("[train] keys", opts, actions)
+        except ValueError as e:
+            raise ValueError(f"{args.config}: {e}") from None
         for k, v in opts.items():
             a = actions[k]
             if a.choices is not None and v not in a.choices:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -76,7 +77,7 @@ class InitializerConfig:
     """How a row that was never stored is initialised.
 
     Rows are a pure function of ``(seed, table name, key)``; see
-    :mod:`damo_hybrid.initializers`.
+    :mod:`damo_hybrid.rows.initializers`.
 
     Attributes:
         kind: which distribution.
@@ -192,7 +193,7 @@ class OptimizerConfig:
     """A row-wise sparse optimizer.
 
     Attributes:
-        kind: the update rule (see :mod:`damo_hybrid.optimizers`).
+        kind: the update rule (see :mod:`damo_hybrid.rows.optimizers`).
         lr: base learning rate (FTRL's ``alpha``).
         weight_decay: L2 for sgd/adagrad/adam, decoupled for adamw/lion.
         lr_decay: adagrad's ``lr / (1 + (count - 1) * lr_decay)``.
@@ -453,8 +454,17 @@ def _enums_to_str(obj: Any) -> Any:
     return obj
 
 
-def _reject_unknown(cls: type, d: dict[str, Any]) -> None:
-    known = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
-    unknown = set(d) - known
+def reject_unknown(what: str, given: Iterable[str], known: Iterable[str]) -> None:
+    """The one check of user-given names (config dicts, TOML tables, seed parameters).
+
+    Raises:
+        ValueError: ``unknown <what> [names]; known: [names]``.
+    """
+    known = sorted(known)
+    unknown = sorted(set(given) - set(known))
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
+        raise ValueError(f"unknown {what} {unknown}; known: {known}")
+
+
+def _reject_unknown(cls: type, d: dict[str, Any]) -> None:
+    reject_unknown(f"{cls.__name__} keys", d, cls.__dataclass_fields__)  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ host cache (:meth:`HostCache.put_rows`), which writes it to RocksDB when it evic
 Layout on the device: ``weights`` float32 (capacity, dim), ``state`` float32 (capacity,
 width) and ``count`` int64 (capacity,); creation and update times, dirty and stored flags
 stay in host memory (they never enter the math). The key -> slot mapping, pins and CLOCK
-replacement are a :class:`~damo_hybrid.slots.SlotPool` kept by the host manager.
+replacement are a :class:`~damo_hybrid.cache.slots.SlotPool` kept by the host manager.
 
 Streams (CUDA): the host manager stages missing rows in pinned host buffers and copies them
 up on a copy stream, gathers evicted dirty rows down on the same stream, and records an

@@ -1,7 +1,7 @@
 """Slot bookkeeping shared by the cache tiers (host memory, device memory).
 
 A tier holds rows in a fixed slab of ``capacity`` slots. :class:`SlotPool` keeps which key
-sits in which slot (a vectorized :class:`~damo_hybrid.keyindex.KeyIndex`), the free slots,
+sits in which slot (a vectorized :class:`~damo_hybrid.cache.keyindex.KeyIndex`), the free slots,
 pin counts (rows of batches in flight, never evicted) and CLOCK replacement: a one-bit
 approximation of LRU, swept from a hand in vectorized chunks. The tier owns the row data;
 the pool only says which slots to reuse and calls the tier back to evict them.

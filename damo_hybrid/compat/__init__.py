@@ -47,6 +47,7 @@ from ..config import (
     ScheduleKind,
     StoreConfig,
     TableConfig,
+    reject_unknown,
 )
 from ..keys.hashing import as_keys
 from ..rows.admission import CountingBloomFilter
@@ -97,9 +98,7 @@ def _params(p: Parameters | dict[str, Any] | None, what: str) -> dict[str, Any]:
 
 
 def _take(d: dict[str, Any], allowed: dict[str, Any], what: str) -> dict[str, Any]:
-    unknown = set(d) - set(allowed) - {"name"}
-    if unknown:
-        raise ValueError(f"unknown {what} parameters {sorted(unknown)}; allowed: {sorted(allowed)}")
+    reject_unknown(f"{what} parameters", set(d) - {"name"}, allowed)
     out = {}
     for k, default in allowed.items():
         v = d.get(k, default)

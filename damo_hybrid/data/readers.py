@@ -2,7 +2,7 @@
 schema), libFM lines and parquet, parsed into hashed keys, dense arrays and labels.
 
 A file is parsed once, at construction, into per-field uint64 keys
-(:func:`~damo_hybrid.hashing.hash_feature`, salted by the field name), float32 dense features
+(:func:`~damo_hybrid.keys.hashing.hash_feature`, salted by the field name), float32 dense features
 and float32 labels; batches are slices of those arrays, so ``batch(i)`` is random-access and a
 resumed run sees the same data. Epochs wrap around the file.
 
@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import reject_unknown
 from ..keys.hashing import hash_feature
 from .synthetic import Batch
 
@@ -122,9 +123,7 @@ class Schema:
     def from_dict(cls, d: dict[str, Any]) -> Schema:
         """Build from a plain mapping (a ``[schema]`` TOML table); unknown keys are an error."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown schema keys {unknown}; known: {sorted(known)}")
+        reject_unknown("schema keys", d, known)
         return cls(**d)
 
 

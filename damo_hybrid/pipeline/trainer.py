@@ -76,7 +76,7 @@ class Trainer:
     Args:
         model: the model (its ``sparse`` collection holds the caches).
         dense_optimizer: any ``torch.optim`` optimizer over the model's dense parameters.
-        train_batch: batch index -> :class:`~damo_hybrid.synthetic.Batch`.
+        train_batch: batch index -> :class:`~damo_hybrid.data.synthetic.Batch`.
         eval_batch: batch index -> held-out batch (optional).
     """
 
