@@ -47,6 +47,10 @@ def test_installed_wheel_imports_and_finds_its_kernels(wheel, tmp_path):
             "from damo_hybrid.ops import KERNELS\n"
             "assert KERNELS.is_relative_to(damo_hybrid.__path__[0]), KERNELS\n"
             "assert (KERNELS / 'optimizer_step.cu').is_file(), KERNELS\n"
+            # ops.cuda needs CuPy only to compile: a stand-in module lets it show where it looks
+            "import sys, types; sys.modules.setdefault('cupy', types.ModuleType('cupy'))\n"
+            "import damo_hybrid.ops.cuda as cu\n"
+            "assert cu.kernel_dir() == KERNELS, cu.kernel_dir()\n"
             "print(damo_hybrid.__file__)")
     env = {**os.environ, "PYTHONPATH": str(target)}
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
