@@ -63,7 +63,8 @@ class TableTiers:
 
     # --------------------------------------------------------------- reads
     def read_rows(self, keys: np.ndarray) -> tuple[Rows, np.ndarray]:
-        """The newest rows of distinct ``keys`` in whatever tier they are; changes nothing.
+        """The newest rows of distinct ``keys`` in whatever tier they are; moves no row (only read
+        counters change).
 
         Args:
             keys: uint64 (N,) distinct.
