@@ -268,7 +268,7 @@ class EmbeddingStore(StoreMaintenance):
             ValueError: a table with admission (not cached yet), or a bad budget.
         """
         with self._lock:
-            self._check_writable()
+            self._check_open()
             return self._caches.cache([self._table(n) for n in dict.fromkeys(tables)], cache_mb,
                                       device_cache_mb, device, min_cache_rows)
 
@@ -282,7 +282,7 @@ class EmbeddingStore(StoreMaintenance):
             device: the device tier's ``torch.device`` (default ``cpu``: the tier's logic in host memory).
         """
         with self._lock:
-            self._check_writable()
+            self._check_open()
             return self._caches.cache_table(self._table(table), rows, device_rows, device)
 
     def tiers(self, table: str) -> TableTiers | None:
@@ -365,6 +365,8 @@ class EmbeddingStore(StoreMaintenance):
                 table's policy is ``raise``; nothing was written.
             TypeError, ValueError: wrong dtype or shape; nothing was written.
             OutOfSpaceError: disk full; nothing was written.
+            WriteBackError: a cached table's writer failed earlier; nothing was written.
+            RuntimeError: a cached row is pinned on the device tier by a batch in flight.
         """
         with self._lock:
             self._check_writable()
@@ -392,10 +394,7 @@ class EmbeddingStore(StoreMaintenance):
         with self._lock:
             self._check_writable()
             t = self._table(table)
-            ukeys = np.unique(keys)
-            self._caches.flush([table])
-            self._caches.discard(table, ukeys)
-            self._io.delete(t, ukeys)
+            self._caches.delete(table, np.unique(keys), lambda k: self._io.delete(t, k))
 
     # ------------------------------------------------------------ lifecycle
     def flush(self) -> None:

@@ -113,6 +113,7 @@ def test_take_rows_moves_rows_up_and_put_rows_brings_them_back(tmp_path):
     with EmbeddingStore(tmp_path / "s", _tables(OptimizerConfig.adagrad(0.1))) as st:
         st.apply_gradients("emb", np.arange(4, dtype=np.uint64), np.ones((4, 8), np.float32))  # keys 0..3 stored
         host = _host(st)
+        host.make_resident(np.array([2, 3, 10], np.uint64))
         st.apply_gradients("emb", np.array([2, 3, 10], np.uint64), np.ones((3, 8), np.float32))  # 2, 3, 10 dirty here
         want, _ = st.read_rows("emb", np.arange(4, dtype=np.uint64))
         rows, stored, dirty = host.take_rows(np.array([0, 2, 10, 99], np.uint64))

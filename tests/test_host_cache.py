@@ -26,6 +26,7 @@ def test_cached_training_equals_store_alone_with_evictions(tmp_path, opt):
         for k, g in zip(batches, grads):
             np.testing.assert_array_equal(st.lookup("t", k), ref.lookup("t", k))
             ref.apply_gradients("t", k, g)
+            cache.make_resident(np.unique(k))  # as the host manager would: evicts, writes back
             st.apply_gradients("t", k, g)  # a cached table: stepped in its tiers
         assert cache.stats.evictions > 0 and cache.stats.write_backs > 0 and cache.stats.hits > 0
         allk = np.arange(300, dtype=np.uint64)

@@ -104,3 +104,132 @@ def test_eval_forwards_need_no_apply(tmp_path):
         emb.train()
         _step(emb, 1)
         np.testing.assert_allclose(st.lookup("t", KEY), [[-0.1, -0.1]], rtol=1e-6)
+
+
+# ------------------------------------------------ found in review of the store-owned tiers
+
+
+def _sgd_table(name="t", dim=2):
+    return TableConfig(name, dim, initializer=InitializerConfig.zeros(), optimizer=OptimizerConfig.sgd(0.1))
+
+
+def test_flush_retries_held_rows_even_with_newer_dirty_rows(tmp_path, monkeypatch):
+    from damo_hybrid.errors import OutOfSpaceError, WriteBackError
+
+    with EmbeddingStore(tmp_path / "s", [_sgd_table()]) as st:
+        host = st.cache_table("t", 4).host
+        real, fail = host.io.write, [True]
+
+        def write(*a, **k):
+            if fail[0]:
+                raise OutOfSpaceError("disk full (simulated)")
+            real(*a, **k)
+
+        monkeypatch.setattr(host.io, "write", write)
+        host.make_resident(np.arange(4, dtype=np.uint64))
+        st.apply_gradients("t", np.arange(3, dtype=np.uint64), np.ones((3, 2), np.float32))
+        with pytest.raises(WriteBackError):
+            st.flush()
+        before = st.lookup("t", np.arange(10, dtype=np.uint64))
+        with pytest.raises(WriteBackError):  # key 9 is not resident: its row would go to the failed writer
+            st.apply_gradients("t", np.array([1, 9], np.uint64), np.ones((2, 2), np.float32))
+        np.testing.assert_array_equal(st.lookup("t", np.arange(10, dtype=np.uint64)), before)  # nothing half-done
+        st.apply_gradients("t", np.arange(2, 4, dtype=np.uint64), np.ones((2, 2), np.float32))  # resident: dirty again
+        with pytest.raises(WriteBackError):
+            st.flush()
+        fail[0] = False  # space freed: the next flush writes everything
+        st.flush()
+        want = st.lookup("t", np.arange(4, dtype=np.uint64))
+    with EmbeddingStore(tmp_path / "s", [_sgd_table()]) as st:
+        np.testing.assert_array_equal(st.lookup("t", np.arange(4, dtype=np.uint64)), want)
+        assert st.count_rows("t") == st.stats().rows == 4
+
+
+def test_a_write_back_failing_half_way_counts_no_row_twice(tmp_path, monkeypatch):
+    import damo_hybrid.cache.host as host_mod
+    from damo_hybrid.errors import WriteBackError
+
+    monkeypatch.setattr(host_mod, "_WRITE_CHUNK", 2)
+    with EmbeddingStore(tmp_path / "s", [_sgd_table()]) as st:
+        host = st.cache_table("t", 8).host
+        host.make_resident(np.arange(4, dtype=np.uint64))
+        st.apply_gradients("t", np.arange(4, dtype=np.uint64), np.ones((4, 2), np.float32))
+        real, calls = host.writer.submit, [0]
+
+        def submit(*a, **k):
+            calls[0] += 1
+            if calls[0] == 2:
+                raise WriteBackError("simulated")
+            real(*a, **k)
+
+        monkeypatch.setattr(host.writer, "submit", submit)
+        with pytest.raises(WriteBackError):
+            st.flush()
+        monkeypatch.setattr(host.writer, "submit", real)
+        st.flush()
+        assert st.stats().rows == st.count_rows("t") == 4
+
+
+def test_a_collection_cannot_train_after_its_store_closed(tmp_path):
+    from damo_hybrid.errors import StoreClosedError
+
+    st = EmbeddingStore(tmp_path / "s", TABLES)
+    emb = EmbeddingCollection(st, [Feature("x", "t")], backend="cpu")
+    emb({"x": KEY})["x"].sum().backward()
+    st.close()
+    with pytest.raises(StoreClosedError):
+        emb.apply_gradients()
+    with pytest.raises(StoreClosedError):
+        emb.prepare({"x": KEY})
+
+
+def test_a_device_tier_larger_than_the_host_tier_flushes(tmp_path):
+    keys = np.arange(40, dtype=np.uint64)
+    with EmbeddingStore(tmp_path / "s", [_sgd_table()]) as st:
+        st.cache_table("t", 4, 64, "cpu")  # 64 device rows above 4 host rows
+        emb = EmbeddingCollection(st, [Feature("x", "t")], backend="cpu", device_cache_mb=1.0)
+        emb({"x": keys})["x"].sum().backward()
+        emb.apply_gradients()
+        assert int(st.tiers("t").device.dirty.sum()) == 40
+    with EmbeddingStore(tmp_path / "s", [_sgd_table()]) as st:
+        np.testing.assert_allclose(st.lookup("t", keys), np.full((40, 2), -0.1, np.float32), rtol=1e-6)
+        assert st.count_rows("t") == st.stats().rows == 40
+
+
+def test_store_steps_on_a_cached_table_are_not_limited_by_its_size(tmp_path):
+    rng = np.random.default_rng(0)
+    with EmbeddingStore(tmp_path / "ref", [_sgd_table()]) as ref, EmbeddingStore(tmp_path / "c", [_sgd_table()]) as st:
+        st.cache_table("t", 4)
+        for _ in range(3):
+            k = rng.integers(0, 300, 200).astype(np.uint64)  # far more distinct keys than 4 slots
+            g = rng.standard_normal((200, 2)).astype(np.float32)
+            ref.apply_gradients("t", k, g)
+            st.apply_gradients("t", k, g)
+        allk = np.arange(300, dtype=np.uint64)
+        np.testing.assert_array_equal(st.lookup("t", allk), ref.lookup("t", allk))
+        st.flush()
+        assert st.count_rows("t") == st.stats().rows == ref.count_rows("t")
+
+
+def test_a_read_only_store_serves_a_collection_but_refuses_its_steps(tmp_path):
+    from damo_hybrid.errors import DamoHybridError
+
+    with EmbeddingStore(tmp_path / "s", TABLES) as st:
+        st.apply_gradients("t", KEY, np.ones((1, 2), np.float32))
+    with EmbeddingStore(tmp_path / "s", read_only=True) as st:
+        emb = EmbeddingCollection(st, [Feature("x", "t")], backend="cpu")
+        with torch.no_grad():
+            np.testing.assert_allclose(emb({"x": KEY})["x"].numpy(), [[-0.1, -0.1]], rtol=1e-6)
+        emb({"x": KEY})["x"].sum().backward()
+        with pytest.raises(DamoHybridError, match="read_only"):
+            emb.apply_gradients()
+
+
+def test_a_failed_cache_call_caches_nothing(tmp_path):
+    from damo_hybrid import AdmissionConfig
+
+    adm = TableConfig("a", 2, admission=AdmissionConfig(min_count=2, capacity=100))
+    with EmbeddingStore(tmp_path / "s", [_sgd_table(), adm]) as st:
+        with pytest.raises(ValueError, match="admission"):
+            st.cache(["t", "a"])
+        assert st.tiers("t") is None and st.tiers("a") is None

@@ -344,15 +344,25 @@ class DeviceCache:
         self.slots.release(s)
 
     def flush(self) -> None:
-        """Copy every row holding updates down into the host cache (which stays responsible
-        for writing it to RocksDB); the rows stay resident and clean."""
+        """Copy every row holding updates down into the host cache, which writes them to the
+        storage; the rows stay resident and clean.
+
+        In chunks of at most the host tier's capacity, each written back before the next, so a
+        device tier of any size flushes through a host tier of any size."""
         self._dev.fence()
         self._dev.wait_fence()
         d = np.nonzero(self.dirty)[0]
-        if len(d):
-            self._send_down(d)
-            self.dirty[d] = False
-            self.stored[d] = True  # the host cache holds them dirty and writes them before dropping them
+        step = max(1, self.host.capacity - int(np.count_nonzero(self.host.pins)))
+        for i in range(0, len(d), step):
+            c = d[i:i + step]
+            self.dirty[c] = False
+            try:
+                self._send_down(c)
+            except BaseException:
+                self.dirty[c] = True  # still only here: keep them for the next flush
+                raise
+            self.stored[c] = True  # the host cache holds them dirty and writes them before dropping them
+            self.host.write_back_dirty()  # frees the host tier for the next chunk
 
     def __len__(self) -> int:
         return len(self.slots)

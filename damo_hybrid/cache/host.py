@@ -231,10 +231,11 @@ class HostCache:
         for i in range(0, len(slots), _WRITE_CHUNK):
             c = slots[i:i + _WRITE_CHUNK]
             self.writer.submit(self.keys[c], self._rows(c), new=~self.stored[c])
-        self.stored[slots] = True
-        self.dirty[slots] = False
-        self.stats.write_backs += len(slots)
-        self.stats.bytes_written += len(slots) * self.row_bytes
+            # per chunk: a later chunk's failure must not leave this one dirty and "new" (written twice)
+            self.stored[c] = True
+            self.dirty[c] = False
+            self.stats.write_backs += len(c)
+            self.stats.bytes_written += len(c) * self.row_bytes
 
     # ------------------------------------------- exchange with a tier above
     def take_rows(self, keys: np.ndarray) -> tuple[Rows, np.ndarray, np.ndarray]:
@@ -310,6 +311,26 @@ class HostCache:
         self.weights[slots], self.state[slots], self.count[slots] = w, st, cnt
         self.updated[slots] = int(time.time())
         self.dirty[slots] = True
+
+    def step_through(self, keys: np.ndarray, g: np.ndarray, lr: float) -> None:
+        """Step rows that are not resident without making them resident: read from below (or
+        initialise), step, and hand them to the writer, which orders them after any older copy
+        it still holds. No slot is taken, so any number of keys fits.
+
+        Args:
+            keys: uint64 (U,) distinct keys not resident in this tier.
+            g: float32 (U, dim) summed gradients.
+            lr: the step's learning rate.
+        """
+        for i in range(0, len(keys), _WRITE_CHUNK):
+            k = keys[i:i + _WRITE_CHUNK]
+            rows, stored = self._fetch(k)
+            rows.count += 1
+            self.opt.update(rows.weights, rows.state, g[i:i + _WRITE_CHUNK], rows.count, lr)
+            rows.updated[:] = int(time.time())
+            self.writer.submit(k, rows, new=~stored)
+            self.stats.write_backs += len(k)
+            self.stats.bytes_written += len(k) * self.row_bytes
 
     def write_back_dirty(self) -> None:
         """Hand every dirty row to the writer (they stay resident, clean); see :meth:`WriteBehind.drain`."""

@@ -8,7 +8,8 @@ flushes, discards and reports over all of them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,10 @@ class TierRegistry:
               device: Any, min_cache_rows: int | None = None) -> dict[str, TableTiers]:
         """See :meth:`EmbeddingStore.cache <damo_hybrid.store.EmbeddingStore.cache>`."""
         cfg = self._config
+        if isinstance(device, str):
+            import torch
+
+            device = torch.device(device)
         host_mb = cfg.cache_mb if cache_mb is None else cache_mb
         dev_mb = cfg.device_cache_mb if device_cache_mb is None else device_cache_mb
         if device is not None and dev_mb is None and getattr(device, "type", None) == "cuda":
@@ -57,6 +62,14 @@ class TierRegistry:
         elif device is None:
             device = "cpu"
         new = [t for t in tables if t.name not in self._tiers]
+        # every check before any tier exists: a failed call caches nothing
+        for t in tables:
+            if t not in new:
+                self._check_same_device(self._tiers[t.name], device)
+        for t in new:
+            if t.cfg.admission is not None:
+                raise ValueError(f"table {t.name!r} uses admission, which the cache tiers do not support yet; "
+                                 "use the store without a cache for it")
         if new:
             share = host_mb * 2**20 / sum(HostCache.nbytes_per_row(t.dim, t.width) for t in new)
             dshare = None
@@ -72,7 +85,6 @@ class TierRegistry:
                                  device)
         for t in tables:
             if t not in new:
-                self._check_same_device(self._tiers[t.name], device)
                 if cache_mb is not None or device_cache_mb is not None:
                     log.warning("table %r is cached already (%d host rows): the budget asked for now is ignored",
                                 t.name, self._tiers[t.name].host.capacity)
@@ -115,15 +127,22 @@ class TierRegistry:
             if tiers is not None:
                 tiers.flush()
 
-    def discard(self, name: str, keys: np.ndarray) -> None:
-        """Drop resident copies of ``keys`` of one table (after a flush)."""
+    def lock(self, name: str) -> AbstractContextManager[Any]:
+        """The table's tier lock (a no-op for a table without tiers)."""
         tiers = self._tiers.get(name)
-        if tiers is not None:
-            tiers.discard(keys)
+        return tiers.lock if tiers is not None else nullcontext()
+
+    def delete(self, name: str, keys: np.ndarray, delete_below: Callable[[np.ndarray], int]) -> int:
+        """Delete ``keys`` of one table from its tiers and the storage; see :meth:`TableTiers.delete`."""
+        tiers = self._tiers.get(name)
+        return tiers.delete(keys, delete_below) if tiers is not None else delete_below(keys)
 
     def stats(self) -> dict[str, tuple[CacheStats, CacheStats | None]]:
         return {n: tr.stats() for n, tr in self._tiers.items()}
 
     def clear(self) -> None:
-        """Forget every tier (after a successful flush, at close)."""
+        """Close and forget every tier (after a successful flush, at close): a collection that
+        still holds one gets StoreClosedError instead of training rows nobody will write."""
+        for tiers in self._tiers.values():
+            tiers.closed = True
         self._tiers.clear()

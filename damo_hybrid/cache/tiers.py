@@ -10,13 +10,18 @@ is the truth. Reads through :meth:`TableTiers.read_rows` look top-down and chang
 :meth:`TableTiers.flush` sends every update down to the storage.
 
 Thread safety: :attr:`TableTiers.lock` serialises residency changes (the host manager's
-``prepare``, the store's reads, steps, flushes and deletions); the worker steps and unpins
-rows it holds pinned without it, which is safe because pinned rows never move.
+``prepare``, the store's reads, steps, flushes and deletions); the worker steps and unpins rows
+it holds pinned without it, which is safe because pinned rows never move. The worker's step
+and the store's reads, flushes and steps also take :attr:`TableTiers.step_lock` (never held
+by the host manager, so it never delays ``prepare``): a flush or read never sees a row half
+stepped, and a step never lands between a flush's copy of a row and its clean mark. Lock
+order: the store's lock, then ``lock``, then ``step_lock``, then the storage's.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,6 +52,8 @@ class TableTiers:
         self.table = io.table
         self.name = io.table.name
         self.lock = threading.RLock()
+        self.step_lock = threading.Lock()
+        self.closed = False  # set by the store's close(): no prepare or step after it
         self.host = HostCache(io, host_rows)
         self.device: DeviceCache | None = None
         if device_rows is not None:
@@ -77,7 +84,7 @@ class TableTiers:
         out = Rows.empty(n, t.dim, t.width)
         found = np.zeros(n, dtype=bool)
         todo = np.arange(n)
-        with self.lock:
+        with self.lock, self.step_lock:
             for tier in (self.device, self.host):
                 if tier is None or not len(todo):
                     continue
@@ -97,22 +104,31 @@ class TableTiers:
         """One optimizer step of ``keys`` with already validated gradients (the store's
         ``apply_gradients`` on a cached table): duplicates summed, each row stepped once.
 
-        Rows on the device tier are first sent down, then the host tier steps them.
+        Rows on the device tier are first sent down; rows in the host tier are stepped there;
+        the others are read, stepped and handed to the writer without taking a slot, so a call
+        may hold more keys than the cache.
 
         Args:
             keys: uint64 (N,).
             grads: float32 (N, dim), finite.
             lr: the step's learning rate.
+        Raises:
+            RuntimeError: a row is pinned by a batch in flight on the device tier.
         """
         if not len(keys):
             return
         ukeys, inv = np.unique(keys, return_inverse=True)
         g = reduce_by_key(grads, inv, len(ukeys))
-        with self.lock:
+        with self.lock, self.step_lock:
             if self.device is not None:
                 self.device.send_down(ukeys)
-            slots = self.host.make_resident(ukeys)
-            self.host.step_slots(slots, g, lr)
+            slots = self.host.slots.lookup(ukeys)
+            hit = slots >= 0
+            if not hit.all():  # the part that can fail (a read, or a writer that failed) goes first
+                self.host.writer.check()
+                self.host.step_through(ukeys[~hit], g[~hit], lr)
+            if hit.any():
+                self.host.step_slots(slots[hit], g[hit], lr)
 
     # ------------------------------------------------------------ lifecycle
     def flush(self) -> None:
@@ -122,22 +138,33 @@ class TableTiers:
         Raises:
             WriteBackError: the storage refused the rows; they are still held in memory.
         """
-        with self.lock:
+        with self.lock, self.step_lock:
+            self.host.writer.drain()  # first retry what an earlier failure holds
             if self.device is not None:
                 self.device.flush()
             self.host.write_back_dirty()
             self.host.writer.drain()
 
-    def discard(self, keys: np.ndarray) -> None:
-        """Drop resident copies of ``keys`` (call after :meth:`flush`; for deletion and expiry)."""
+    def delete(self, keys: np.ndarray, delete_below: Callable[[np.ndarray], int]) -> int:
+        """Delete ``keys`` from every tier and, through ``delete_below``, from the storage, under
+        the tier lock throughout, so the host manager cannot bring a row back in between.
+
+        Returns:
+            What ``delete_below`` returns (rows removed from the storage).
+        Raises:
+            RuntimeError: a row is pinned by a batch in flight.
+        """
         with self.lock:
-            if self.device is not None:
-                self.device.send_down(keys)
-            self.host.discard(keys)
+            self.flush()
+            with self.step_lock:
+                if self.device is not None:
+                    self.device.send_down(keys)
+                self.host.discard(keys)
+            return delete_below(keys)
 
     def dirty_rows(self) -> int:
         """Rows holding updates the storage lacks (in any tier or the writer's queue)."""
-        n = int(self.host.dirty.sum()) + self.host.writer.held
+        n = int(np.count_nonzero(self.host.dirty)) + self.host.writer.held
         if self.device is not None:
             n += int(self.device.dirty.sum())
         return n

@@ -72,11 +72,15 @@ class WriteBehind:
 
     def _raise(self) -> None:
         if self._error is not None:
-            n = sum(len(p.keys) for p in self._pending)
+            n = self.held
             raise WriteBackError(
                 f"writing evicted rows of table {self.name!r} failed: {self._error}; {n} rows are held in "
                 "memory, not lost: fix the cause (free disk space, say) and flush or close the store again"
             ) from self._error
+
+    def check(self) -> None:
+        """Raise :class:`WriteBackError` if an earlier write failed (its rows are still held)."""
+        self._raise()
 
     @property
     def held(self) -> int:

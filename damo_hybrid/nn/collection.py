@@ -43,6 +43,7 @@ from ..cache.device import DeviceBatch, DeviceCache
 from ..cache.host import CacheStats, HostCache
 from ..cache.registry import DEFAULT_DEVICE_CACHE_MB
 from ..cache.tiers import TableTiers
+from ..errors import DamoHybridError, StoreClosedError
 from ..keys.hashing import as_keys
 from ..ops import Backend, resolve_backend
 from ..store import EmbeddingStore
@@ -207,6 +208,8 @@ class EmbeddingCollection(torch.nn.Module):
                     start += len(k)
                 tiers = self.tiers[t]
                 with tiers.lock:
+                    if tiers.closed:
+                        raise StoreClosedError(f"the store holding table {t!r} is closed")
                     if tiers.device is not None:
                         db = tiers.device.prepare(ukeys, arrays)
                         tb = _TableBatch(t, ukeys, db.slots, device=db)
@@ -295,6 +298,10 @@ class EmbeddingCollection(torch.nn.Module):
         """Validate one table's gradients (raising changes nothing) and return its step."""
         tiers = self.tiers[t]
         table = tiers.table
+        if tiers.closed:
+            raise StoreClosedError(f"the store holding table {t!r} is closed: these updates would never be written")
+        if self.store.read_only:
+            raise DamoHybridError("the store was opened read_only: it serves lookups, not training")
         if tb.device is not None:
             dev = tiers.device
             assert dev is not None
@@ -308,7 +315,8 @@ class EmbeddingCollection(torch.nn.Module):
             lr = table.lr(step)
 
             def run_device() -> None:
-                dev.step(tb.device, g, lr, keep)  # type: ignore[arg-type]
+                with tiers.step_lock:
+                    dev.step(tb.device, g, lr, keep)  # type: ignore[arg-type]
                 table.count_dropped(finite)
                 table.advance()
 
@@ -318,10 +326,11 @@ class EmbeddingCollection(torch.nn.Module):
         lr = table.lr(step)
 
         def run_host() -> None:
-            if finite is None:
-                host.step_slots(tb.slots, g2, lr)
-            else:
-                host.step_slots(tb.slots[finite], g2[finite], lr)
+            with tiers.step_lock:
+                if finite is None:
+                    host.step_slots(tb.slots, g2, lr)
+                else:
+                    host.step_slots(tb.slots[finite], g2[finite], lr)
             table.count_dropped(finite)
             table.advance()
 

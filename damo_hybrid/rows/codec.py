@@ -59,7 +59,7 @@ class Rows:
 
     @classmethod
     def empty(cls, n: int, dim: int, state_width: int) -> Rows:
-        """``n`` uninitialised rows (fill them with :meth:`put`)."""
+        """``n`` rows to fill with :meth:`put`: weights and state uninitialised, metadata zero."""
         return cls(np.empty((n, dim), np.float32), np.empty((n, state_width), np.float32),
                    np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64))
 

@@ -170,11 +170,11 @@ class StoreMaintenance:
                 if rule is None:
                     continue
                 age, mc = rule
-                self._caches.flush([t.name])
-                doomed = expired_keys(self._io, t, now, age, mc)
-                if len(doomed):
-                    self._caches.discard(t.name, doomed)
-                    removed += self._io.delete(t, doomed)
+                with self._caches.lock(t.name):  # no row comes back into a tier until it is deleted
+                    self._caches.flush([t.name])
+                    doomed = expired_keys(self._io, t, now, age, mc)
+                    if len(doomed):
+                        removed += self._caches.delete(t.name, doomed, lambda k, t=t: self._io.delete(t, k))
         return removed
 
     def export(self, path: str | os.PathLike[str], tables: Iterable[str] | None = None) -> dict[str, int]:
@@ -252,6 +252,8 @@ class StoreMaintenance:
             self._check_writable()
             if self.root is None:
                 raise DamoHybridError("an in-memory store cannot be checkpointed; open it on a path")
+            if Path(path).exists():
+                raise FileExistsError(f"checkpoint path {path} already exists; choose a new directory")
             self._caches.flush()
             self._storage.flush()
             dst = write_checkpoint(self._storage, Path(path), self._write_meta, list(self._tables))
