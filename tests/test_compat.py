@@ -220,3 +220,22 @@ def test_load_from_checkpoint_replaces_contents(tmp_path):
     st.load_from_checkpoint(str(tmp_path / "ck"))
     e.lookup(k, w)
     np.testing.assert_array_equal(w, -0.5)
+
+
+def test_dump_of_a_group_without_a_table_is_empty_and_valid(tmp_path):
+    st, e = _embedding(tmp_path, dim=3, group=7)
+    e.apply_gradients(np.array([1], np.uint64), np.ones(3, np.float32))
+    cond = damo.Parameters()
+    cond.insert("group", 0)
+    st.dump(str(tmp_path / "g0.bin"), cond)  # raised KeyError: 'group_0'
+    assert read_seed_format(tmp_path / "g0.bin") == {}
+    assert (tmp_path / "g0.bin").stat().st_size == 256 * 12
+
+
+def test_storage_close_releases_the_lock(tmp_path):
+    st, e = _embedding(tmp_path)
+    e.apply_gradients(np.array([1], np.uint64), np.ones(4, np.float32))
+    st.close()
+    st.close()  # a second close is a no-op
+    with damo.PyStorage(str(st.dir)) as again:  # the lock is free without waiting for garbage collection
+        np.testing.assert_array_equal(again.store.lookup("group_0", np.array([1], np.uint64)), [[-0.5] * 4])

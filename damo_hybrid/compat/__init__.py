@@ -303,12 +303,24 @@ class PyStorage:
         group = int(v["group"])
         if group >= 256:
             raise ValueError(f"group must be in [0, 256), got {group}")
-        tables = None if group < 0 else [f"group_{group}"]
+        name = f"group_{group}"
+        # a group without a table dumps nothing: an empty, valid file
+        tables = None if group < 0 else ([name] if name in self.store.tables else [])
         dump_seed_format(self.store, path, tables=tables, min_count=int(v["min_count"]),
                          expire_days=float(v["expire_days"]) or None)
 
     def checkpoint(self, path: str) -> None:
         self.store.checkpoint(path)
+
+    def close(self) -> None:
+        """Flush and release the store (and its lock); closing twice is a no-op."""
+        self.store.close()
+
+    def __enter__(self) -> PyStorage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def load_from_checkpoint(self, path: str) -> None:
         """Replace this storage's contents with a checkpoint's."""
