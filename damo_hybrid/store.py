@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -484,8 +485,17 @@ class EmbeddingStore(StoreMaintenance):
             DamoHybridError: ``checkpoint`` is incomplete (no marker) or not a checkpoint.
             FileExistsError: ``path`` exists and is not empty.
         """
-        copy_checkpoint(Path(checkpoint), Path(path))
-        return cls(path, tables, config)
+        dst = Path(path)
+        existed = dst.exists()
+        copy_checkpoint(Path(checkpoint), dst)
+        try:
+            return cls(path, tables, config)
+        except BaseException:
+            # a failed restore leaves the target as it found it (absent or empty), so a retry works
+            shutil.rmtree(dst, ignore_errors=True)
+            if existed:
+                dst.mkdir(parents=True, exist_ok=True)
+            raise
 
 
 def open_memory_store(tables: Sequence[TableConfig] = (), config: StoreConfig = StoreConfig()) -> EmbeddingStore:

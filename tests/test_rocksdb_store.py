@@ -190,6 +190,25 @@ def test_interrupted_checkpoint_is_never_picked_up(tmp_path, monkeypatch):
         EmbeddingStore.from_checkpoint(partial, tmp_path / "r")
 
 
+def test_a_failed_restore_leaves_its_target_reusable(tmp_path):
+    from damo_hybrid.errors import ConfigConflictError
+
+    with EmbeddingStore(tmp_path / "s", [T]) as s:
+        s.apply_gradients("emb", KEYS, G)
+        want = s.lookup("emb", KEYS)
+        s.checkpoint(tmp_path / "ck")
+    wrong = TableConfig("emb", T.dim + 1)
+    with pytest.raises(ConfigConflictError):
+        EmbeddingStore.from_checkpoint(tmp_path / "ck", tmp_path / "r", [wrong])
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+    with EmbeddingStore.from_checkpoint(tmp_path / "ck", tmp_path / "r", [T]) as r:  # was: "not empty"
+        np.testing.assert_array_equal(r.lookup("emb", KEYS), want)
+    # a checkpoint whose registry went missing says so, instead of "no CHECKPOINT.json"
+    (tmp_path / "ck" / "meta.json").unlink()
+    with pytest.raises(DamoHybridError, match="has no meta.json"):
+        EmbeddingStore.from_checkpoint(tmp_path / "ck", tmp_path / "r2")
+
+
 def test_out_of_space_is_reported_and_loses_nothing(tmp_path):
     with EmbeddingStore(tmp_path / "s", [T]) as s:
         s.apply_gradients("emb", KEYS, G)

@@ -78,10 +78,13 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
         DamoHybridError: ``src`` is incomplete (no marker) or not a checkpoint.
         FileExistsError: ``dst`` exists and is not empty.
     """
-    if not (src / MARKER).is_file() or not (src / META).is_file():
+    if not (src / MARKER).is_file():
         raise DamoHybridError(
             f"{src} is not a complete checkpoint (no {MARKER}); an interrupted checkpoint is never used"
         )
+    if not (src / META).is_file():
+        raise DamoHybridError(f"checkpoint {src} has no {META} (the table registry): it was damaged after it "
+                              "was written; restore an older checkpoint")
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"restore target {dst} is not empty")
     dst.mkdir(parents=True, exist_ok=True)
