@@ -233,3 +233,17 @@ def test_a_failed_cache_call_caches_nothing(tmp_path):
         with pytest.raises(ValueError, match="admission"):
             st.cache(["t", "a"])
         assert st.tiers("t") is None and st.tiers("a") is None
+
+
+def test_pickling_a_model_says_how_to_save_it(tmp_path):
+    import copy
+    import pickle
+
+    from damo_hybrid.models import DeepFM
+
+    with EmbeddingStore(tmp_path / "s", [TableConfig("emb", 4), TableConfig("lin", 1)]) as st:
+        m = DeepFM(st, ["a", "b"], 2, hidden=(8,), backend="cpu")
+        for attempt in (lambda: pickle.dumps(m), lambda: copy.deepcopy(m)):
+            with pytest.raises(TypeError, match=r"store\.checkpoint.*store\.export"):
+                attempt()
+        assert all(not k.startswith("sparse") for k in m.state_dict())  # only dense weights

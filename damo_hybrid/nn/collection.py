@@ -145,6 +145,13 @@ class EmbeddingCollection(torch.nn.Module):
         self._pooling = {f.name: f.pooling for f in features}
         self._pending: PreparedBatch | None = None
 
+    def __getstate__(self) -> dict[str, object]:
+        raise TypeError(
+            "an EmbeddingCollection cannot be pickled or deep-copied: its rows live in the store on disk, "
+            "not in the module. state_dict() holds only the dense weights; save the embeddings with "
+            "store.checkpoint(dir) (or Trainer.checkpoint, which saves both), or store.export(path) for serving"
+        )
+
     @property
     def caches(self) -> dict[str, HostCache]:
         """The host tier of each table (shared with every other user of the table)."""
