@@ -253,3 +253,27 @@ def test_store_meta_is_written_atomically(tmp_path):
     (tmp_path / "s" / "meta.json").write_text("{not json")
     with pytest.raises(DamoHybridError, match="unreadable"):
         EmbeddingStore(tmp_path / "s")
+
+
+def test_a_storage_fault_during_a_scan_is_a_typed_error_naming_the_table(tmp_path, monkeypatch):
+    from damo_hybrid.errors import CorruptRowError
+    from damo_hybrid.storage.backend import encode_keys
+
+    with EmbeddingStore(tmp_path / "s", [T]) as s:
+        s.apply_gradients("emb", KEYS, G)
+        real = s._storage.scan  # type: ignore[attr-defined]
+
+        def damaged(table_id, batch=65536):
+            it = real(table_id, batch=1)
+            yield next(it)
+            raise Exception("Corruption: block checksum mismatch")  # what rocksdict raises
+
+        monkeypatch.setattr(s._storage, "scan", damaged)  # type: ignore[attr-defined]
+        with pytest.raises(CorruptRowError, match=r"table 'emb' at key 3 .*cannot read past") as ei:
+            list(s.scan("emb"))
+        assert ei.value.table == "emb" and ei.value.key == 3
+        monkeypatch.undo()
+        # a stored key of the wrong length inside the table's range is named too
+        s._storage.db[encode_keys(1, KEYS[:1])[0][:4] + b"xx"] = b"x"  # type: ignore[attr-defined]
+        with pytest.raises(CorruptRowError, match="table 'emb'"):
+            s.count_rows("emb")

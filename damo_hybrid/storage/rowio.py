@@ -21,6 +21,7 @@ from itertools import repeat
 
 import numpy as np
 
+from ..errors import CorruptRowError, DamoHybridError
 from ..ops.cpu import reduce_by_key
 from ..rows.codec import Rows
 from ..rows.table import Table
@@ -82,9 +83,28 @@ class RowIO:
             return n
 
     def scan(self, t: Table, batch: int = 65536) -> Iterator[tuple[np.ndarray, Rows]]:
-        """Every stored row of a table in key order: ``(keys uint64 (M,), rows)`` chunks."""
-        for keys, values in self.storage.scan(t.id, batch):
+        """Every stored row of a table in key order: ``(keys uint64 (M,), rows)`` chunks.
+
+        Raises:
+            CorruptRowError: a stored value fails its checks, or the storage cannot read past a
+                key (a damaged file, a malformed key); it names the table and the last good key.
+        """
+        last = -1
+        it = iter(self.storage.scan(t.id, batch))
+        while True:
+            try:
+                item = next(it, None)
+            except DamoHybridError:
+                raise
+            except Exception as e:  # RocksDB's own corruption errors arrive untyped
+                raise CorruptRowError(t.name, max(last, 0), f"the storage cannot read past this key "
+                                      f"({'no row read yet' if last < 0 else 'the last good one'}): {e}") from e
+            if item is None:
+                return
+            keys, values = item
             rows, _ = t.codec.decode(keys, values)
+            if len(keys):
+                last = int(keys[-1])
             yield keys, rows
 
     def step(self, t: Table, keys: np.ndarray, grads: np.ndarray, lr: float) -> None:
