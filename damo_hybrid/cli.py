@@ -128,7 +128,7 @@ def _train(args: argparse.Namespace) -> int:
     from .data.synthetic import SyntheticCriteo
     from .nn.models import MODELS
     from .pipeline.checkpoint import latest_checkpoint, load_trainer_state
-    from .pipeline.trainer import Trainer
+    from .pipeline.trainer import Trainer, check_model_class
 
     torch.manual_seed(args.seed)
     cores = os.cpu_count() or 1
@@ -167,6 +167,8 @@ def _train(args: argparse.Namespace) -> int:
     state = None
     try:
         if args.resume and (ck := latest_checkpoint(ckpt_root)) is not None:
+            state = load_trainer_state(ck)
+            check_model_class(state, MODELS[args.model].__name__)  # before the store is touched
             # the store may hold work done after the checkpoint: restart from the checkpoint's copy,
             # built beside the store and swapped in by renames, so a kill never leaves a half store
             staging = store_dir.with_name(f".{store_dir.name}.restoring")
@@ -180,7 +182,6 @@ def _train(args: argparse.Namespace) -> int:
             staging.rename(store_dir)
             shutil.rmtree(trash, ignore_errors=True)
             store = EmbeddingStore(store_dir, tables, store_cfg)
-            state = load_trainer_state(ck)
             print(f"resuming from {ck} at step {state['step']}")
         else:
             if args.resume:

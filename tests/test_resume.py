@@ -73,3 +73,19 @@ def test_interrupted_checkpoint_is_ignored(tmp_path):
     (root / "step-40").mkdir(parents=True)  # no marker: a checkpoint cut off half-way
     (root / ".step-45.partial-abc").mkdir()
     assert latest_checkpoint(root) is None
+
+
+def test_resume_with_another_model_is_a_clear_error_and_touches_nothing(tmp_path, capsys):
+    from damo_hybrid.cli import main
+
+    store = tmp_path / "s"
+    argv = [a for a in ARGS if a != "--quiet"] + ["--quiet", "--store", str(store)]
+    assert main(argv) == 0
+    before = _rows(store)
+    assert main(argv + ["--resume", "--model", "dcn"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "written by a DeepFM" in err[0] and "builds a DCNv2" in err[0]
+    after = _rows(store)
+    for t in before:
+        np.testing.assert_array_equal(before[t][0], after[t][0])
+        np.testing.assert_array_equal(before[t][1].weights, after[t][1].weights)

@@ -64,6 +64,14 @@ class TrainSummary:
         return d
 
 
+def check_model_class(state: dict[str, Any], model_class: str) -> None:
+    """Raise ValueError where a saved trainer state comes from another model class."""
+    saved = state.get("model_class")
+    if saved is not None and saved != model_class:
+        raise ValueError(f"the checkpoint was written by a {saved} model and this run builds a {model_class}: "
+                         f"resume with the model that wrote it, or train the {model_class} in a new store")
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process, MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -136,11 +144,22 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         """Dense model, dense optimizer, position and RNG states (sparse rows live in the store)."""
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
-                "samples": self.samples, "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()}
+                "samples": self.samples, "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+                "model_class": type(self.model).__name__}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Inverse of :meth:`state`."""
-        self.model.load_state_dict(state["model"])
+        """Inverse of :meth:`state`.
+
+        Raises:
+            ValueError: the state was saved from another model class, or dense layers of other shapes.
+        """
+        check_model_class(state, type(self.model).__name__)
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ValueError(f"the checkpoint's dense layers do not fit this {type(self.model).__name__} ({first}); "
+                             "resume with the options of the run that wrote it") from None
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.samples = int(state["step"]), int(state["samples"])
         torch.set_rng_state(state["torch_rng"])
