@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -80,16 +81,20 @@ def _file_data(args: argparse.Namespace) -> tuple[Any, Any]:
     from .data.readers import Schema, read_dataset
 
     schema = Schema.from_dict(args.schema) if getattr(args, "schema", None) else None
+    for opt, path in (("--data", args.data), ("--eval-data", args.eval_data)):
+        if path is not None and Path(path).is_dir():
+            raise ValueError(f"{opt} {path} is a directory; give a data file")
     data = read_dataset(args.data, args.format, args.batch_size, schema)
     if data.skipped:
         print(f"{args.data}: {data.skipped:,} malformed lines skipped")
     if args.eval_data:
         return data, read_dataset(args.eval_data, args.format, args.batch_size, schema)
     if args.eval_fraction:
-        if not 0.0 < args.eval_fraction < 1.0:
-            raise ValueError(f"--eval-fraction must lie in (0, 1), got {args.eval_fraction}")
         order = np.random.default_rng(args.seed).permutation(data.n)
         n_eval = max(1, int(round(args.eval_fraction * data.n)))
+        if data.n - n_eval < 1:
+            raise ValueError(f"--eval-fraction {args.eval_fraction} leaves none of the {data.n:,} rows of {args.data} "
+                             "to train on; hold out less")
         return data.take(np.sort(order[n_eval:])), data.take(np.sort(order[:n_eval]))
     return data, None
 
@@ -134,6 +139,7 @@ def _train(args: argparse.Namespace) -> int:
     cores = os.cpu_count() or 1
     # with prefetch the host manager needs a core of its own while torch computes
     threads = args.threads or (max(1, cores - 1) if not args.no_prefetch else cores)
+    _writable("--json", args.json)
     torch.set_num_threads(threads)
     if args.data:
         data, held_out = _file_data(args)
@@ -144,6 +150,8 @@ def _train(args: argparse.Namespace) -> int:
         else:
             args.eval_batches = 0
     else:
+        if args.vocab_max < args.vocab_min:
+            raise ValueError(f"--vocab-max {args.vocab_max} is below --vocab-min {args.vocab_min}")
         data = SyntheticCriteo(args.batch_size, seed=args.seed, vocab_min=args.vocab_min, vocab_max=args.vocab_max)
         held_out = SyntheticCriteo(args.batch_size, seed=args.seed, vocab_min=args.vocab_min,
                                    vocab_max=args.vocab_max, split=1)
@@ -192,6 +200,12 @@ def _train(args: argparse.Namespace) -> int:
                 raise ValueError("--device-cache-mb needs the cuda backend (a GPU with CuPy); drop it to train on the CPU")
             model = MODELS[args.model](store, data.sparse_fields, len(data.dense_fields), cache_mb=args.cache_mb,
                                        backend=args.backend, device_cache_mb=args.device_cache_mb)
+            floor = store_cfg.min_cache_rows
+            at_floor = sorted(t for t, c in model.sparse.caches.items() if c.capacity == floor)
+            if at_floor:
+                print(f"note: --cache-mb {args.cache_mb:g} gives tables {', '.join(at_floor)} fewer rows than the floor "
+                      f"of {floor:,} rows per table, so they hold {floor:,} rows "
+                      f"({sum(c.capacity * c.nbytes_per_row(c.dim, c.width) for c in model.sparse.caches.values()) / 2**20:,.1f} MiB in all)")
             dense_opt = torch.optim.Adam(model.parameters(), lr=args.dense_lr)
             trainer = Trainer(model, dense_opt, data.batch, held_out.batch if held_out is not None else None)
             if state is not None:
@@ -255,6 +269,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    _writable("--out", args.out)
     with EmbeddingStore(args.store, read_only=True) as s:
         n = s.export(args.out, tables=args.table or None)
     print(f"wrote {args.out}: " + ", ".join(f"{t} {c:,} rows" for t, c in n.items()))
@@ -262,6 +277,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _dump(args: argparse.Namespace) -> int:
+    _writable("--out", args.out)
     if args.format == "seed":
         from .compat.seed_format import dump_seed_format
 
@@ -275,9 +291,61 @@ def _dump(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors raised as one-line ValueErrors (``main`` prints them, exit 2)."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        raise ValueError(message)
+
+
+def _int(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int in ``[lo, hi]``."""
+    def conv(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {v}" if hi is not None
+                                             else f"must be >= {lo}, got {v}")
+        return v
+    return conv
+
+
+def _float(lo: float, hi: float | None = None, lo_open: bool = True, hi_open: bool = True) -> Callable[[str], float]:
+    """An argparse type: a finite float in the range (open or closed ends)."""
+    def conv(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo)
+        if hi is not None:
+            ok = ok and (v < hi if hi_open else v <= hi)
+        if not ok:
+            rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{')' if hi_open or hi is None else ']'}"
+            raise argparse.ArgumentTypeError(f"must lie in {rng}, got {text}")
+        return v
+    return conv
+
+
+def _writable(option: str, path: str | None) -> None:
+    """Check up front that a file can be written at ``path`` (not after a long run)."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{option} {path} is a directory; give a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"{option} {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"{option} {path} is not writable")
+
+
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The command's parser and its ``train`` sub-parser (whose defaults a config file sets)."""
-    p = argparse.ArgumentParser(prog="damo-hybrid", description=__doc__)
+    p = _Parser(prog="damo-hybrid", description=__doc__)
     p.add_argument("--version", action="version", version=f"damo-hybrid {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -288,34 +356,35 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                                     "for --format csv/parquet, a [schema] table")
     t.add_argument("--data", help="training file (.gz is read on the fly); default: built-in synthetic data")
     t.add_argument("--eval-data", help="held-out file in the same format")
-    t.add_argument("--eval-fraction", type=float, default=0.0,
+    t.add_argument("--eval-fraction", type=_float(0.0, 1.0, lo_open=False), default=0.0,
                    help="without --eval-data: hold out this random fraction of --data (seeded by --seed)")
     t.add_argument("--format", choices=sorted(FORMATS), default="criteo",
                    help="format of --data and --eval-data: criteo TSV, avazu CSV, movielens u.data, libfm lines, "
                         "or csv/parquet with a [schema] in --config")
-    t.add_argument("--epochs", type=int, default=1, help="passes over --data when --steps is not given")
+    t.add_argument("--epochs", type=_int(1), default=1, help="passes over --data when --steps is not given")
     t.add_argument("--model", choices=("deepfm", "wide_deep", "dcn", "dlrm"), default="deepfm")
-    t.add_argument("--steps", type=int, default=None, help="default: 150 on synthetic data (about a minute), else --epochs passes")
-    t.add_argument("--batch-size", type=int, default=4096)
-    t.add_argument("--dim", type=int, default=16)
+    t.add_argument("--steps", type=_int(1), default=None, help="default: 150 on synthetic data (about a minute), else --epochs passes")
+    t.add_argument("--batch-size", type=_int(1), default=4096)
+    t.add_argument("--dim", type=_int(1, 65535), default=16)
     t.add_argument("--optimizer", default="adagrad", choices=[k.value for k in OptimizerKind])
-    t.add_argument("--lr", type=float, default=0.05, help="sparse learning rate")
-    t.add_argument("--dense-lr", type=float, default=1e-3, help="Adam learning rate of the dense layers")
-    t.add_argument("--cache-mb", type=float, default=512.0, help="host-cache budget (MiB)")
+    t.add_argument("--lr", type=_float(0.0), default=0.05, help="sparse learning rate")
+    t.add_argument("--dense-lr", type=_float(0.0), default=1e-3, help="Adam learning rate of the dense layers")
+    t.add_argument("--cache-mb", type=_float(0.0), default=512.0,
+                   help="host-cache budget (MiB); each table gets at least 65,536 rows whatever the budget")
     t.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where rows are served and the model computes: auto = cuda where CUDA and CuPy work, else cpu")
-    t.add_argument("--device-cache-mb", type=float, default=None,
+    t.add_argument("--device-cache-mb", type=_float(0.0), default=None,
                    help="GPU device-cache budget (MiB) in front of the host cache; cuda backend only "
                         "(default 2048)")
-    t.add_argument("--vocab-min", type=int, default=10**6)
-    t.add_argument("--vocab-max", type=int, default=10**7)
-    t.add_argument("--eval-batches", type=int, default=5, help="held-out batches (with --eval-data: 0 = all)")
-    t.add_argument("--threads", type=int, default=0,
+    t.add_argument("--vocab-min", type=_int(1), default=10**6)
+    t.add_argument("--vocab-max", type=_int(1), default=10**7)
+    t.add_argument("--eval-batches", type=_int(0), default=5, help="held-out batches (with --eval-data: 0 = all)")
+    t.add_argument("--threads", type=_int(1), default=None,
                    help="torch threads (default: all cores, or all but one when prefetching)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=_int(0, 2**32 - 1), default=0)
     t.add_argument("--store", help="store directory (default: a new temporary one, removed at exit)")
     t.add_argument("--json", help="write a machine-readable summary here")
-    t.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint the whole training state every N steps")
+    t.add_argument("--checkpoint-every", type=_int(0), default=0, help="checkpoint the whole training state every N steps")
     t.add_argument("--checkpoint-dir", help="where checkpoints go (default: <store>.ckpt beside the store)")
     t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     t.add_argument("--no-prefetch", action="store_true",
@@ -324,12 +393,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     t.set_defaults(fn=_train)
 
     d = sub.add_parser("demo", help="train a logistic regression on synthetic ids, all weights in RocksDB")
-    d.add_argument("--steps", type=int, default=200)
-    d.add_argument("--batch-size", type=int, default=4096)
-    d.add_argument("--fields", type=int, default=8)
-    d.add_argument("--vocab", type=int, default=1_000_000)
-    d.add_argument("--lr", type=float, default=0.1)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--steps", type=_int(1), default=200)
+    d.add_argument("--batch-size", type=_int(1), default=4096)
+    d.add_argument("--fields", type=_int(1), default=8)
+    d.add_argument("--vocab", type=_int(1), default=1_000_000)
+    d.add_argument("--lr", type=_float(0.0), default=0.1)
+    d.add_argument("--seed", type=_int(0, 2**32 - 1), default=0)
     d.add_argument("--store", help="store directory (default: a new temporary one)")
     d.set_defaults(fn=_demo)
 
@@ -348,23 +417,23 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     u.add_argument("--store", required=True)
     u.add_argument("--out", required=True)
     u.add_argument("--table", action="append", help="a table to dump (repeatable; default all)")
-    u.add_argument("--min-count", type=int, default=0, help="keep rows with at least this many updates")
-    u.add_argument("--expire-days", type=float, default=None, help="keep rows updated within this many days")
+    u.add_argument("--min-count", type=_int(0), default=0, help="keep rows with at least this many updates")
+    u.add_argument("--expire-days", type=_float(0.0), default=None, help="keep rows updated within this many days")
     u.add_argument("--format", choices=("npz", "seed"), default="npz",
                    help="npz (keys/weights/counts/updated per table) or the seed project's binary format")
     u.set_defaults(fn=_dump)
 
     b = sub.add_parser("bench", help="store benchmark: lookup and apply_gradients keys/s straight from RocksDB")
-    b.add_argument("--rows", type=int, default=10_000_000)
+    b.add_argument("--rows", type=_int(1), default=10_000_000)
     b.add_argument("--dims", default="16,64")
     b.add_argument("--batches", default="4096,65536")
-    b.add_argument("--repeats", type=int, default=20)
-    b.add_argument("--flat-steps", type=int, default=100)
+    b.add_argument("--repeats", type=_int(1), default=20)
+    b.add_argument("--flat-steps", type=_int(1), default=100)
     b.add_argument("--dir", help="where to build the stores (default: a temporary directory)")
     b.add_argument("--json", help="write the results as JSON here")
     b.add_argument("--train", action="store_true",
                    help="instead: the training benchmark, damo_hybrid vs in-memory torch embeddings (DeepFM)")
-    b.add_argument("--train-steps", type=int, default=60)
+    b.add_argument("--train-steps", type=_int(1), default=60)
     b.add_argument("--fractions", default="0.25,0.05", help="cache budgets as fractions of the torch table's bytes")
     b.add_argument("--quality", action="store_true",
                    help="instead: AUC/logloss parity with in-memory torch on the real datasets under --data-root")
@@ -397,10 +466,15 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
             reject_unknown("[train] keys", opts, actions)
         except ValueError as e:
             raise ValueError(f"{args.config}: {e}") from None
-        for k, v in opts.items():
+        for k, v in list(opts.items()):
             a = actions[k]
             if a.choices is not None and v not in a.choices:
                 raise ValueError(f"{args.config}: [train] {k} = {v!r} is not one of {sorted(a.choices)}")
+            if a.type in (int, float) or getattr(a.type, "__qualname__", "").startswith(("_int", "_float")):
+                try:  # the file's values pass the same checks as the command line's
+                    opts[k] = a.type(str(v))
+                except (argparse.ArgumentTypeError, ValueError) as e:
+                    raise ValueError(f"{args.config}: [train] {k} = {v!r}: {e}") from None
         train.set_defaults(**opts, schema=cfg.get("schema"), store_config=cfg.get("store"))
         args = parser.parse_args(argv)
     return args
@@ -416,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.cmd == "bench":
+            _writable("--json", args.json)
             if args.quality:
                 from .bench.quality import DATASETS, run_quality
 

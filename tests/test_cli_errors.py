@@ -1,0 +1,103 @@
+"""The living list of bad invocations: each is one line on stderr naming what was wrong, exit 2.
+
+``{tmp}`` in an argument is a fresh temporary folder, ``{dir}`` an existing folder in it and
+``{ro}`` a folder nobody may write to (skipped where the tests run as a user who may).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from damo_hybrid.cli import main
+
+T = ["train", "--quiet"]
+BAD: list[tuple[list[str], str]] = [
+    # train: numbers out of range or of the wrong type
+    (T + ["--threads", "-2"], r"--threads: must be >= 1, got -2"),
+    (T + ["--threads", "0"], r"--threads: must be >= 1, got 0"),
+    (T + ["--threads", "two"], r"--threads: must be an integer, got 'two'"),
+    (T + ["--steps", "-5"], r"--steps: must be >= 1, got -5"),
+    (T + ["--steps", "0"], r"--steps: must be >= 1"),
+    (T + ["--epochs", "0"], r"--epochs: must be >= 1, got 0"),
+    (T + ["--checkpoint-every", "-1"], r"--checkpoint-every: must be >= 0, got -1"),
+    (T + ["--seed", "-1"], r"--seed: must be in \[0, 4294967295\], got -1"),
+    (T + ["--eval-batches", "-1"], r"--eval-batches: must be >= 0, got -1"),
+    (T + ["--eval-fraction", "1"], r"--eval-fraction: must lie in \[0.0, 1.0\), got 1"),
+    (T + ["--eval-fraction", "-0.1"], r"--eval-fraction: must lie in"),
+    (T + ["--eval-fraction", "nan"], r"--eval-fraction: must lie in"),
+    (T + ["--batch-size", "0"], r"--batch-size: must be >= 1, got 0"),
+    (T + ["--dim", "0"], r"--dim: must be in \[1, 65535\], got 0"),
+    (T + ["--dim", "70000"], r"--dim: must be in \[1, 65535\]"),
+    (T + ["--lr", "0"], r"--lr: must lie in \(0.0, inf\), got 0"),
+    (T + ["--lr", "-1"], r"--lr: must lie in"),
+    (T + ["--lr", "inf"], r"--lr: must lie in"),
+    (T + ["--dense-lr", "0"], r"--dense-lr: must lie in"),
+    (T + ["--cache-mb", "0"], r"--cache-mb: must lie in \(0.0, inf\), got 0"),
+    (T + ["--cache-mb", "-3"], r"--cache-mb: must lie in"),
+    (T + ["--device-cache-mb", "0"], r"--device-cache-mb: must lie in"),
+    (T + ["--vocab-min", "0"], r"--vocab-min: must be >= 1"),
+    (T + ["--vocab-min", "100", "--vocab-max", "10"], r"--vocab-max 10 is below --vocab-min 100"),
+    (T + ["--model", "xgboost"], r"--model: invalid choice: 'xgboost'"),
+    (T + ["--optimizer", "rmsprop"], r"--optimizer: invalid choice: 'rmsprop'"),
+    (T + ["--backend", "tpu"], r"--backend: invalid choice: 'tpu'"),
+    (T + ["--format", "xml"], r"--format: invalid choice: 'xml'"),
+    (T + ["--colour", "red"], r"unrecognized arguments: --colour red"),
+    # train: files and folders
+    (T + ["--data", "{tmp}/missing.tsv"], r"no data file .*missing\.tsv"),
+    (T + ["--data", "{dir}"], r"--data .* is a directory; give a data file"),
+    (T + ["--data", "{dir}/x.tsv", "--eval-data", "{dir}"], r"--eval-data .* is a directory"),
+    (T + ["--json", "{dir}"], r"--json .* is a directory; give a file name"),
+    (T + ["--json", "{tmp}/no/such/folder/out.json"], r"--json .*: the folder .* does not exist"),
+    (T + ["--json", "{ro}/out.json"], r"--json .* is not writable"),
+    (T + ["--resume"], r"--resume and --checkpoint-every need --store"),
+    (T + ["--checkpoint-every", "5"], r"--resume and --checkpoint-every need --store"),
+    (T + ["--config", "{tmp}/missing.toml"], r"missing\.toml"),
+    # other commands
+    (["export", "--store", "{tmp}/nostore", "--out", "{tmp}/w.npz"], r"no store at .*nostore"),
+    (["export", "--store", "{tmp}/nostore", "--out", "{dir}"], r"--out .* is a directory; give a file name"),
+    (["export", "--store", "{tmp}/nostore", "--out", "{ro}/w.npz"], r"--out .* is not writable"),
+    (["export", "--out", "{tmp}/w.npz"], r"the following arguments are required: --store"),
+    (["dump", "--store", "{tmp}/nostore", "--out", "{dir}"], r"--out .* is a directory"),
+    (["dump", "--store", "{tmp}/s", "--out", "{tmp}/d", "--min-count", "-1"], r"--min-count: must be >= 0, got -1"),
+    (["dump", "--store", "{tmp}/s", "--out", "{tmp}/d", "--expire-days", "0"], r"--expire-days: must lie in"),
+    (["dump", "--store", "{tmp}/s", "--out", "{tmp}/d", "--format", "csv"], r"--format: invalid choice: 'csv'"),
+    (["inspect"], r"the following arguments are required: --store"),
+    (["inspect", "--store", "{tmp}/nostore"], r"no store at .*nostore"),
+    (["demo", "--steps", "0"], r"--steps: must be >= 1, got 0"),
+    (["demo", "--lr", "0"], r"--lr: must lie in"),
+    (["bench", "--rows", "0"], r"--rows: must be >= 1, got 0"),
+    (["bench", "--train", "--train-steps", "0"], r"--train-steps: must be >= 1"),
+    (["bench", "--json", "{dir}"], r"--json .* is a directory"),
+    (["frobnicate"], r"invalid choice: 'frobnicate'"),
+    ([], r"required: cmd|the following arguments are required"),
+]
+
+
+def _expand(args: list[str], tmp, ro) -> list[str]:
+    return [a.format(tmp=tmp, dir=tmp / "adir", ro=ro) for a in args]
+
+
+@pytest.mark.parametrize("args, why", BAD, ids=[" ".join(a) or "(none)" for a, _ in BAD])
+def test_bad_invocation_is_one_clear_line(tmp_path, capsys, args, why):
+    (tmp_path / "adir").mkdir()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if "{ro}" in " ".join(args) and os.access(ro, os.W_OK):
+            pytest.skip("running as a user who may write anywhere (root): no unwritable folder to test with")
+        assert main(_expand(args, tmp_path, ro)) == 2
+    finally:
+        ro.chmod(0o700)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("damo-hybrid"), err[0]
+    assert re.search(why, err[0]), err[0]
+    assert "Traceback" not in err[0]
+
+
+def test_the_list_is_long_enough():
+    assert len(BAD) >= 40
