@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ from .keys.hashing import as_keys
 from .rows.codec import Rows
 from .rows.table import Table
 from .storage.backend import MemoryStorage, Storage
-from .storage.checkpoint import copy_checkpoint
+from .storage.checkpoint import restore_checkpoint
 from .storage.maintenance import StoreMaintenance
 from .storage.meta import (
     META,
@@ -485,17 +484,7 @@ class EmbeddingStore(StoreMaintenance):
             DamoHybridError: ``checkpoint`` is incomplete (no marker) or not a checkpoint.
             FileExistsError: ``path`` exists and is not empty.
         """
-        dst = Path(path)
-        existed = dst.exists()
-        copy_checkpoint(Path(checkpoint), dst)
-        try:
-            return cls(path, tables, config)
-        except BaseException:
-            # a failed restore leaves the target as it found it (absent or empty), so a retry works
-            shutil.rmtree(dst, ignore_errors=True)
-            if existed:
-                dst.mkdir(parents=True, exist_ok=True)
-            raise
+        return restore_checkpoint(Path(checkpoint), Path(path), lambda: cls(path, tables, config))
 
 
 def open_memory_store(tables: Sequence[TableConfig] = (), config: StoreConfig = StoreConfig()) -> EmbeddingStore:

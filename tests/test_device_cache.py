@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from damo_hybrid import EmbeddingStore, InitializerConfig, OptimizerConfig, TableConfig
+from damo_hybrid.data.synthetic import SyntheticCriteo
 from damo_hybrid.errors import NonFiniteGradientError
 from damo_hybrid.models import DeepFM
 from damo_hybrid.nn import EmbeddingCollection, Feature
 from damo_hybrid.ops import cuda_available
-from damo_hybrid.data.synthetic import SyntheticCriteo
 from damo_hybrid.trainer import Trainer
 
 STEPS = 25

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from damo_hybrid import AdmissionConfig, EmbeddingStore, InitializerConfig, OptimizerConfig, ScheduleConfig, TableConfig
+from damo_hybrid import (
+    AdmissionConfig,
+    EmbeddingStore,
+    InitializerConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    TableConfig,
+)
 
 OPTS = [OptimizerConfig.sgd(0.1), OptimizerConfig.adagrad(0.1),
         OptimizerConfig.adam(0.01, schedule=ScheduleConfig(kind="exponential", decay_steps=3, decay_rate=0.5)),

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from damo_hybrid import EmbeddingStore, InitializerConfig, OptimizerConfig, StoreConfig, TableConfig
+from damo_hybrid import (
+    EmbeddingStore,
+    InitializerConfig,
+    OptimizerConfig,
+    StoreConfig,
+    TableConfig,
+)
 from damo_hybrid.errors import ConfigConflictError
 from damo_hybrid.nn import EmbeddingCollection, Feature
 

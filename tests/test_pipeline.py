@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from damo_hybrid import EmbeddingStore, InitializerConfig, OptimizerConfig, TableConfig
+from damo_hybrid.data.synthetic import SyntheticCriteo
 from damo_hybrid.errors import PipelineError
 from damo_hybrid.models import DeepFM
-from damo_hybrid.data.synthetic import SyntheticCriteo
 from damo_hybrid.trainer import Trainer
 
 

@@ -89,3 +89,39 @@ def test_resume_with_another_model_is_a_clear_error_and_touches_nothing(tmp_path
     for t in before:
         np.testing.assert_array_equal(before[t][0], after[t][0])
         np.testing.assert_array_equal(before[t][1].weights, after[t][1].weights)
+
+
+class _Boom:
+    """An object whose unpickling would run code: a planted trainer.pt must never do so."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned > " + os.environ.get("DAMO_PWNED", "/dev/null"),))
+
+
+def test_trainer_state_loads_nothing_but_data(tmp_path, monkeypatch):
+    from damo_hybrid.errors import DamoHybridError
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    flag = tmp_path / "pwned"
+    monkeypatch.setenv("DAMO_PWNED", str(flag))
+    torch.save({"step": 1, "x": _Boom()}, ck / "trainer.pt")
+    with pytest.raises(DamoHybridError, match="holds objects a training checkpoint never holds"):
+        load_trainer_state(ck)
+    assert not flag.exists()
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_older_one(tmp_path, capsys):
+    from damo_hybrid.cli import main
+
+    store = tmp_path / "s"
+    argv = list(ARGS) + ["--store", str(store)]  # 30 steps, a checkpoint every 5: step-25 and step-30 kept
+    assert main(argv) == 0
+    newest = latest_checkpoint(tmp_path / "s.ckpt")
+    assert newest is not None and newest.name == "step-30"
+    data = (newest / "trainer.pt").read_bytes()
+    (newest / "trainer.pt").write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert main(argv[:argv.index("--steps") + 1] + ["35"] + argv[argv.index("--steps") + 2:] + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "skipping checkpoint" in out and "step-30" in out and "resuming from" in out and "step-25" in out

@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from damo_hybrid import AdmissionConfig, InitializerConfig, OptimizerConfig, TableConfig
-from damo_hybrid.errors import NonFiniteGradientError, StoreClosedError, UnknownTableError
+from damo_hybrid.errors import (
+    NonFiniteGradientError,
+    StoreClosedError,
+    UnknownTableError,
+)
 from damo_hybrid.rows.initializers import RowInitializer
 
 EDGE_KEYS = np.array([0, 2**63, 2**64 - 1], dtype=np.uint64)

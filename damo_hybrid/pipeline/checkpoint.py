@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -23,11 +24,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from ..errors import DamoHybridError
 from ..storage.files import atomic_file, fsync_dir
 
-__all__ = ["save_training_checkpoint", "latest_checkpoint", "load_trainer_state", "prune_checkpoints"]
+__all__ = ["save_training_checkpoint", "complete_checkpoints", "latest_checkpoint", "load_latest",
+           "load_trainer_state", "prune_checkpoints"]
 
 _MARKER = "TRAINING.json"
 _NAME = re.compile(r"^step-(\d+)$")
@@ -65,24 +69,68 @@ def save_training_checkpoint(root: str | os.PathLike[str], step: int, store: Any
     return dst
 
 
-def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
-    """The complete checkpoint with the highest step under ``root``, or None."""
+def complete_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
+    """The complete checkpoints under ``root``, newest (highest step) first."""
     root = Path(root)
     if not root.is_dir():
-        return None
-    best: tuple[int, Path] | None = None
-    for p in root.iterdir():
-        m = _NAME.match(p.name)
-        if m and (p / _MARKER).is_file() and (p / "trainer.pt").is_file():
-            step = int(m.group(1))
-            if best is None or step > best[0]:
-                best = (step, p)
-    return best[1] if best else None
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _NAME.match(p.name)) and (p / _MARKER).is_file() and (p / "trainer.pt").is_file()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
+    """The complete checkpoint with the highest step under ``root``, or None."""
+    done = complete_checkpoints(root)
+    return done[0] if done else None
+
+
+def _numpy_globals() -> list[Any]:
+    """What numpy's RNG state (a uint32 array in a tuple) needs to unpickle: nothing more."""
+    core = getattr(np, "_core", None) or np.core  # numpy 2, numpy 1
+    out: list[Any] = [np.ndarray, np.dtype, core.multiarray._reconstruct]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        out += [dtypes.UInt32DType]
+    return out
 
 
 def load_trainer_state(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``trainer_state`` saved in a checkpoint."""
-    return torch.load(Path(ckpt) / "trainer.pt", weights_only=False)
+    """The ``trainer_state`` saved in a checkpoint.
+
+    Loaded with ``weights_only=True``: tensors, containers, numbers and numpy's RNG state only,
+    so a ``trainer.pt`` planted in a checkpoint directory cannot run code.
+
+    Raises:
+        DamoHybridError: the file is damaged (truncated, say) or holds other objects.
+    """
+    path = Path(ckpt) / "trainer.pt"
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DamoHybridError(f"{path} is damaged or holds objects a training checkpoint never holds; "
+                              f"not loaded ({first})") from None
+    except (EOFError, RuntimeError, OSError, ValueError) as e:
+        raise DamoHybridError(f"{path} is damaged (truncated or unreadable): {e}") from None
+
+
+def load_latest(root: str | os.PathLike[str], log: Any = None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete checkpoint whose trainer state loads, and that state.
+
+    A damaged newer one is renamed ``step-<N>.damaged`` (kept for inspection, out of the way of
+    the run that redoes its steps) and reported through ``log``, a ``str -> None`` callable.
+    """
+    for ck in complete_checkpoints(root):
+        try:
+            return ck, load_trainer_state(ck)
+        except DamoHybridError as e:
+            aside = ck.with_name(f"{ck.name}.damaged-{uuid.uuid4().hex[:8]}")
+            os.rename(ck, aside)
+            if log is not None:
+                log(f"skipping checkpoint {ck}: {e}; moved it to {aside.name} and falling back to an older one")
+    return None
 
 
 def prune_checkpoints(root: str | os.PathLike[str], keep: int) -> None:

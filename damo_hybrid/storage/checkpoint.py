@@ -19,13 +19,14 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from ..errors import DamoHybridError
 from .backend import Storage
 from .files import atomic_file, fsync_dir
 from .meta import META, META_FORMAT
 
-__all__ = ["MARKER", "write_checkpoint", "copy_checkpoint"]
+__all__ = ["MARKER", "write_checkpoint", "copy_checkpoint", "restore_checkpoint"]
 
 MARKER = "CHECKPOINT.json"
 
@@ -95,4 +96,21 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
         os.rename(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+T = TypeVar("T")
+
+
+def restore_checkpoint(src: Path, dst: Path, open_store: Callable[[], T]) -> T:
+    """:func:`copy_checkpoint` then ``open_store()``; if either fails, the target is left as it
+    was found (absent or empty), so a retry works."""
+    existed = dst.exists()
+    copy_checkpoint(src, dst)
+    try:
+        return open_store()
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)
+        if existed:
+            dst.mkdir(parents=True, exist_ok=True)
         raise

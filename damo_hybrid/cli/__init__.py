@@ -1,42 +1,42 @@
-"""The ``damo-hybrid`` command; the only module that prints."""
+"""The ``damo-hybrid`` command: its subcommands and ``main``; with :mod:`.args` (argument
+checking) the only package that prints."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .config import (
+from .. import __version__
+from ..config import (
     InitializerConfig,
     OptimizerConfig,
     OptimizerKind,
-    StoreConfig,
     TableConfig,
     reject_unknown,
 )
-from .data.readers import FORMATS
-from .errors import DamoHybridError
-from .ops import Backend, resolve_backend
-from .store import EmbeddingStore
+from ..data.readers import FORMATS
+from ..errors import DamoHybridError
+from ..ops import Backend, resolve_backend
+from ..store import EmbeddingStore
+from .args import Parser, check_writable, float_in, int_in, load_config, store_config
 
 __all__ = ["main"]
 
 
 def _demo(args: argparse.Namespace) -> int:
     """Logistic regression on Zipf-distributed synthetic ids, every weight in RocksDB."""
-    from .data.synthetic import zipf_keys
+    from ..data.synthetic import zipf_keys
 
     rng = np.random.default_rng(args.seed)
     fields, batch = args.fields, args.batch_size
@@ -78,7 +78,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _file_data(args: argparse.Namespace) -> tuple[Any, Any]:
     """The training file and held-out data: ``--eval-data``, or an ``--eval-fraction`` split."""
-    from .data.readers import Schema, read_dataset
+    from ..data.readers import Schema, read_dataset
 
     schema = Schema.from_dict(args.schema) if getattr(args, "schema", None) else None
     for opt, path in (("--data", args.data), ("--eval-data", args.eval_data)):
@@ -99,47 +99,21 @@ def _file_data(args: argparse.Namespace) -> tuple[Any, Any]:
     return data, None
 
 
-def _store_config(d: dict[str, Any] | None) -> StoreConfig:
-    if not d:
-        return StoreConfig()
-    reject_unknown("[store] keys", d, StoreConfig.__dataclass_fields__)
-    return StoreConfig(**d)
-
-
-def _load_config(path: str) -> dict[str, Any]:
-    """A TOML file: a ``[train]`` table of train options and an optional ``[schema]`` table."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no config file {p}")
-    try:
-        cfg = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{p}: not valid TOML: {e}") from e
-    unknown = sorted(set(cfg) - {"train", "schema", "store"})
-    if unknown:
-        raise ValueError(f"{p}: unknown sections {unknown}; known: [train], [schema], [store]")
-    return cfg
-
-
 def _train(args: argparse.Namespace) -> int:
     """A CTR model (DeepFM by default) on synthetic or Criteo TSV data, sparse rows in RocksDB."""
     import torch
     from tqdm import tqdm
 
-    from .data.synthetic import SyntheticCriteo
-    from .nn.models import MODELS
-    from .pipeline.checkpoint import latest_checkpoint, load_trainer_state
-    from .pipeline.trainer import Trainer, check_model_class
+    from ..data.synthetic import SyntheticCriteo
+    from ..nn.models import MODELS
+    from ..pipeline.checkpoint import complete_checkpoints, load_latest
+    from ..pipeline.trainer import Trainer, check_model_class
 
     torch.manual_seed(args.seed)
     cores = os.cpu_count() or 1
     # with prefetch the host manager needs a core of its own while torch computes
     threads = args.threads or (max(1, cores - 1) if not args.no_prefetch else cores)
-    _writable("--json", args.json)
+    check_writable("--json", args.json)
     torch.set_num_threads(threads)
     if args.data:
         data, held_out = _file_data(args)
@@ -162,7 +136,7 @@ def _train(args: argparse.Namespace) -> int:
     tables = [TableConfig("emb", args.dim, initializer=InitializerConfig.truncated_normal(std=0.01, seed=args.seed),
                           optimizer=opt),
               TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
-    store_cfg = _store_config(getattr(args, "store_config", None))
+    store_cfg = store_config(getattr(args, "store_config", None))
     if (args.resume or args.checkpoint_every) and not args.store:
         raise ValueError("--resume and --checkpoint-every need --store (a temporary store is deleted at exit)")
     tmp = None if args.store else tempfile.TemporaryDirectory(prefix="damo-train-")
@@ -174,8 +148,10 @@ def _train(args: argparse.Namespace) -> int:
           f"cache {args.cache_mb} MiB, backend {resolve_backend(args.backend).value}, store {store_dir}")
     state = None
     try:
-        if args.resume and (ck := latest_checkpoint(ckpt_root)) is not None:
-            state = load_trainer_state(ck)
+        had = bool(complete_checkpoints(ckpt_root)) if args.resume else False
+        found = load_latest(ckpt_root, log=print) if args.resume else None
+        if found is not None:
+            ck, state = found
             check_model_class(state, MODELS[args.model].__name__)  # before the store is touched
             # the store may hold work done after the checkpoint: restart from the checkpoint's copy,
             # built beside the store and swapped in by renames, so a kill never leaves a half store
@@ -192,6 +168,8 @@ def _train(args: argparse.Namespace) -> int:
             store = EmbeddingStore(store_dir, tables, store_cfg)
             print(f"resuming from {ck} at step {state['step']}")
         else:
+            if had:
+                raise DamoHybridError(f"no checkpoint under {ckpt_root} loads (see above); the store was not changed")
             if args.resume:
                 print(f"no checkpoint under {ckpt_root}: starting from scratch")
             store = EmbeddingStore(store_dir, tables, store_cfg)
@@ -269,7 +247,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    _writable("--out", args.out)
+    check_writable("--out", args.out)
     with EmbeddingStore(args.store, read_only=True) as s:
         n = s.export(args.out, tables=args.table or None)
     print(f"wrote {args.out}: " + ", ".join(f"{t} {c:,} rows" for t, c in n.items()))
@@ -277,9 +255,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _dump(args: argparse.Namespace) -> int:
-    _writable("--out", args.out)
+    check_writable("--out", args.out)
     if args.format == "seed":
-        from .compat.seed_format import dump_seed_format
+        from ..compat.seed_format import dump_seed_format
 
         with EmbeddingStore(args.store, read_only=True) as s:
             n = dump_seed_format(s, args.out, tables=args.table or None, min_count=args.min_count,
@@ -291,61 +269,9 @@ def _dump(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with errors raised as one-line ValueErrors (``main`` prints them, exit 2)."""
-
-    def error(self, message: str) -> NoReturn:  # type: ignore[override]
-        raise ValueError(message)
-
-
-def _int(lo: int, hi: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an int in ``[lo, hi]``."""
-    def conv(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if v < lo or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {v}" if hi is not None
-                                             else f"must be >= {lo}, got {v}")
-        return v
-    return conv
-
-
-def _float(lo: float, hi: float | None = None, lo_open: bool = True, hi_open: bool = True) -> Callable[[str], float]:
-    """An argparse type: a finite float in the range (open or closed ends)."""
-    def conv(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo)
-        if hi is not None:
-            ok = ok and (v < hi if hi_open else v <= hi)
-        if not ok:
-            rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{')' if hi_open or hi is None else ']'}"
-            raise argparse.ArgumentTypeError(f"must lie in {rng}, got {text}")
-        return v
-    return conv
-
-
-def _writable(option: str, path: str | None) -> None:
-    """Check up front that a file can be written at ``path`` (not after a long run)."""
-    if path is None:
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{option} {path} is a directory; give a file name")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise ValueError(f"{option} {path}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise ValueError(f"{option} {path} is not writable")
-
-
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The command's parser and its ``train`` sub-parser (whose defaults a config file sets)."""
-    p = _Parser(prog="damo-hybrid", description=__doc__)
+    p = Parser(prog="damo-hybrid", description=__doc__)
     p.add_argument("--version", action="version", version=f"damo-hybrid {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -356,35 +282,35 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                                     "for --format csv/parquet, a [schema] table")
     t.add_argument("--data", help="training file (.gz is read on the fly); default: built-in synthetic data")
     t.add_argument("--eval-data", help="held-out file in the same format")
-    t.add_argument("--eval-fraction", type=_float(0.0, 1.0, lo_open=False), default=0.0,
+    t.add_argument("--eval-fraction", type=float_in(0.0, 1.0, lo_open=False), default=0.0,
                    help="without --eval-data: hold out this random fraction of --data (seeded by --seed)")
     t.add_argument("--format", choices=sorted(FORMATS), default="criteo",
                    help="format of --data and --eval-data: criteo TSV, avazu CSV, movielens u.data, libfm lines, "
                         "or csv/parquet with a [schema] in --config")
-    t.add_argument("--epochs", type=_int(1), default=1, help="passes over --data when --steps is not given")
+    t.add_argument("--epochs", type=int_in(1), default=1, help="passes over --data when --steps is not given")
     t.add_argument("--model", choices=("deepfm", "wide_deep", "dcn", "dlrm"), default="deepfm")
-    t.add_argument("--steps", type=_int(1), default=None, help="default: 150 on synthetic data (about a minute), else --epochs passes")
-    t.add_argument("--batch-size", type=_int(1), default=4096)
-    t.add_argument("--dim", type=_int(1, 65535), default=16)
+    t.add_argument("--steps", type=int_in(1), default=None, help="default: 150 on synthetic data (about a minute), else --epochs passes")
+    t.add_argument("--batch-size", type=int_in(1), default=4096)
+    t.add_argument("--dim", type=int_in(1, 65535), default=16)
     t.add_argument("--optimizer", default="adagrad", choices=[k.value for k in OptimizerKind])
-    t.add_argument("--lr", type=_float(0.0), default=0.05, help="sparse learning rate")
-    t.add_argument("--dense-lr", type=_float(0.0), default=1e-3, help="Adam learning rate of the dense layers")
-    t.add_argument("--cache-mb", type=_float(0.0), default=512.0,
+    t.add_argument("--lr", type=float_in(0.0), default=0.05, help="sparse learning rate")
+    t.add_argument("--dense-lr", type=float_in(0.0), default=1e-3, help="Adam learning rate of the dense layers")
+    t.add_argument("--cache-mb", type=float_in(0.0), default=512.0,
                    help="host-cache budget (MiB); each table gets at least 65,536 rows whatever the budget")
     t.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where rows are served and the model computes: auto = cuda where CUDA and CuPy work, else cpu")
-    t.add_argument("--device-cache-mb", type=_float(0.0), default=None,
+    t.add_argument("--device-cache-mb", type=float_in(0.0), default=None,
                    help="GPU device-cache budget (MiB) in front of the host cache; cuda backend only "
                         "(default 2048)")
-    t.add_argument("--vocab-min", type=_int(1), default=10**6)
-    t.add_argument("--vocab-max", type=_int(1), default=10**7)
-    t.add_argument("--eval-batches", type=_int(0), default=5, help="held-out batches (with --eval-data: 0 = all)")
-    t.add_argument("--threads", type=_int(1), default=None,
+    t.add_argument("--vocab-min", type=int_in(1), default=10**6)
+    t.add_argument("--vocab-max", type=int_in(1), default=10**7)
+    t.add_argument("--eval-batches", type=int_in(0), default=5, help="held-out batches (with --eval-data: 0 = all)")
+    t.add_argument("--threads", type=int_in(1), default=None,
                    help="torch threads (default: all cores, or all but one when prefetching)")
-    t.add_argument("--seed", type=_int(0, 2**32 - 1), default=0)
+    t.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)
     t.add_argument("--store", help="store directory (default: a new temporary one, removed at exit)")
     t.add_argument("--json", help="write a machine-readable summary here")
-    t.add_argument("--checkpoint-every", type=_int(0), default=0, help="checkpoint the whole training state every N steps")
+    t.add_argument("--checkpoint-every", type=int_in(0), default=0, help="checkpoint the whole training state every N steps")
     t.add_argument("--checkpoint-dir", help="where checkpoints go (default: <store>.ckpt beside the store)")
     t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     t.add_argument("--no-prefetch", action="store_true",
@@ -393,12 +319,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     t.set_defaults(fn=_train)
 
     d = sub.add_parser("demo", help="train a logistic regression on synthetic ids, all weights in RocksDB")
-    d.add_argument("--steps", type=_int(1), default=200)
-    d.add_argument("--batch-size", type=_int(1), default=4096)
-    d.add_argument("--fields", type=_int(1), default=8)
-    d.add_argument("--vocab", type=_int(1), default=1_000_000)
-    d.add_argument("--lr", type=_float(0.0), default=0.1)
-    d.add_argument("--seed", type=_int(0, 2**32 - 1), default=0)
+    d.add_argument("--steps", type=int_in(1), default=200)
+    d.add_argument("--batch-size", type=int_in(1), default=4096)
+    d.add_argument("--fields", type=int_in(1), default=8)
+    d.add_argument("--vocab", type=int_in(1), default=1_000_000)
+    d.add_argument("--lr", type=float_in(0.0), default=0.1)
+    d.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)
     d.add_argument("--store", help="store directory (default: a new temporary one)")
     d.set_defaults(fn=_demo)
 
@@ -417,23 +343,23 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     u.add_argument("--store", required=True)
     u.add_argument("--out", required=True)
     u.add_argument("--table", action="append", help="a table to dump (repeatable; default all)")
-    u.add_argument("--min-count", type=_int(0), default=0, help="keep rows with at least this many updates")
-    u.add_argument("--expire-days", type=_float(0.0), default=None, help="keep rows updated within this many days")
+    u.add_argument("--min-count", type=int_in(0), default=0, help="keep rows with at least this many updates")
+    u.add_argument("--expire-days", type=float_in(0.0), default=None, help="keep rows updated within this many days")
     u.add_argument("--format", choices=("npz", "seed"), default="npz",
                    help="npz (keys/weights/counts/updated per table) or the seed project's binary format")
     u.set_defaults(fn=_dump)
 
     b = sub.add_parser("bench", help="store benchmark: lookup and apply_gradients keys/s straight from RocksDB")
-    b.add_argument("--rows", type=_int(1), default=10_000_000)
+    b.add_argument("--rows", type=int_in(1), default=10_000_000)
     b.add_argument("--dims", default="16,64")
     b.add_argument("--batches", default="4096,65536")
-    b.add_argument("--repeats", type=_int(1), default=20)
-    b.add_argument("--flat-steps", type=_int(1), default=100)
+    b.add_argument("--repeats", type=int_in(1), default=20)
+    b.add_argument("--flat-steps", type=int_in(1), default=100)
     b.add_argument("--dir", help="where to build the stores (default: a temporary directory)")
     b.add_argument("--json", help="write the results as JSON here")
     b.add_argument("--train", action="store_true",
                    help="instead: the training benchmark, damo_hybrid vs in-memory torch embeddings (DeepFM)")
-    b.add_argument("--train-steps", type=_int(1), default=60)
+    b.add_argument("--train-steps", type=int_in(1), default=60)
     b.add_argument("--fractions", default="0.25,0.05", help="cache budgets as fractions of the torch table's bytes")
     b.add_argument("--quality", action="store_true",
                    help="instead: AUC/logloss parity with in-memory torch on the real datasets under --data-root")
@@ -459,7 +385,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.cmd == "train" and args.config:
         # the file's [train] values become defaults, so explicit flags still win
-        cfg = _load_config(args.config)
+        cfg = load_config(args.config)
         actions = {a.dest: a for a in train._actions if a.dest not in ("help", "config")}
         opts = {k.replace("-", "_"): v for k, v in cfg.get("train", {}).items()}
         try:
@@ -470,7 +396,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
             a = actions[k]
             if a.choices is not None and v not in a.choices:
                 raise ValueError(f"{args.config}: [train] {k} = {v!r} is not one of {sorted(a.choices)}")
-            if a.type in (int, float) or getattr(a.type, "__qualname__", "").startswith(("_int", "_float")):
+            if a.type in (int, float) or getattr(a.type, "__qualname__", "").startswith(("int_in", "float_in")):
                 try:  # the file's values pass the same checks as the command line's
                     opts[k] = a.type(str(v))
                 except (argparse.ArgumentTypeError, ValueError) as e:
@@ -490,9 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.cmd == "bench":
-            _writable("--json", args.json)
+            check_writable("--json", args.json)
             if args.quality:
-                from .bench.quality import DATASETS, run_quality
+                from ..bench.quality import DATASETS, run_quality
 
                 names = tuple(args.datasets.split(","))
                 unknown = [n for n in names if n not in DATASETS]
@@ -510,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     Path(args.json).write_text(json.dumps(res, indent=1))
                 return 0 if all(r["within_0.005"] for r in res["datasets"].values()) else 1
             if args.gpu:
-                from .bench.gpu import run_gpu_bench
+                from ..bench.gpu import run_gpu_bench
 
                 res = run_gpu_bench(models=tuple(args.models.split(",")), rows=args.gpu_rows,
                                     batch_sizes=tuple(int(x) for x in args.gpu_batches.split(",")), steps=args.gpu_steps,
@@ -521,14 +447,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     Path(args.json).write_text(json.dumps(res, indent=1))
                 return 0
             if args.train:
-                from .bench.train import run_train_bench
+                from ..bench.train import run_train_bench
 
                 res = run_train_bench(steps=args.train_steps, fractions=tuple(float(x) for x in args.fractions.split(",")),
                                       log=print)
                 if args.json:
                     Path(args.json).write_text(json.dumps(res, indent=1))
                 return 0
-            from .bench.store import run_store_bench
+            from ..bench.store import run_store_bench
 
             return run_store_bench(args, log=print)
         return int(args.fn(args))
