@@ -76,3 +76,14 @@ def test_train_synthetic_learns_and_writes_summary(tmp_path, capsys):
     assert "eval AUC" in capsys.readouterr().out
     with EmbeddingStore(tmp_path / "store") as st:
         assert st.step("emb") == 40 and st.count_rows("emb") > 0
+
+
+def test_demo_refuses_a_store_of_other_tables(tmp_path, capsys):
+    from damo_hybrid import EmbeddingStore, TableConfig
+
+    with EmbeddingStore(tmp_path / "s", [TableConfig("emb", 4)]):
+        pass
+    assert main(["demo", "--store", str(tmp_path / "s"), "--steps", "2"]) == 2
+    assert "holds other tables (emb)" in capsys.readouterr().err
+    with EmbeddingStore(tmp_path / "s", read_only=True) as s:
+        assert list(s.tables) == ["emb"]  # nothing was added

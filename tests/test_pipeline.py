@@ -136,3 +136,26 @@ def test_at_most_two_prepared_batches_are_alive():
             done(p)
     assert seen == list(range(12))
     assert peak[0] == 2
+
+
+@pytest.mark.parametrize("prefetch", [False, True], ids=["sequential", "pipelined"])
+def test_a_failing_forward_leaves_no_rows_pinned(tmp_path, prefetch):
+    data = SyntheticCriteo(64, seed=1, vocab_min=50, vocab_max=500, n_sparse=4, n_dense=3)
+    tables = [TableConfig("emb", 4), TableConfig("lin", 1)]
+    with EmbeddingStore(tmp_path / "s", tables) as store:
+        model = DeepFM(store, data.sparse_fields, 3, hidden=(8,), backend="cpu")
+        calls = [0]
+        real = model.deep.forward
+
+        def flaky(x):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("forward failed")
+            return real(x)
+
+        model.deep.forward = flaky
+        trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), data.batch)
+        with pytest.raises((RuntimeError, PipelineError)):
+            trainer.fit(10, prefetch=prefetch)
+        assert all((c.pins == 0).all() for c in model.sparse.caches.values())
+        trainer.fit(2, prefetch=prefetch)  # and training goes on

@@ -125,3 +125,19 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_older_one(tmp_path, cap
     assert main(argv[:argv.index("--steps") + 1] + ["35"] + argv[argv.index("--steps") + 2:] + ["--resume"]) == 0
     out = capsys.readouterr().out
     assert "skipping checkpoint" in out and "step-30" in out and "resuming from" in out and "step-25" in out
+
+
+def test_a_new_run_over_old_checkpoints_stops_before_touching_the_store(tmp_path, capsys):
+    from damo_hybrid.cli import main
+
+    store = tmp_path / "s"
+    argv = list(ARGS) + ["--store", str(store)]
+    assert main(argv) == 0
+    before = _rows(store)
+    capsys.readouterr()
+    assert main(argv) == 2  # trained, then died on "checkpoint step-5 already exists"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds checkpoints" in err[0] and "--resume" in err[0]
+    after = _rows(store)
+    for t in before:
+        np.testing.assert_array_equal(before[t][1].weights, after[t][1].weights)

@@ -48,6 +48,12 @@ def _demo(args: argparse.Namespace) -> int:
         TableConfig(f"f{i}", 1, initializer=InitializerConfig.zeros(), optimizer=OptimizerConfig.adagrad(lr=args.lr))
         for i in range(fields)
     ]
+    if (store_dir / "meta.json").exists():
+        with EmbeddingStore(store_dir, read_only=True) as existing:
+            other = sorted(set(existing.tables) - {t.name for t in tables})
+        if other:
+            raise ValueError(f"--store {store_dir} holds other tables ({', '.join(other[:5])}): the demo would add its "
+                             "own beside them; give it a new --store")
     print(f"damo-hybrid {__version__} store demo: {fields} fields, batch {batch}, {args.steps} steps, store {store_dir}")
     t0 = time.perf_counter()
     losses = []
@@ -148,7 +154,10 @@ def _train(args: argparse.Namespace) -> int:
           f"cache {args.cache_mb} MiB, backend {resolve_backend(args.backend).value}, store {store_dir}")
     state = None
     try:
-        had = bool(complete_checkpoints(ckpt_root)) if args.resume else False
+        had = bool(complete_checkpoints(ckpt_root))
+        if had and args.checkpoint_every and not args.resume:
+            raise ValueError(f"{ckpt_root} already holds checkpoints of an earlier run: pass --resume to continue it, "
+                             "or give another --checkpoint-dir (or --store) to start anew")
         found = load_latest(ckpt_root, log=print) if args.resume else None
         if found is not None:
             ck, state = found
@@ -168,7 +177,7 @@ def _train(args: argparse.Namespace) -> int:
             store = EmbeddingStore(store_dir, tables, store_cfg)
             print(f"resuming from {ck} at step {state['step']}")
         else:
-            if had:
+            if args.resume and had:
                 raise DamoHybridError(f"no checkpoint under {ckpt_root} loads (see above); the store was not changed")
             if args.resume:
                 print(f"no checkpoint under {ckpt_root}: starting from scratch")

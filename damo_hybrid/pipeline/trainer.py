@@ -118,12 +118,16 @@ class Trainer:
 
     def _compute_apply(self, b: Batch, prepared: PreparedBatch) -> float:
         t2 = time.perf_counter()
-        with record_function("damo.compute"):
-            self.model.train()
-            logits = self.model(prepared, self._to_device(b.dense))
-            loss = self.loss_fn(logits, self._to_device(b.label))
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+        try:
+            with record_function("damo.compute"):
+                self.model.train()
+                logits = self.model(prepared, self._to_device(b.dense))
+                loss = self.loss_fn(logits, self._to_device(b.label))
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+        except BaseException:
+            self.model.sparse.release(prepared)  # a failed forward or backward keeps no rows pinned
+            raise
         t3 = time.perf_counter()
         with record_function("damo.apply"):
             self.model.apply_sparse_gradients()
