@@ -123,3 +123,20 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys, text, why):
 
     assert main(["train", "--config", _config(tmp_path, text)]) == 2
     assert re.search(why, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_a_utf8_bom_is_not_data(tmp_path, gz):
+    from damo_hybrid.data.readers import _avazu_schema
+
+    cols = _avazu_schema().columns
+    rows = [",".join(cols)] + [",".join(["1", str(i % 2), "14102100"] + ["a"] * (len(cols) - 3)) for i in range(4)]
+    raw = ("\ufeff" + "\r\n".join(rows) + "\r\n").encode("utf-8")
+    p = tmp_path / ("a.csv.gz" if gz else "a.csv")
+    p.write_bytes(gzip.compress(raw) if gz else raw)
+    d = read_dataset(p, "avazu", 2)
+    assert d.n == 4  # the header was recognised despite the BOM
+    np.testing.assert_array_equal(d.label, [0, 1, 0, 1])
+    crit = tmp_path / "c.tsv"
+    crit.write_bytes(("\ufeff1" + "\t1" * 13 + "\ta" * 26 + "\n").encode("utf-8"))
+    assert read_dataset(crit, "criteo", 1).label.tolist() == [1.0]  # the first label was "\ufeff1"

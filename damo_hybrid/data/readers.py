@@ -242,7 +242,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     lineno = 0
     try:
         with opener(path, "rb") as raw:
-            text = io.TextIOWrapper(raw, encoding="utf-8", newline="\n")
+            text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="\n")  # -sig: a leading BOM is not data
             for lineno, line in enumerate(text, 1):
                 yield lineno, line.rstrip("\r\n")
     except (EOFError, gzip.BadGzipFile, zlib.error, UnicodeDecodeError) as e:
