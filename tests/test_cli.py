@@ -87,3 +87,11 @@ def test_demo_refuses_a_store_of_other_tables(tmp_path, capsys):
     assert "holds other tables (emb)" in capsys.readouterr().err
     with EmbeddingStore(tmp_path / "s", read_only=True) as s:
         assert list(s.tables) == ["emb"]  # nothing was added
+
+
+def test_train_banner_says_when_the_row_floor_overrides_the_cache_budget(tmp_path, capsys):
+    argv = ["train", "--quiet", "--steps", "1", "--batch-size", "64", "--dim", "4", "--vocab-min", "50",
+            "--vocab-max", "100", "--eval-batches", "0", "--threads", "1", "--cache-mb", "0.01"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "--cache-mb 0.01" in out and "floor of 65,536 rows per table" in out

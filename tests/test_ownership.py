@@ -253,3 +253,18 @@ def test_pickling_a_model_says_how_to_save_it(tmp_path):
             with pytest.raises(TypeError, match=r"store\.checkpoint.*store\.export"):
                 attempt()
         assert all(not k.startswith("sparse") for k in m.state_dict())  # only dense weights
+
+
+def test_a_nan_in_one_table_steps_no_table(tmp_path):
+    from damo_hybrid.errors import NonFiniteGradientError
+
+    tables = [_sgd_table("a"), _sgd_table("b")]
+    with EmbeddingStore(tmp_path / "s", tables) as st:
+        emb = EmbeddingCollection(st, [Feature("x", "a"), Feature("y", "b")], backend="cpu")
+        out = emb({"x": KEY, "y": KEY})
+        (out["x"].sum() + out["y"].sum() * float("nan")).backward()
+        with pytest.raises(NonFiniteGradientError, match="table 'b'"):
+            emb.apply_gradients()
+        np.testing.assert_array_equal(st.lookup("a", KEY), [[0.0, 0.0]])  # 'a' was not stepped either
+        assert st.step("a") == st.step("b") == 0
+        assert all((c.pins == 0).all() for c in emb.caches.values())
