@@ -141,3 +141,27 @@ def test_a_new_run_over_old_checkpoints_stops_before_touching_the_store(tmp_path
     after = _rows(store)
     for t in before:
         np.testing.assert_array_equal(before[t][1].weights, after[t][1].weights)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="needs SIGTERM")
+@pytest.mark.parametrize("with_store", [True, False], ids=["store", "temporary-store"])
+def test_sigterm_stops_flushes_and_exits_143(tmp_path, with_store):
+    store = tmp_path / "s"
+    args = [a for a in ARGS if a not in ("--quiet",)]
+    args[args.index("--steps") + 1] = "100000"
+    args = [a for a in args if a not in ("--checkpoint-every", "5")] + ["--quiet"]
+    cmd = [sys.executable, "-m", "damo_hybrid.cli", *args] + (["--store", str(store)] if with_store else [])
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    banner = proc.stdout.readline()  # printed before training starts
+    assert "damo-hybrid" in banner, banner + proc.stderr.read()
+    time.sleep(3.0)  # some steps trained
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "terminated" in err and "Traceback" not in err
+    if with_store:
+        with EmbeddingStore(store, read_only=True) as s:  # not locked, and the trained rows were flushed
+            assert s.count_rows("emb") > 0 and s.step("emb") > 0
+    else:
+        assert not list(tmp_path.glob("damo-train-*")), "the temporary store was not removed"

@@ -30,6 +30,7 @@ from ..errors import DamoHybridError
 from ..ops import Backend, resolve_backend
 from ..store import EmbeddingStore
 from .args import Parser, check_writable, float_in, int_in, load_config, store_config
+from .signals import Terminated, sigterm_as_interrupt
 
 __all__ = ["main"]
 
@@ -416,6 +417,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    with sigterm_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = _parse(argv)
     except (FileNotFoundError, ValueError) as e:
@@ -470,7 +476,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DamoHybridError, FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
         print(f"damo-hybrid {args.cmd}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated):
+            print("terminated (SIGTERM): stopped, and flushed what was trained", file=sys.stderr)
+            return 143
         print("interrupted", file=sys.stderr)
         return 130
 
