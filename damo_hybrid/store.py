@@ -64,6 +64,7 @@ from .storage.meta import (
     check_ttl,
     load_tables,
     read_meta,
+    recount_rows,
     write_meta,
 )
 from .storage.rocksdb import RocksDBStorage
@@ -170,9 +171,12 @@ class EmbeddingStore(StoreMaintenance):
             meta = read_meta(self.root) if self.root is not None else None  # re-read under the RocksDB lock
             if meta is not None:
                 check_ttl(meta, self.root, config.ttl_seconds)
-            self._tables, self._next_id, changed = load_tables(meta, tables, self.root)
-            if changed and not read_only:
-                self._write_meta()
+            self._tables, self._next_id, _ = load_tables(meta, tables, self.root)
+            if meta is not None and meta.get("live"):  # not closed cleanly (a crash), or open elsewhere now
+                log.warning("store %s was not closed cleanly (or is open elsewhere): recounting its rows", self.root)
+                recount_rows(self._storage, self._tables.values())
+            if not read_only:
+                self._write_meta()  # marks the store live until close()
         except BaseException:
             self._storage.close()
             raise
@@ -180,10 +184,13 @@ class EmbeddingStore(StoreMaintenance):
         self._caches = TierRegistry(self._io, config)
 
     # --------------------------------------------------------------- registry
-    def _write_meta(self, root: Path | None = None) -> None:
+    def _write_meta(self, root: Path | None = None, live: bool | None = None) -> None:
+        """``meta.json`` of the store (live unless closing) or of a checkpoint at ``root``."""
+        if live is None:
+            live = root is None
         root = root or self.root
         if root is not None:
-            write_meta(root, self._tables.values(), self._next_id, self.config.ttl_seconds is not None)
+            write_meta(root, self._tables.values(), self._next_id, self.config.ttl_seconds is not None, live)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -427,7 +434,7 @@ class EmbeddingStore(StoreMaintenance):
             try:
                 if not self.read_only:
                     self._storage.flush()
-                    self._write_meta()
+                    self._write_meta(live=False)
             except BaseException:
                 # the first error is the one to report; the handle is released either way
                 # (rows written to RocksDB are in its write-ahead log)

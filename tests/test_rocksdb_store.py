@@ -277,3 +277,39 @@ def test_a_storage_fault_during_a_scan_is_a_typed_error_naming_the_table(tmp_pat
         s._storage.db[encode_keys(1, KEYS[:1])[0][:4] + b"xx"] = b"x"  # type: ignore[attr-defined]
         with pytest.raises(CorruptRowError, match="table 'emb'"):
             s.count_rows("emb")
+
+
+def test_row_counts_are_exact_after_a_crash_and_on_a_live_store(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "s"
+    code = textwrap.dedent(f"""
+        import os, numpy as np
+        from damo_hybrid import EmbeddingStore, TableConfig
+        s = EmbeddingStore({str(path)!r}, [TableConfig("emb", 4)])
+        s.apply_gradients("emb", np.arange(10, dtype=np.uint64), np.ones((10, 4), np.float32))
+        s.flush()  # meta.json says 10 rows
+        s.apply_gradients("emb", np.arange(10, 15, dtype=np.uint64), np.ones((5, 4), np.float32))
+        print("ready", flush=True)
+        if os.environ.get("CRASH"):
+            os._exit(0)  # no close: the count of 15 is only in RocksDB
+        import sys; sys.stdin.read()  # stay open (a live store) until the test is done
+    """)
+    live = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout.readline().strip() == "ready"
+        with EmbeddingStore(path, read_only=True) as s:  # inspect of a live store: 15, not 10
+            assert s.stats().table_rows["emb"] == 15
+    finally:
+        live.communicate("", timeout=60)
+    crash = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "CRASH": "1"})
+    assert crash.returncode == 0, crash.stderr
+    with EmbeddingStore(path) as s:  # after the crash: recounted
+        assert s.stats().table_rows["emb"] == s.count_rows("emb") == 15
+        s.apply_gradients("emb", np.arange(15, 17, dtype=np.uint64), np.ones((2, 4), np.float32))
+    with EmbeddingStore(path) as s:  # and exact from then on, after a clean close
+        assert s.stats().table_rows["emb"] == 17

@@ -21,9 +21,11 @@ from ..config import TableConfig
 from ..errors import ConfigConflictError, DamoHybridError
 from ..rows.optimizers import state_width
 from ..rows.table import Table
+from .backend import Storage
 from .files import atomic_file
 
-__all__ = ["META", "META_FORMAT", "read_meta", "write_meta", "check_ttl", "check_compatible", "load_tables"]
+__all__ = ["META", "META_FORMAT", "read_meta", "write_meta", "check_ttl", "check_compatible", "load_tables",
+           "recount_rows"]
 
 META_FORMAT = 1
 META = "meta.json"
@@ -125,8 +127,11 @@ def load_tables(meta: dict[str, Any] | None, given: Iterable[TableConfig],
     return tables, next_id, changed
 
 
-def write_meta(root: Path, tables: Iterable[Table], next_id: int, ttl: bool) -> None:
-    """Write the admission counters, then ``meta.json``, atomically."""
+def write_meta(root: Path, tables: Iterable[Table], next_id: int, ttl: bool, live: bool = False) -> None:
+    """Write the admission counters, then ``meta.json``, atomically.
+
+    ``live`` marks a store a writer holds open: rows written since the last write of this file
+    are not in its counts, so a reader (or the next writer, after a crash) recounts them."""
     tables = list(tables)
     adm = root / "admission"
     for t in tables:
@@ -137,8 +142,15 @@ def write_meta(root: Path, tables: Iterable[Table], next_id: int, ttl: bool) -> 
     meta = {
         "format": META_FORMAT,
         "ttl": ttl,
+        "live": live,
         "next_table_id": next_id,
         "tables": {t.name: {"id": t.id, "config": t.cfg.to_dict(), "step": t.step, "rows": t.rows} for t in tables},
     }
     with atomic_file(root / META) as f:
         f.write(json.dumps(meta, indent=1, sort_keys=True).encode())
+
+
+def recount_rows(storage: Storage, tables: Iterable[Table]) -> None:
+    """Set each table's row count from a scan of the storage (after an unclean shutdown)."""
+    for t in tables:
+        t.rows = sum(len(k) for k, _ in storage.scan(t.id))
