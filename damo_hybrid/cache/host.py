@@ -89,6 +89,9 @@ class HostCache:
         self.count = np.zeros(capacity, dtype=np.int64)
         self.created = np.zeros(capacity, dtype=np.int64)
         self.updated = np.zeros(capacity, dtype=np.int64)
+        # the slab seen as Rows (the same arrays): _rows(slots) gathers, _put(slots, rows) scatters
+        slab = Rows(self.weights, self.state, self.count, self.created, self.updated)
+        self._rows, self._put = slab.take, slab.put
         self.dirty = np.zeros(capacity, dtype=bool)
         self.stored = np.zeros(capacity, dtype=bool)  # the row exists in the storage
         self.slots = SlotPool(capacity, f"host cache of table {t.name!r}")
@@ -142,10 +145,6 @@ class HostCache:
         """Release pins taken by ``make_resident(pin=True)`` (any thread)."""
         self.slots.unpin(slots)
 
-    def _rows(self, slots: np.ndarray) -> Rows:
-        return Rows(self.weights[slots], self.state[slots], self.count[slots], self.created[slots],
-                    self.updated[slots])
-
     def read_below(self, keys: np.ndarray) -> tuple[Rows, np.ndarray]:
         """Rows of keys that are not resident, from the writer's queue, else the storage.
 
@@ -175,12 +174,7 @@ class HostCache:
         """
         self.stats.misses += len(keys)
         rows, found = self.read_below(keys)
-        new = ~found
-        if new.any():
-            rows.weights[new] = self.init(keys[new])
-            rows.state[new] = self.opt.initial_state(int(new.sum()))
-            rows.count[new] = 0
-            rows.created[new] = rows.updated[new] = int(time.time())
+        self.table.new_rows(rows, keys, ~found, int(time.time()))
         # a queued row is stored once its write lands (FIFO), which counts it if it is new
         return rows, found
 
@@ -195,10 +189,6 @@ class HostCache:
         hit = slots >= 0
         s = slots[hit]
         return self._rows(s), hit, self.stored[s] | self.dirty[s]
-
-    def _put(self, slots: np.ndarray, rows: Rows) -> None:
-        self.weights[slots], self.state[slots] = rows.weights, rows.state
-        self.count[slots], self.created[slots], self.updated[slots] = rows.count, rows.created, rows.updated
 
     def _place(self, keys: np.ndarray, slots: np.ndarray, rows: Rows, stored: np.ndarray, dirty: bool) -> None:
         self._put(slots, rows)
@@ -325,9 +315,7 @@ class HostCache:
         for i in range(0, len(keys), _WRITE_CHUNK):
             k = keys[i:i + _WRITE_CHUNK]
             rows, stored = self._fetch(k)
-            rows.count += 1
-            self.opt.update(rows.weights, rows.state, g[i:i + _WRITE_CHUNK], rows.count, lr)
-            rows.updated[:] = int(time.time())
+            self.table.step_rows(rows, g[i:i + _WRITE_CHUNK], lr, int(time.time()))
             self.writer.submit(k, rows, new=~stored)
             self.stats.write_backs += len(k)
             self.stats.bytes_written += len(k) * self.row_bytes

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..ops.cpu import reduce_by_key
+from ..ops.cpu import sum_by_key
 from ..rows.codec import Rows
 from ..storage.rowio import TableIO
 from .host import CacheStats, HostCache
@@ -117,8 +117,7 @@ class TableTiers:
         """
         if not len(keys):
             return
-        ukeys, inv = np.unique(keys, return_inverse=True)
-        g = reduce_by_key(grads, inv, len(ukeys))
+        ukeys, _, g = sum_by_key(keys, grads)
         with self.lock, self.step_lock:
             if self.device is not None:
                 self.device.send_down(ukeys)

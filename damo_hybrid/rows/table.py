@@ -20,7 +20,7 @@ from ..config import NonFinitePolicy, TableConfig
 from ..errors import NonFiniteGradientError
 from ..keys.hashing import as_keys
 from .admission import CountingBloomFilter
-from .codec import RowCodec
+from .codec import RowCodec, Rows
 from .initializers import RowInitializer
 from .optimizers import RowOptimizer
 
@@ -66,6 +66,34 @@ class Table:
         self.min_count = adm.min_count if adm is not None else 0
         self.unadmitted_zeros = adm is not None and adm.unadmitted_value == "zeros"
         self.counters = TableCounters()
+
+    def new_rows(self, rows: Rows, keys: np.ndarray, new: np.ndarray, now: int) -> None:
+        """Fill ``rows[new]`` as never-seen keys start: initial weights and state, count 0,
+        created and updated ``now``.
+
+        Args:
+            rows: N rows, changed in place.
+            keys: uint64 (N,) their keys.
+            new: bool (N,) which rows to fill.
+        """
+        n = int(np.count_nonzero(new))
+        if n:
+            rows.weights[new] = self.init(keys[new])
+            rows.state[new] = self.opt.initial_state(n)
+            rows.count[new] = 0
+            rows.created[new] = rows.updated[new] = now
+
+    def step_rows(self, rows: Rows, g: np.ndarray, lr: float, now: int) -> None:
+        """One optimizer step of whole rows in place: count + 1, the update rule, updated ``now``.
+
+        Args:
+            rows: U rows.
+            g: float32 (U, dim) summed gradients.
+            lr: the step's learning rate.
+        """
+        rows.count += 1
+        self.opt.update(rows.weights, rows.state, g, rows.count, lr)
+        rows.updated[:] = now
 
     def lr(self, step: int | None = None) -> float:
         """The scheduled learning rate of the next step (or of ``step``).

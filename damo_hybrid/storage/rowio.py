@@ -22,7 +22,7 @@ from itertools import repeat
 import numpy as np
 
 from ..errors import CorruptRowError, DamoHybridError
-from ..ops.cpu import reduce_by_key
+from ..ops.cpu import sum_by_key
 from ..rows.codec import Rows
 from ..rows.table import Table
 from .backend import Storage
@@ -117,12 +117,7 @@ class RowIO:
             grads: float32 (N, dim), finite.
             lr: the step's learning rate.
         """
-        ukeys, inv = np.unique(keys, return_inverse=True)
-        if len(ukeys) == len(keys):
-            g = np.empty_like(grads)
-            g[inv] = grads
-        else:
-            g = reduce_by_key(grads, inv, len(ukeys))
+        ukeys, inv, g = sum_by_key(keys, grads)
         occurrences = None
         wkeys = ukeys
         if t.filter is not None:
@@ -138,17 +133,10 @@ class RowIO:
                 now = int(time.time())
                 stored, found = self.read(t, wkeys)
                 rows = Rows.empty(n, t.dim, t.width)
-                rows.created[:] = now
                 rows.put(found, stored)
-                new = ~found
-                n_new = int(np.count_nonzero(new))
-                if n_new:
-                    rows.weights[new] = t.init(wkeys[new])
-                    rows.state[new] = t.opt.initial_state(n_new)
-                rows.count += 1
-                t.opt.update(rows.weights, rows.state, g, rows.count, lr)
-                rows.updated[:] = now
-                self.write(t, wkeys, rows, new)
+                t.new_rows(rows, wkeys, ~found, now)
+                t.step_rows(rows, g, lr, now)
+                self.write(t, wkeys, rows, ~found)
             if t.filter is not None:
                 assert occurrences is not None
                 t.filter.add(ukeys, occurrences)
