@@ -18,7 +18,7 @@ from ..config import StoreConfig
 from ..errors import ConfigConflictError
 from ..rows.table import Table
 from ..storage.rowio import RowIO
-from .host import CacheStats, HostCache
+from .host import CacheStats, HostCache, check_cacheable
 from .tiers import TableTiers
 
 __all__ = ["TierRegistry", "DEFAULT_DEVICE_CACHE_MB"]
@@ -67,9 +67,7 @@ class TierRegistry:
             if t not in new:
                 self._check_same_device(self._tiers[t.name], device)
         for t in new:
-            if t.cfg.admission is not None:
-                raise ValueError(f"table {t.name!r} uses admission, which the cache tiers do not support yet; "
-                                 "use the store without a cache for it")
+            check_cacheable(t)
         if new:
             share = host_mb * 2**20 / sum(HostCache.nbytes_per_row(t.dim, t.width) for t in new)
             dshare = None

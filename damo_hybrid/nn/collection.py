@@ -296,13 +296,23 @@ class EmbeddingCollection(torch.nn.Module):
         try:
             steps = [self._check(t, tb, tb.leaf.grad, step) for t, tb in batch.tables.items()
                      if tb.leaf is not None and tb.leaf.grad is not None]
-            for do in steps:
-                do()
+            for t, finite, do in steps:
+                with self.tiers[t].step_lock:
+                    do()
+                table = self.tiers[t].table
+                table.count_dropped(finite)
+                table.advance()
         finally:
             self.release(batch)
 
-    def _check(self, t: str, tb: _TableBatch, grad: torch.Tensor, step: int | None) -> Callable[[], None]:
-        """Validate one table's gradients (raising changes nothing) and return its step."""
+    def _check(self, t: str, tb: _TableBatch, grad: torch.Tensor,
+               step: int | None) -> tuple[str, np.ndarray | None, Callable[[], None]]:
+        """Validate one table's gradients (raising changes nothing).
+
+        Returns:
+            ``(table, finite, step the rows)``: ``finite`` is the skip policy's bool (U,) mask
+            of rows kept, or None when every row is finite.
+        """
         tiers = self.tiers[t]
         table = tiers.table
         if tiers.closed:
@@ -321,27 +331,14 @@ class EmbeddingCollection(torch.nn.Module):
                 keep = torch.from_numpy(finite).to(g.device)
             lr = table.lr(step)
 
-            def run_device() -> None:
-                with tiers.step_lock:
-                    dev.step(tb.device, g, lr, keep)  # type: ignore[arg-type]
-                table.count_dropped(finite)
-                table.advance()
-
-            return run_device
+            return t, finite, lambda: dev.step(tb.device, g, lr, keep)  # type: ignore[arg-type]
         host = tiers.host
         _, g2, finite = table.check_gradients(tb.ukeys, np.ascontiguousarray(grad.numpy(), dtype=np.float32))
         lr = table.lr(step)
 
-        def run_host() -> None:
-            with tiers.step_lock:
-                if finite is None:
-                    host.step_slots(tb.slots, g2, lr)
-                else:
-                    host.step_slots(tb.slots[finite], g2[finite], lr)
-            table.count_dropped(finite)
-            table.advance()
-
-        return run_host
+        if finite is None:
+            return t, None, lambda: host.step_slots(tb.slots, g2, lr)
+        return t, finite, lambda: host.step_slots(tb.slots[finite], g2[finite], lr)
 
     def release(self, batch: PreparedBatch | None = None) -> None:
         """Unpin a batch's rows without applying anything."""
