@@ -268,3 +268,59 @@ def test_a_nan_in_one_table_steps_no_table(tmp_path):
         np.testing.assert_array_equal(st.lookup("a", KEY), [[0.0, 0.0]])  # 'a' was not stepped either
         assert st.step("a") == st.step("b") == 0
         assert all((c.pins == 0).all() for c in emb.caches.values())
+
+
+def test_a_step_during_a_flush_is_not_marked_clean(tmp_path, monkeypatch):
+    """The worker steps a row while a flush copies it: the step must wait, or it would be marked clean unwritten."""
+    import threading
+
+    with EmbeddingStore(tmp_path / "s", TABLES) as st:
+        emb = EmbeddingCollection(st, [Feature("x", "t")], backend="cpu")
+        _step(emb, 1)  # row dirty in the host tier
+        emb({"x": KEY})["x"].sum().backward()  # the worker's next step is ready
+        host = emb.tiers["t"].host
+        real = host.writer.submit
+        worker = threading.Thread(target=emb.apply_gradients)
+
+        def submit(*a, **k):  # the flush has copied the row and not yet marked it clean
+            real(*a, **k)
+            if not worker.is_alive() and worker.ident is None:
+                worker.start()
+                worker.join(0.3)  # without the step lock the step lands here
+
+        monkeypatch.setattr(host.writer, "submit", submit)
+        st.flush()
+        monkeypatch.undo()
+        worker.join(10)
+        st.flush()
+    with EmbeddingStore(tmp_path / "s", TABLES) as st:
+        np.testing.assert_allclose(st.lookup("t", KEY), [[-0.2, -0.2]], rtol=1e-6)
+
+
+def test_a_deleted_row_does_not_come_back_through_a_concurrent_prepare(tmp_path, monkeypatch):
+    import threading
+
+    from damo_hybrid.storage.rowio import RowIO
+
+    with EmbeddingStore(tmp_path / "s", TABLES) as st:
+        emb = EmbeddingCollection(st, [Feature("x", "t")], backend="cpu")
+        _step(emb, 1)
+        st.flush()
+        st.tiers("t").host.discard(KEY)  # the row is only on disk now
+        prepared = []
+        host_manager = threading.Thread(target=lambda: prepared.append(emb.prepare({"x": KEY})))
+        real = RowIO.delete
+
+        def delete(self, t, keys):  # between the tiers' discard and the storage delete
+            host_manager.start()
+            host_manager.join(0.3)  # without the tier lock held throughout, it reloads the row here
+            return real(self, t, keys)
+
+        monkeypatch.setattr(RowIO, "delete", delete)
+        st.delete("t", KEY)
+        monkeypatch.undo()
+        host_manager.join(10)
+        emb.release(prepared[0])
+        np.testing.assert_array_equal(st.lookup("t", KEY), [[0.0, 0.0]])
+        st.flush()
+        assert st.count_rows("t") == st.stats().rows == 0
