@@ -327,7 +327,7 @@ class TableConfig:
         optimizer: row-wise update rule and its learning-rate schedule.
         admission: optional frequency admission.
         expiry: optional defaults for expiry sweeps.
-        nonfinite: policy for NaN/Inf gradients.
+        nonfinite: policy for NaN/Inf gradients and for steps whose results would be NaN/Inf.
     """
 
     name: str
@@ -414,6 +414,12 @@ class StoreConfig:
             2048 on the ``cuda`` backend and no device tier on ``cpu``.
         min_cache_rows: floor of rows per table and tier (a batch's distinct keys
             plus the pinned rows of the batches in flight must fit).
+        allow_config_change: reopening a store with a table config that differs
+            from the stored one in a setting that can change (learning rate and
+            schedule, optimizer settings, initializer of new rows, NaN/Inf
+            policy, admission threshold, expiry) applies it and logs each
+            change; off (the default), it raises ``ConfigConflictError``. Dim,
+            optimizer kind and admission sizing can never change.
     """
 
     ttl_seconds: int | None = None
@@ -427,6 +433,7 @@ class StoreConfig:
     cache_mb: float = 256.0
     device_cache_mb: float | None = None
     min_cache_rows: int = 1 << 16
+    allow_config_change: bool = False
 
     def __post_init__(self) -> None:
         _positive("cache_mb", self.cache_mb)
@@ -438,6 +445,9 @@ class StoreConfig:
             raise ValueError(f"read_threads must be an int >= 0, got {self.read_threads!r}")
         if self.ttl_seconds is not None and (not isinstance(self.ttl_seconds, int) or self.ttl_seconds < 1):
             raise ValueError(f"ttl_seconds must be None or an int >= 1, got {self.ttl_seconds!r}")
+        for n in ("sync_writes", "mmap_reads", "allow_config_change"):
+            if not isinstance(getattr(self, n), bool):
+                raise TypeError(f"{n} must be a bool, got {getattr(self, n)!r}")
         for n in ("block_cache_mb", "write_buffer_mb", "background_jobs"):
             v = getattr(self, n)
             if not isinstance(v, int) or v < 1:

@@ -14,6 +14,7 @@ __all__ = [
     "CorruptRowError",
     "OutOfSpaceError",
     "NonFiniteGradientError",
+    "NonFiniteUpdateError",
     "UnknownTableError",
     "PipelineError",
     "WriteBackError",
@@ -55,6 +56,10 @@ class OutOfSpaceError(DamoHybridError):
 
 class NonFiniteGradientError(DamoHybridError, ValueError):
     """A gradient holds NaN or Inf and the table's policy is ``raise``."""
+
+
+class NonFiniteUpdateError(NonFiniteGradientError):
+    """A step with finite gradients would store NaN or Inf (an overflow) under the ``raise`` policy."""
 
 
 class UnknownTableError(DamoHybridError, KeyError):

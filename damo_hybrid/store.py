@@ -60,7 +60,7 @@ from .storage.checkpoint import restore_checkpoint
 from .storage.maintenance import StoreMaintenance
 from .storage.meta import (
     META,
-    check_compatible,
+    check_change,
     check_ttl,
     load_tables,
     read_meta,
@@ -111,16 +111,17 @@ class EmbeddingStore(StoreMaintenance):
         path: store directory (created if missing). ``None`` together with
             ``storage=MemoryStorage()`` gives a purely in-memory store.
         tables: table configs. Tables already in the store keep their rows;
-            their dim and optimizer kind must match, other settings (learning
-            rate, initializer, ...) may change between runs.
+            their dim and optimizer kind must match, and another setting
+            (learning rate, initializer, ...) changes only with
+            ``StoreConfig(allow_config_change=True)``, which logs each change.
         config: RocksDB options and cache budgets.
         read_only: open without the write lock (``inspect`` while training).
         storage: a storage backend to use instead of RocksDB (tests).
 
     Raises:
         StoreLockedError: another process or handle has the store open.
-        ConfigConflictError: a table's dim or optimizer layout, or the TTL
-            mode, differs from what is stored.
+        ConfigConflictError: a table's config, or the TTL mode, differs from
+            what is stored (see ``tables``).
 
     Example:
         >>> import numpy as np, tempfile
@@ -171,7 +172,7 @@ class EmbeddingStore(StoreMaintenance):
             meta = read_meta(self.root) if self.root is not None else None  # re-read under the RocksDB lock
             if meta is not None:
                 check_ttl(meta, self.root, config.ttl_seconds)
-            self._tables, self._next_id, _ = load_tables(meta, tables, self.root)
+            self._tables, self._next_id, _ = load_tables(meta, tables, self.root, config.allow_config_change)
             if meta is not None and meta.get("live"):  # not closed cleanly (a crash), or open elsewhere now
                 log.warning("store %s was not closed cleanly (or is open elsewhere): recounting its rows", self.root)
                 recount_rows(self._storage, self._tables.values())
@@ -229,8 +230,8 @@ class EmbeddingStore(StoreMaintenance):
         """Register a table (or check an existing one for compatibility).
 
         Raises:
-            ConfigConflictError: the name exists with another dim or optimizer, or is cached
-                and the new config changes it.
+            ConfigConflictError: another config without ``StoreConfig.allow_config_change``
+                (or an incompatible one), or a change of a cached table.
         """
         with self._lock:
             self._check_writable()
@@ -238,8 +239,7 @@ class EmbeddingStore(StoreMaintenance):
                 raise TypeError(f"config must be a TableConfig, got {type(config).__name__}")
             old = self._tables.get(config.name)
             if old is not None:
-                check_compatible(old.cfg, config)
-                if old.cfg == config:
+                if not check_change(old.cfg, config, self.config.allow_config_change):
                     return
                 if self._caches.get(config.name) is not None:
                     raise ConfigConflictError(f"table {config.name!r} has a cache; change its config after "
@@ -368,8 +368,8 @@ class EmbeddingStore(StoreMaintenance):
             step: global step for the learning-rate schedule; default: the
                 table's own counter, which every call advances by one.
         Raises:
-            NonFiniteGradientError: a gradient row holds NaN/Inf and the
-                table's policy is ``raise``; nothing was written.
+            NonFiniteGradientError: NaN/Inf in a gradient, or in a stepped row
+                (``NonFiniteUpdateError``), under ``raise``; nothing was written.
             TypeError, ValueError: wrong dtype or shape; nothing was written.
             OutOfSpaceError: disk full; nothing was written.
             WriteBackError: a cached table's writer failed earlier; nothing was written.
@@ -384,10 +384,10 @@ class EmbeddingStore(StoreMaintenance):
                 keys, grads = keys[finite], grads[finite]
             tiers = self._caches.get(table)
             if tiers is not None:
-                tiers.step_rows(keys, grads, lr)
-            elif len(keys):
-                self._io.step(t, keys, grads, lr)
-            t.count_dropped(finite)
+                kept = tiers.step_rows(keys, grads, lr)
+            else:
+                kept = [self._io.step(t, keys, grads, lr)] if len(keys) else []
+            t.count_dropped(finite, *kept)
             t.advance()
 
     def delete(self, table: str, keys: np.ndarray) -> None:

@@ -95,3 +95,18 @@ def test_train_banner_says_when_the_row_floor_overrides_the_cache_budget(tmp_pat
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "--cache-mb 0.01" in out and "floor of 65,536 rows per table" in out
+
+
+def test_train_with_another_lr_on_a_store_refuses_before_touching_it(tmp_path, capsys):
+    argv = ["train", "--quiet", "--steps", "2", "--batch-size", "64", "--dim", "4", "--vocab-min", "50",
+            "--vocab-max", "100", "--eval-batches", "0", "--threads", "1", "--store", str(tmp_path / "s")]
+    assert main(argv + ["--lr", "0.05"]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--lr", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "optimizer.lr: 0.05 -> 0.2" in err and "--allow-config-change" in err and len(err.strip().splitlines()) == 1
+    with EmbeddingStore(tmp_path / "s", read_only=True) as s:
+        assert s.step("emb") == 2 and s.tables["emb"].optimizer.lr == 0.05
+    assert main(argv + ["--lr", "0.2", "--allow-config-change"]) == 0  # fine-tuning with a new lr, on purpose
+    with EmbeddingStore(tmp_path / "s", read_only=True) as s:
+        assert s.step("emb") == 4 and s.tables["emb"].optimizer.lr == 0.2

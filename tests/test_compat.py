@@ -92,8 +92,8 @@ def test_seed_script_runs_unchanged(tmp_path):
     assert list(dumped) == [1] and dumped[1][0].tolist() == [1, 2, 3, 2**64 - 1]
 
 
-def _embedding(tmp_path, name="sgd", dim=4, group=0, **kw):
-    st = damo.PyStorage(str(tmp_path / "s"))
+def _embedding(tmp_path, name="sgd", dim=4, group=0, st=None, **kw):
+    st = st or damo.PyStorage(str(tmp_path / "s"))
     op = damo.Parameters()
     op.insert("name", name)
     for k, v in {"gamma": 0.5, **kw}.items():
@@ -112,6 +112,24 @@ def test_lookup_and_apply_in_place(tmp_path):
     e.apply_gradients(keys, np.arange(8, dtype=np.float32))
     e.lookup(keys, w)
     np.testing.assert_array_equal(w, -np.float32(0.5) * np.arange(8, dtype=np.float32))
+
+
+def test_a_second_embedding_of_a_group_with_another_gamma_raises_unless_allowed(tmp_path):
+    from damo_hybrid.errors import ConfigConflictError
+
+    st, e = _embedding(tmp_path)
+    with pytest.raises(ConfigConflictError, match=r"table 'group_0'.*optimizer\.lr: 0\.5 -> 0\.01"):
+        _embedding(tmp_path, st=st, gamma=0.01)
+    keys = np.array([5], np.uint64)
+    e.apply_gradients(keys, np.ones(4, np.float32))  # the first one's lr is still 0.5
+    w = np.zeros(4, np.float32)
+    e.lookup(keys, w)
+    np.testing.assert_array_equal(w, [-0.5] * 4)
+    st.close()
+    st2 = damo.PyStorage(str(tmp_path / "s"), allow_config_change=True)
+    _, e2 = _embedding(tmp_path, st=st2, gamma=0.01)
+    assert st2.store.tables["group_0"].optimizer.lr == 0.01
+    st2.close()
 
 
 @pytest.mark.parametrize(

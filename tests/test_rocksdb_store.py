@@ -96,14 +96,25 @@ def test_conflicting_config_is_refused(tmp_path, other, match):
     EmbeddingStore(tmp_path / "s", [T]).close()
 
 
-def test_compatible_changes_are_accepted(tmp_path):
+def test_a_changed_config_raises_unless_allowed_and_then_is_logged(tmp_path, caplog):
     with EmbeddingStore(tmp_path / "s", [T]) as s:
         s.apply_gradients("emb", KEYS, G)
     changed = TableConfig("emb", 4, initializer=InitializerConfig.zeros(), optimizer=OptimizerConfig.adagrad(0.5))
-    with EmbeddingStore(tmp_path / "s", [changed]) as s:
+    with pytest.raises(ConfigConflictError, match=r"optimizer\.lr: 0\.1 -> 0\.5.*allow_config_change"):
+        EmbeddingStore(tmp_path / "s", [changed])
+    with EmbeddingStore(tmp_path / "s") as s:  # the refused open changed nothing
+        assert s.tables["emb"] == T
+        with pytest.raises(ConfigConflictError, match="initializer.kind: 'normal' -> 'zeros'"):
+            s.add_table(changed)
+        s.add_table(T)  # the same config is no change
+    with caplog.at_level("WARNING"), EmbeddingStore(tmp_path / "s", [changed],
+                                                    StoreConfig(allow_config_change=True)) as s:
         assert s.tables["emb"].optimizer.lr == 0.5
+    assert "optimizer.lr: 0.1 -> 0.5" in caplog.text
     with EmbeddingStore(tmp_path / "s") as s:
         assert s.tables["emb"].optimizer.lr == 0.5
+    with pytest.raises(ConfigConflictError, match="dim=4, opened with dim=8"):  # never allowed
+        EmbeddingStore(tmp_path / "s", [TableConfig("emb", 8)], StoreConfig(allow_config_change=True))
 
 
 def _poke(path: Path, table_id: int, key: int, fn) -> None:

@@ -282,22 +282,32 @@ class DeviceCache:
         self._dev.begin(batch)
         return self.weights.index_select(0, batch.slots_t)
 
-    def step(self, batch: DeviceBatch, g: torch.Tensor, lr: float, keep: torch.Tensor | None = None) -> None:
-        """One optimizer step of the batch's rows with summed gradients (fused kernel on CUDA).
+    def stage(self, batch: DeviceBatch, g: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step of the batch's rows on copies (fused kernel on CUDA); nothing
+        changes until :meth:`commit`, so the caller can check the results first.
 
         Args:
             batch: the prepared batch.
             g: float32 (U, dim) summed gradients, on the device.
             lr: scheduled learning rate.
-            keep: optional bool (U,) rows to step (the others are left as they are).
+        Returns:
+            ``(weights (U, dim), state (U, width), count (U,))`` after the step, on the device.
         """
-        s_t, s = batch.slots_t, batch.slots
-        if keep is not None:
-            s_t, s, g = s_t[keep], s[keep.cpu().numpy()], g[keep]
+        s_t = batch.slots_t
         w = self.weights.index_select(0, s_t)
         st = self.state.index_select(0, s_t)
         cnt = self.count.index_select(0, s_t) + 1
         self._dev.optimizer_step(self.opt, w, st, g.contiguous(), cnt, lr)
+        return w, st, cnt
+
+    def commit(self, batch: DeviceBatch, w: torch.Tensor, st: torch.Tensor, cnt: torch.Tensor,
+               keep: np.ndarray | None = None) -> None:
+        """Store a staged step (see :meth:`stage`); ``keep``: optional bool (U,) rows to store
+        (the others keep their value)."""
+        s_t, s = batch.slots_t, batch.slots
+        if keep is not None:
+            k = torch.from_numpy(keep).to(s_t.device)
+            s_t, s, w, st, cnt = s_t[k], s[keep], w[k], st[k], cnt[k]
         self.weights.index_copy_(0, s_t, w)
         self.state.index_copy_(0, s_t, st)
         self.count.index_copy_(0, s_t, cnt)

@@ -12,7 +12,7 @@ from the writer's queue or the storage, or initialised exactly as the store woul
 Thread safety: the host manager thread owns residency (:meth:`HostCache.make_resident`,
 eviction, write-back, the key index), under the table's tier lock
 (:class:`~damo_hybrid.cache.tiers.TableTiers`); the worker thread may at the same time step
-the rows of slots it holds pinned (:meth:`HostCache.step_slots`) and unpin them. Pins are the
+the rows of slots it holds pinned (:meth:`HostCache.commit_slots`) and unpin them. Pins are the
 only state both touch, and a lock guards them; pinned rows are never evicted, so the two
 threads never touch the same row otherwise.
 """
@@ -293,38 +293,53 @@ class HostCache:
         self.slots.touch(slots)
 
     # ------------------------------------------------------------ worker
-    def step_slots(self, slots: np.ndarray, g: np.ndarray, lr: float) -> None:
-        """Apply summed gradients to resident rows.
+    def stage_slots(self, slots: np.ndarray, g: np.ndarray, lr: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One optimizer step of resident rows, on copies: nothing changes until :meth:`commit_slots`
+        (so the caller can check the results first).
 
         Args:
             slots: int64 (U,) distinct resident slots.
             g: float32 (U, dim) summed gradients.
             lr: scheduled learning rate.
+        Returns:
+            ``(weights (U, dim), state (U, width), count (U,))`` after the step.
         """
         w, st = self.weights[slots], self.state[slots]
         cnt = self.count[slots] + 1
         self.opt.update(w, st, g, cnt, lr)
+        return w, st, cnt
+
+    def commit_slots(self, slots: np.ndarray, w: np.ndarray, st: np.ndarray, cnt: np.ndarray) -> None:
+        """Store a staged step of resident rows (see :meth:`stage_slots`)."""
         self.weights[slots], self.state[slots], self.count[slots] = w, st, cnt
         self.updated[slots] = int(time.time())
         self.dirty[slots] = True
 
-    def step_through(self, keys: np.ndarray, g: np.ndarray, lr: float) -> None:
-        """Step rows that are not resident without making them resident: read from below (or
-        initialise), step, and hand them to the writer, which orders them after any older copy
-        it still holds. No slot is taken, so any number of keys fits.
+    def stage_through(self, keys: np.ndarray, g: np.ndarray, lr: float) -> tuple[Rows, np.ndarray]:
+        """One optimizer step of rows that are not resident, without making them resident: read
+        from below (or initialise) and step copies; :meth:`commit_through` hands them to the writer.
+        No slot is taken, so any number of keys fits.
 
         Args:
             keys: uint64 (U,) distinct keys not resident in this tier.
             g: float32 (U, dim) summed gradients.
             lr: the step's learning rate.
+        Returns:
+            ``(rows, stored)``: the stepped rows, and bool (U,) whether each exists in the storage.
         """
+        rows, stored = self._fetch(keys)
+        self.table.step_rows(rows, g, lr, int(time.time()))
+        return rows, stored
+
+    def commit_through(self, keys: np.ndarray, rows: Rows, stored: np.ndarray) -> None:
+        """Hand a staged step of non-resident rows to the writer, which orders them after any
+        older copy it still holds (see :meth:`stage_through`)."""
         for i in range(0, len(keys), _WRITE_CHUNK):
-            k = keys[i:i + _WRITE_CHUNK]
-            rows, stored = self._fetch(k)
-            self.table.step_rows(rows, g[i:i + _WRITE_CHUNK], lr, int(time.time()))
-            self.writer.submit(k, rows, new=~stored)
-            self.stats.write_backs += len(k)
-            self.stats.bytes_written += len(k) * self.row_bytes
+            c = slice(i, i + _WRITE_CHUNK)
+            self.writer.submit(keys[c], Rows(rows.weights[c], rows.state[c], rows.count[c], rows.created[c],
+                                             rows.updated[c]), new=~stored[c])
+        self.stats.write_backs += len(keys)
+        self.stats.bytes_written += len(keys) * self.row_bytes
 
     def write_back_dirty(self) -> None:
         """Hand every dirty row to the writer (they stay resident, clean); see :meth:`WriteBehind.drain`."""

@@ -100,34 +100,54 @@ class TableTiers:
         return out.take(found), found
 
     # --------------------------------------------------------------- steps
-    def step_rows(self, keys: np.ndarray, grads: np.ndarray, lr: float) -> None:
+    def step_rows(self, keys: np.ndarray, grads: np.ndarray, lr: float) -> list[np.ndarray | None]:
         """One optimizer step of ``keys`` with already validated gradients (the store's
         ``apply_gradients`` on a cached table): duplicates summed, each row stepped once.
 
         Rows on the device tier are first sent down; rows in the host tier are stepped there;
         the others are read, stepped and handed to the writer without taking a slot, so a call
-        may hold more keys than the cache.
+        may hold more keys than the cache. Every row is stepped on a copy and the results are
+        checked (:meth:`~damo_hybrid.rows.table.Table.check_results`) before any is stored.
 
         Args:
             keys: uint64 (N,).
             grads: float32 (N, dim), finite.
             lr: the step's learning rate.
+        Returns:
+            The ``skip`` policy's keep masks (count them with ``Table.count_dropped``).
         Raises:
+            NonFiniteUpdateError: a result overflowed under the ``raise`` policy; nothing was written.
             RuntimeError: a row is pinned by a batch in flight on the device tier.
         """
         if not len(keys):
-            return
+            return []
         ukeys, _, g = sum_by_key(keys, grads)
+        check = self.table.check_results
         with self.lock, self.step_lock:
             if self.device is not None:
                 self.device.send_down(ukeys)
             slots = self.host.slots.lookup(ukeys)
             hit = slots >= 0
-            if not hit.all():  # the part that can fail (a read, or a writer that failed) goes first
+            miss = ~hit
+            keep_t = keep_h = None
+            if miss.any():  # the part that can fail (a read, or a writer that failed) goes first
                 self.host.writer.check()
-                self.host.step_through(ukeys[~hit], g[~hit], lr)
+                rows, stored = self.host.stage_through(ukeys[miss], g[miss], lr)
+                keep_t = check(ukeys[miss], rows.weights, rows.state)
             if hit.any():
-                self.host.step_slots(slots[hit], g[hit], lr)
+                w, st, cnt = self.host.stage_slots(slots[hit], g[hit], lr)
+                keep_h = check(ukeys[hit], w, st)
+            if miss.any():
+                k = ukeys[miss]
+                if keep_t is not None:
+                    k, rows, stored = k[keep_t], rows.take(keep_t), stored[keep_t]
+                self.host.commit_through(k, rows, stored)
+            if hit.any():
+                s = slots[hit]
+                if keep_h is not None:
+                    s, w, st, cnt = s[keep_h], w[keep_h], st[keep_h], cnt[keep_h]
+                self.host.commit_slots(s, w, st, cnt)
+        return [keep_t, keep_h]
 
     # ------------------------------------------------------------ lifecycle
     def flush(self) -> None:

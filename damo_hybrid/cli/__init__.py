@@ -4,6 +4,7 @@ checking) the only package that prints."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -144,6 +145,8 @@ def _train(args: argparse.Namespace) -> int:
                           optimizer=opt),
               TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
     store_cfg = store_config(getattr(args, "store_config", None))
+    if args.allow_config_change:
+        store_cfg = dataclasses.replace(store_cfg, allow_config_change=True)
     if (args.resume or args.checkpoint_every) and not args.store:
         raise ValueError("--resume and --checkpoint-every need --store (a temporary store is deleted at exit)")
     tmp = None if args.store else tempfile.TemporaryDirectory(prefix="damo-train-")
@@ -323,6 +326,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     t.add_argument("--checkpoint-every", type=int_in(0), default=0, help="checkpoint the whole training state every N steps")
     t.add_argument("--checkpoint-dir", help="where checkpoints go (default: <store>.ckpt beside the store)")
     t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="let a changed --lr or --optimizer settings replace the config stored with the tables (logged)")
     t.add_argument("--no-prefetch", action="store_true",
                    help="run the sequential reference loop instead of the three-stage pipeline (same weights)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -287,13 +287,17 @@ class PyFilter:
 
 
 class PyStorage:
-    """A store directory; ``ttl`` seconds > 0 turns on RocksDB TTL."""
+    """A store directory; ``ttl`` seconds > 0 turns on RocksDB TTL.
 
-    def __init__(self, dir: str, ttl: int = 0) -> None:
+    ``allow_config_change`` (not in the seed) lets a :class:`PyEmbedding` of an existing group
+    change its optimizer settings or initializer (logged); by default that raises
+    ``ConfigConflictError``, so two embeddings on one group cannot silently disagree."""
+
+    def __init__(self, dir: str, ttl: int = 0, *, allow_config_change: bool = False) -> None:
         if not isinstance(ttl, (int, np.integer)) or ttl < 0:
             raise ValueError(f"ttl must be an int >= 0 (seconds; 0 = no TTL), got {ttl!r}")
         self.dir = Path(dir)
-        self._cfg = StoreConfig(ttl_seconds=int(ttl) if ttl else None)
+        self._cfg = StoreConfig(ttl_seconds=int(ttl) if ttl else None, allow_config_change=allow_config_change)
         self.store = EmbeddingStore(self.dir, config=self._cfg)
 
     def dump(self, path: str, cond: Parameters | dict[str, Any] | None = None) -> None:

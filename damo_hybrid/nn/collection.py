@@ -283,9 +283,11 @@ class EmbeddingCollection(torch.nn.Module):
     def apply_gradients(self, step: int | None = None) -> None:
         """Step every row of the last batch once with its table's optimizer, then unpin them.
 
-        Every table's gradients are checked first, so a bad gradient (NaN/Inf under the
-        ``raise`` policy) in any table changes no row and no step counter in any table. Rows
-        that received no gradient (the loss did not depend on them) are not stepped.
+        Two phases: every table's rows are first stepped on copies, and the gradients and the
+        results checked; only then is anything stored. So a NaN/Inf (gradient or result) under
+        the ``raise`` policy in any table changes no row and no step counter in any table, and
+        under ``skip`` every table drops (and counts) its bad rows alike. Rows that received no
+        gradient (the loss did not depend on them) are not stepped.
 
         Raises:
             NonFiniteGradientError: nothing was written; the batch is released.
@@ -294,24 +296,24 @@ class EmbeddingCollection(torch.nn.Module):
         if batch is None or batch.applied:
             raise RuntimeError("no batch to apply: run forward() and backward() first")
         try:
-            steps = [self._check(t, tb, tb.leaf.grad, step) for t, tb in batch.tables.items()
-                     if tb.leaf is not None and tb.leaf.grad is not None]
-            for t, finite, do in steps:
+            staged = [self._stage(t, tb, tb.leaf.grad, step) for t, tb in batch.tables.items()
+                      if tb.leaf is not None and tb.leaf.grad is not None]
+            for t, kept, commit in staged:
                 with self.tiers[t].step_lock:
-                    do()
+                    commit()
                 table = self.tiers[t].table
-                table.count_dropped(finite)
+                table.count_dropped(*kept)
                 table.advance()
         finally:
             self.release(batch)
 
-    def _check(self, t: str, tb: _TableBatch, grad: torch.Tensor,
-               step: int | None) -> tuple[str, np.ndarray | None, Callable[[], None]]:
-        """Validate one table's gradients (raising changes nothing).
+    def _stage(self, t: str, tb: _TableBatch, grad: torch.Tensor,
+               step: int | None) -> tuple[str, list[np.ndarray | None], Callable[[], None]]:
+        """Step one table's rows on copies and check gradients and results (raising changes nothing).
 
         Returns:
-            ``(table, finite, step the rows)``: ``finite`` is the skip policy's bool (U,) mask
-            of rows kept, or None when every row is finite.
+            ``(table, keep masks, store the step)``: the masks are the ``skip`` policy's bool
+            rows kept (None: all), to count once stored.
         """
         tiers = self.tiers[t]
         table = tiers.table
@@ -319,26 +321,33 @@ class EmbeddingCollection(torch.nn.Module):
             raise StoreClosedError(f"the store holding table {t!r} is closed: these updates would never be written")
         if self.store.read_only:
             raise DamoHybridError("the store was opened read_only: it serves lookups, not training")
+        lr = table.lr(step)
         if tb.device is not None:
             dev = tiers.device
             assert dev is not None
             g = grad.to(torch.float32)
-            keep = None
-            finite = None
-            if not bool(torch.isfinite(g).all()):  # the step's one host sync
-                # rare path: the table's NaN/Inf policy (raise, or drop and count) on a host copy
-                _, _, finite = table.check_gradients(tb.ukeys, g.cpu().numpy())
-                keep = torch.from_numpy(finite).to(g.device)
-            lr = table.lr(step)
-
-            return t, finite, lambda: dev.step(tb.device, g, lr, keep)  # type: ignore[arg-type]
+            w, st, cnt = dev.stage(tb.device, g, lr)
+            finite = torch.isfinite(g).all() & torch.isfinite(w).all() & torch.isfinite(st).all()
+            if bool(finite):  # the step's one host sync
+                return t, [], lambda: dev.commit(tb.device, w, st, cnt)
+            # rare path: the table's NaN/Inf policy (raise, or drop and count) on host copies
+            _, _, keep_g = table.check_gradients(tb.ukeys, g.cpu().numpy())
+            keep = np.ones(len(tb.ukeys), bool) if keep_g is None else keep_g.copy()
+            keep_r = table.check_results(tb.ukeys[keep], w[torch.from_numpy(keep).to(w.device)].cpu().numpy(),
+                                         st[torch.from_numpy(keep).to(st.device)].cpu().numpy())
+            if keep_r is not None:
+                keep[np.nonzero(keep)[0][~keep_r]] = False
+            return t, [keep_g, keep_r], lambda: dev.commit(tb.device, w, st, cnt, keep)
         host = tiers.host
-        _, g2, finite = table.check_gradients(tb.ukeys, np.ascontiguousarray(grad.numpy(), dtype=np.float32))
-        lr = table.lr(step)
-
-        if finite is None:
-            return t, None, lambda: host.step_slots(tb.slots, g2, lr)
-        return t, finite, lambda: host.step_slots(tb.slots[finite], g2[finite], lr)
+        _, g2, keep_g = table.check_gradients(tb.ukeys, np.ascontiguousarray(grad.numpy(), dtype=np.float32))
+        slots, keys = tb.slots, tb.ukeys
+        if keep_g is not None:
+            slots, keys, g2 = slots[keep_g], keys[keep_g], g2[keep_g]
+        w, st, cnt = host.stage_slots(slots, g2, lr)
+        keep_r = table.check_results(keys, w, st)
+        if keep_r is not None:
+            slots, w, st, cnt = slots[keep_r], w[keep_r], st[keep_r], cnt[keep_r]
+        return t, [keep_g, keep_r], lambda: host.commit_slots(slots, w, st, cnt)
 
     def release(self, batch: PreparedBatch | None = None) -> None:
         """Unpin a batch's rows without applying anything."""

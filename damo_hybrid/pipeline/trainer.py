@@ -24,6 +24,7 @@ from torch.profiler import record_function
 from ..cache.host import CacheStats
 from ..data.metrics import auc, logloss
 from ..data.synthetic import Batch
+from ..errors import NonFiniteGradientError
 from ..nn.collection import PreparedBatch
 from .checkpoint import prune_checkpoints, save_training_checkpoint
 from .stages import Pipeline, PipelineStats
@@ -97,6 +98,10 @@ class Trainer:
         self.train_batch = train_batch
         self.eval_batch = eval_batch
         self.step = 0
+        # the dense step follows the tables' NaN/Inf decision: skipped (and counted) when every
+        # table drops bad rows, else a non-finite dense gradient refuses the whole step
+        self.skip_nonfinite = all(t.table.skip_nonfinite for t in model.sparse.tiers.values())
+        self.skipped_dense_steps = 0
         self.samples = 0
         self.times = StageTimes()
         self.pipeline_stats: PipelineStats | None = None
@@ -130,8 +135,18 @@ class Trainer:
             raise
         t3 = time.perf_counter()
         with record_function("damo.apply"):
-            self.model.apply_sparse_gradients()
-            self.opt.step()
+            dense_finite = self._dense_finite()
+            if not dense_finite and not self.skip_nonfinite:
+                self.model.sparse.release(prepared)
+                raise NonFiniteGradientError(
+                    f"the dense gradients hold NaN or Inf at step {self.step}; nothing was written. Lower "
+                    "the learning rate or clip gradients, or give every table nonfinite='skip' to skip such steps.")
+            self.model.apply_sparse_gradients()  # checks every table before it stores anything
+            if dense_finite:
+                self.opt.step()
+            else:  # the tables' skip policy: the dense step is skipped and counted, like the bad rows
+                self.skipped_dense_steps += 1
+                log.warning("step %d: the dense gradients hold NaN or Inf; the dense step was skipped", self.step)
         t4 = time.perf_counter()
         self.times.compute += t3 - t2
         self.times.apply += t4 - t3
@@ -140,6 +155,13 @@ class Trainer:
         self.step += 1
         self.samples += len(b.label)
         return float(loss.detach())
+
+    def _dense_finite(self) -> bool:
+        """Whether every dense gradient is finite (one reduction, one host sync)."""
+        grads = [p.grad for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(self.device, non_blocking=True)

@@ -133,9 +133,13 @@ class RowOptimizer:
             g: float32 (N, dim) summed gradient per row (not modified).
             count: int64 (N,) update count of each row including this step (>= 1).
             lr: scheduled learning rate.
+
+        An overflow yields Inf/NaN quietly; the caller checks the results
+        (:meth:`~damo_hybrid.rows.table.Table.check_results`) before storing them.
         """
         if len(w):
-            self._update(w, state, g, count, np.float32(lr))
+            with np.errstate(over="ignore", invalid="ignore"):
+                self._update(w, state, g, count, np.float32(lr))
 
     def _l2(self, w: np.ndarray, g: np.ndarray) -> np.ndarray:
         return g + self.wd * w if self.wd != 0 else g

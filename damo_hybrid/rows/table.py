@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import NonFinitePolicy, TableConfig
-from ..errors import NonFiniteGradientError
+from ..errors import NonFiniteGradientError, NonFiniteUpdateError
 from ..keys.hashing import as_keys
 from .admission import CountingBloomFilter
 from .codec import RowCodec, Rows
@@ -25,6 +25,11 @@ from .initializers import RowInitializer
 from .optimizers import RowOptimizer
 
 __all__ = ["Table", "TableCounters"]
+
+
+def _first_bad(finite: np.ndarray) -> tuple[int, int]:
+    """``(how many rows are not finite, the first one's position)``."""
+    return int(np.count_nonzero(~finite)), int(np.argmin(finite))
 
 
 class TableCounters:
@@ -134,15 +139,43 @@ class Table:
         if finite.all():
             return keys, grads, None
         if not self.skip_nonfinite:
-            bad = int(np.count_nonzero(~finite))
-            i = int(np.nonzero(~finite)[0][0])
+            bad, i = _first_bad(finite)
             raise NonFiniteGradientError(
                 f"{bad} gradient row(s) of table {self.name!r} hold NaN or Inf (first at position {i}, "
                 f"key {int(keys[i])}); nothing was written. Use nonfinite='skip' to drop such rows."
             )
         return keys, grads, finite
 
-    def count_dropped(self, finite: np.ndarray | None) -> None:
-        """Count the rows a ``skip`` decision dropped."""
-        if finite is not None:
-            self.counters.dropped_nonfinite += int(np.count_nonzero(~finite))
+    def check_results(self, keys: np.ndarray, weights: np.ndarray, state: np.ndarray) -> np.ndarray | None:
+        """Validate a step's results before they are stored; changes nothing.
+
+        A finite gradient can still overflow a row (a huge learning rate, an accumulator past
+        float32's range): such rows are never stored. Under the ``raise`` policy the whole
+        step is refused; under ``skip`` the caller drops these rows (they keep their old value).
+
+        Args:
+            keys: uint64 (N,) the stepped rows' keys.
+            weights: float32 (N, dim) and state float32 (N, state_width), the stepped values.
+        Returns:
+            None when every row is finite, else bool (N,) the rows to keep.
+        Raises:
+            NonFiniteUpdateError: a NaN/Inf result under the ``raise`` policy.
+        """
+        finite = np.isfinite(weights).all(axis=1) & np.isfinite(state).all(axis=1)
+        if finite.all():
+            return None
+        if not self.skip_nonfinite:
+            bad, i = _first_bad(finite)
+            raise NonFiniteUpdateError(
+                f"the step of table {self.name!r} would store NaN or Inf in {bad} row(s) (first key "
+                f"{int(keys[i])}) at learning rate {self.lr():g}: the gradients are finite but the update "
+                "overflows float32; nothing was written. Lower the learning rate (or clip gradients), "
+                "or use nonfinite='skip' to drop such rows."
+            )
+        return finite
+
+    def count_dropped(self, *masks: np.ndarray | None) -> None:
+        """Count the rows ``skip`` decisions dropped (each mask: bool, the rows kept)."""
+        for keep in masks:
+            if keep is not None:
+                self.counters.dropped_nonfinite += int(np.count_nonzero(~keep))

@@ -11,6 +11,7 @@ Functions only; the store calls them under its lock.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ from ..rows.table import Table
 from .backend import Storage
 from .files import atomic_file
 
-__all__ = ["META", "META_FORMAT", "read_meta", "write_meta", "check_ttl", "check_compatible", "load_tables",
-           "recount_rows"]
+__all__ = ["META", "META_FORMAT", "read_meta", "write_meta", "check_ttl", "check_compatible", "check_change",
+           "config_changes", "load_tables", "recount_rows"]
+
+log = logging.getLogger(__name__)
 
 META_FORMAT = 1
 META = "meta.json"
@@ -82,6 +85,46 @@ def check_compatible(stored: TableConfig, cfg: TableConfig) -> None:
         )
 
 
+def config_changes(stored: TableConfig, cfg: TableConfig) -> list[str]:
+    """What ``cfg`` changes in ``stored``, one ``"field: old -> new"`` per leaf (dotted paths)."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+
+    walk(stored.to_dict(), cfg.to_dict(), "")
+    return out
+
+
+def check_change(stored: TableConfig, cfg: TableConfig, allow: bool) -> bool:
+    """Whether opening a stored table with ``cfg`` changes its config, after checking that it may.
+
+    A change that cannot reuse the stored rows (dim, optimizer kind, admission sizing) always
+    raises. Any other change (learning rate and schedule, optimizer settings, the initializer of
+    new rows, the NaN/Inf policy, admission threshold, expiry) raises too unless ``allow``, and
+    is then logged field by field.
+
+    Raises:
+        ConfigConflictError: an incompatible change, or a change without ``allow``.
+    """
+    check_compatible(stored, cfg)
+    changes = config_changes(stored, cfg)
+    if not changes:
+        return False
+    if not allow:
+        raise ConfigConflictError(
+            f"table {cfg.name!r} is stored with another config ({'; '.join(changes)}): open it with the "
+            "stored config, or pass StoreConfig(allow_config_change=True) (CLI: --allow-config-change) "
+            "to apply the change"
+        )
+    log.warning("table %r: config changed (%s)", cfg.name, "; ".join(changes))
+    return True
+
+
 def _load_counters(root: Path | None, tid: int, cfg: TableConfig) -> np.ndarray | None:
     if cfg.admission is None or root is None:
         return None
@@ -95,11 +138,15 @@ def _load_counters(root: Path | None, tid: int, cfg: TableConfig) -> np.ndarray 
 
 
 def load_tables(meta: dict[str, Any] | None, given: Iterable[TableConfig],
-                root: Path | None) -> tuple[dict[str, Table], int, bool]:
+                root: Path | None, allow_change: bool = False) -> tuple[dict[str, Table], int, bool]:
     """Runtime tables from the stored registry and the configs the caller gives.
 
-    A stored table keeps its id, step and row count; a given config replaces its stored one
-    where compatible. Given tables not stored yet get new ids.
+    A stored table keeps its id, step and row count; a given config that differs from its
+    stored one replaces it only with ``allow_change`` (see :func:`check_change`). Given tables
+    not stored yet get new ids.
+
+    Raises:
+        ConfigConflictError: see :func:`check_change`.
 
     Returns:
         ``(tables by name, next table id, whether meta.json needs rewriting)``.
@@ -116,8 +163,7 @@ def load_tables(meta: dict[str, Any] | None, given: Iterable[TableConfig],
             if cfg is None:
                 cfg = stored
             else:
-                check_compatible(stored, cfg)
-                changed |= cfg.to_dict() != entry["config"]
+                changed |= check_change(stored, cfg, allow_change)
             tid = int(entry["id"])
             tables[name] = Table(tid, cfg, int(entry["step"]), int(entry["rows"]), _load_counters(root, tid, cfg))
     for cfg in todo.values():

@@ -107,7 +107,7 @@ class RowIO:
                 last = int(keys[-1])
             yield keys, rows
 
-    def step(self, t: Table, keys: np.ndarray, grads: np.ndarray, lr: float) -> None:
+    def step(self, t: Table, keys: np.ndarray, grads: np.ndarray, lr: float) -> np.ndarray | None:
         """One optimizer step of stored rows, read and written in one atomic batch (the store's
         path for a table without a cache). Duplicates are summed and each row stepped once;
         with admission, keys not yet admitted are counted and dropped.
@@ -116,30 +116,40 @@ class RowIO:
             keys: uint64 (N,).
             grads: float32 (N, dim), finite.
             lr: the step's learning rate.
+        Returns:
+            The ``skip`` policy's keep mask over the stepped rows (None: all kept).
+        Raises:
+            NonFiniteUpdateError: a stepped row overflowed under the ``raise`` policy; nothing changed.
         """
         ukeys, inv, g = sum_by_key(keys, grads)
         occurrences = None
         wkeys = ukeys
+        unadmitted = 0
         if t.filter is not None:
             occurrences = np.bincount(inv, minlength=len(ukeys))
             admitted = t.filter.count(ukeys) + occurrences >= t.min_count
             if not admitted.all():
-                t.counters.dropped_unadmitted += int(np.count_nonzero(~admitted))
-                t.counters.misses += int(np.count_nonzero(~admitted))
+                unadmitted = int(np.count_nonzero(~admitted))
                 wkeys, g = ukeys[admitted], g[admitted]
-        n = len(wkeys)
+        keep = None
         with self.lock:
-            if n:
+            if len(wkeys):
                 now = int(time.time())
                 stored, found = self.read(t, wkeys)
-                rows = Rows.empty(n, t.dim, t.width)
+                rows = Rows.empty(len(wkeys), t.dim, t.width)
                 rows.put(found, stored)
                 t.new_rows(rows, wkeys, ~found, now)
                 t.step_rows(rows, g, lr, now)
+                keep = t.check_results(wkeys, rows.weights, rows.state)
+                if keep is not None:
+                    wkeys, rows, found = wkeys[keep], rows.take(keep), found[keep]
                 self.write(t, wkeys, rows, ~found)
             if t.filter is not None:
                 assert occurrences is not None
                 t.filter.add(ukeys, occurrences)
+                t.counters.dropped_unadmitted += unadmitted
+                t.counters.misses += unadmitted
+        return keep
 
     def bind(self, t: Table) -> TableIO:
         """One table's view."""
