@@ -44,10 +44,12 @@ def test_kill_9_at_random_points_then_resume_matches_uninterrupted_run(tmp_path,
     for _ in range(KILLS * 3):
         if kills == KILLS:
             break
-        p = subprocess.Popen(_cmd(victim, "--resume"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        err = tmp_path / "stderr.txt"
+        with open(err, "wb") as f:
+            p = subprocess.Popen(_cmd(victim, "--resume"), stdout=subprocess.DEVNULL, stderr=f)
         time.sleep(rng.uniform(0.2, full))
         if p.poll() is not None:  # finished before the kill: start over from scratch to keep killing
-            assert p.returncode == 0
+            assert p.returncode == 0, f"after {kills} kills the run failed: {err.read_text()}"
             shutil.rmtree(victim)
             shutil.rmtree(ckpts)
             continue
