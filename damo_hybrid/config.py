@@ -328,6 +328,10 @@ class TableConfig:
         admission: optional frequency admission.
         expiry: optional defaults for expiry sweeps.
         nonfinite: policy for NaN/Inf gradients and for steps whose results would be NaN/Inf.
+        linear_column: the row's last column is a first-order (linear) weight that starts at
+            zero, the first ``dim - 1`` the embedding (``initializer``). DeepFM and Wide&Deep
+            read both from one row per key: one lookup, one cache slot and one stored value
+            instead of two tables fed by the same keys.
     """
 
     name: str
@@ -337,6 +341,7 @@ class TableConfig:
     admission: AdmissionConfig | None = None
     expiry: ExpiryConfig | None = None
     nonfinite: NonFinitePolicy = NonFinitePolicy.RAISE
+    linear_column: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _TABLE_NAME.match(self.name):
@@ -353,6 +358,10 @@ class TableConfig:
         if self.expiry is not None and not isinstance(self.expiry, ExpiryConfig):
             raise TypeError(f"expiry must be an ExpiryConfig or None, got {type(self.expiry).__name__}")
         object.__setattr__(self, "nonfinite", NonFinitePolicy(self.nonfinite))
+        if not isinstance(self.linear_column, bool):
+            raise TypeError(f"linear_column must be a bool, got {self.linear_column!r}")
+        if self.linear_column and self.dim < 2:
+            raise ValueError(f"a table with linear_column needs dim >= 2 (embedding + first-order weight), got {self.dim}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; :meth:`from_dict` inverts it."""

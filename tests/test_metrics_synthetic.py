@@ -37,3 +37,48 @@ def test_synthetic_is_deterministic_and_criteo_like():
 def test_zipf_ranks_bounds():
     r = zipf_ranks(np.random.default_rng(0), 100000, 50)
     assert r.min() == 0 and r.max() == 49 and (np.bincount(r)[0] > np.bincount(r)[10])
+
+
+def test_stage_clock_counts_the_host_and_worker_stages_of_a_step(tmp_path):
+    """The breakdown the training benchmark reports: every stage of a cached step is counted
+    while the clock runs, and nothing while it is off."""
+    from damo_hybrid import EmbeddingStore, OptimizerConfig, TableConfig
+    from damo_hybrid.nn import EmbeddingCollection, Feature
+    from damo_hybrid.timing import CLOCK
+
+    with EmbeddingStore(tmp_path / "s", [TableConfig("t", 4, optimizer=OptimizerConfig.adagrad(0.1))]) as st:
+        emb = EmbeddingCollection(st, [Feature("x", "t")], cache_mb=1e-6, min_cache_rows=64, backend="cpu")
+
+        def step(keys):
+            emb({"x": keys})["x"].sum().backward()
+            emb.apply_gradients()
+
+        step(np.arange(64, dtype=np.uint64))
+        st.flush()
+        CLOCK.enable()
+        try:
+            step(np.arange(32, 96, dtype=np.uint64))  # 32 hits, 32 new keys, 32 evictions of written rows
+            step(np.arange(0, 32, dtype=np.uint64))  # evicted earlier: read back from RocksDB
+            st.flush()
+            secs, counts = CLOCK.snapshot(), CLOCK.counts()
+        finally:
+            CLOCK.disable()
+        assert counts["unique"] == 96 and counts["hits"] == 32 and counts["init"] == 32
+        assert counts["rocksdb_read"] == 32 and counts["evict"] == 64
+        for stage in ("dedup", "index", "victims", "evict", "rocksdb_read", "decode", "init", "encode", "rocksdb_write"):
+            assert secs[stage] > 0, stage
+        step(np.arange(96, 128, dtype=np.uint64))  # off: nothing more is counted
+        assert CLOCK.counts() == counts
+
+
+def test_training_and_host_benchmarks_report_steady_state_breakdowns(tmp_path):
+    from damo_hybrid.bench.host import bench_host
+    from damo_hybrid.bench.train import STAGES, run_train_bench
+
+    r = run_train_bench(steps=3, warmup=1, rows=50_000, fractions=(0.25,), max_warmup=2, batch=256, log=lambda s: None)
+    d = r["damo"][0]
+    assert "error" not in d and d["timed_steps"] == 3 and d["steady_after_steps"] <= 2
+    assert set(d["per_step_ms"]) == set(STAGES) and d["per_step_ms"]["forward"] > 0
+    assert d["per_step_keys"]["unique"] > 0 and d["ratio_to_torch"] > 0 and "cores" in r["machine"]
+    h = bench_host(tmp_path, threads=2, vocab=20_000, fraction=0.25, batch=4000, batches=3)
+    assert h["filled"] and h["unique_keys_per_s"] > 0 and h["per_core"] <= h["unique_keys_per_s"]

@@ -27,7 +27,7 @@ def _cmd(store, *extra):
 def _rows(path):
     with EmbeddingStore(path, read_only=True) as s:
         out = {}
-        for t in ("emb", "lin"):
+        for t in s.tables:
             keys = np.concatenate([k for k, _ in s.scan(t)])
             rows, _ = s.read_rows(t, keys)
             out[t] = (keys, rows)
@@ -56,7 +56,8 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path):
     assert "resuming from" in r.stdout
 
     a, b = _rows(ref), _rows(victim)
-    for t in ("emb", "lin"):
+    assert a.keys() == b.keys() == {"emb"}  # deepfm: the first-order weight is the row's last column
+    for t in a:
         np.testing.assert_array_equal(a[t][0], b[t][0])
         np.testing.assert_allclose(a[t][1].weights, b[t][1].weights, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a[t][1].state, b[t][1].state, rtol=1e-5, atol=1e-6)

@@ -33,9 +33,9 @@ import torch
 
 from ..cache.device import DeviceCache
 from ..cache.host import HostCache
-from ..config import InitializerConfig, OptimizerConfig, TableConfig
+from ..config import InitializerConfig, OptimizerConfig
 from ..data.synthetic import SyntheticCriteo
-from ..nn.models import MODELS
+from ..nn.models import MODELS, model_tables
 from ..ops import cuda_available
 from ..pipeline.trainer import Trainer
 from ..store import EmbeddingStore
@@ -45,14 +45,6 @@ from .train import fit_timed, median_rate
 __all__ = ["run_gpu_bench"]
 
 log = logging.getLogger(__name__)
-
-
-def _tables(dim: int, lr: float, with_lin: bool) -> list[TableConfig]:
-    opt = OptimizerConfig.adagrad(lr)
-    t = [TableConfig("emb", dim, initializer=InitializerConfig.normal(std=0.01), optimizer=opt)]
-    if with_lin:
-        t.append(TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt))
-    return t
 
 
 def _model_kw(model: str) -> dict[str, Any]:
@@ -75,8 +67,7 @@ def _bench_damo(model: str, data: SyntheticCriteo, rows: int, dim: int, steps: i
                 backend: str, device_fraction: float | None, host_fraction: float, root: Path,
                 trace: Path | None) -> dict[str, Any]:
     torch.manual_seed(0)
-    with_lin = model == "deepfm"
-    tables = _tables(dim, lr, with_lin)
+    tables = model_tables(model, dim, OptimizerConfig.adagrad(lr), InitializerConfig.normal(std=0.01))
     dims = [t.dim for t in tables]  # Adagrad keeps one state value per weight: width == dim
     # budgets split across tables in equal row counts (see EmbeddingCollection): each table gets fraction * rows
     host_mb = host_fraction * rows * sum(HostCache.nbytes_per_row(x, x) for x in dims) / 2**20

@@ -32,7 +32,7 @@ from torch import nn
 from ..config import InitializerConfig, OptimizerConfig, TableConfig
 from ..data.metrics import auc, logloss
 from ..data.readers import TabularData, read_dataset
-from ..nn.models import MODELS
+from ..nn.models import MODELS, model_tables
 from ..pipeline.trainer import Trainer
 from ..rows.initializers import RowInitializer
 from ..store import EmbeddingStore
@@ -85,10 +85,8 @@ def load_split(root: Path, spec: DatasetSpec) -> tuple[TabularData, TabularData]
     return train.take(np.sort(order[n_eval:])), train.take(np.sort(order[:n_eval]))
 
 
-def _tables(dim: int, lr: float, seed: int) -> list[TableConfig]:
-    opt = OptimizerConfig.adagrad(lr)
-    return [TableConfig("emb", dim, initializer=InitializerConfig.truncated_normal(std=0.01, seed=seed), optimizer=opt),
-            TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
+def _tables(model: str, dim: int, lr: float, seed: int) -> list[TableConfig]:
+    return model_tables(model, dim, OptimizerConfig.adagrad(lr), InitializerConfig.truncated_normal(std=0.01, seed=seed))
 
 
 def _build(model: str, store: EmbeddingStore, data: TabularData, hidden: tuple[int, ...], seed: int,
@@ -112,7 +110,7 @@ def _evaluate(predict, held: TabularData) -> tuple[float, float]:
 def train_damo(train: TabularData, held: TabularData, model: str, steps: int, dim: int, lr: float,
                dense_lr: float, hidden: tuple[int, ...], seed: int, root: Path, cache_mb: float) -> dict[str, float]:
     """Train through the store, host cache and pipeline; held-out AUC and logloss."""
-    with EmbeddingStore(root / f"store-{seed}", _tables(dim, lr, seed)) as store:
+    with EmbeddingStore(root / f"store-{seed}", _tables(model, dim, lr, seed)) as store:
         m = _build(model, store, train, hidden, seed, cache_mb)
         trainer = Trainer(m, torch.optim.Adam(m.parameters(), lr=dense_lr), train.batch, held.batch)
         t0 = time.perf_counter()
@@ -126,8 +124,9 @@ def train_torch(train: TabularData, held: TabularData, model: str, steps: int, d
                 dense_lr: float, hidden: tuple[int, ...], seed: int) -> dict[str, float]:
     """The same model with every row in ``nn.Embedding(sparse=True)`` and ``torch.optim.Adagrad``."""
     vocab = np.unique(np.concatenate([d.sparse[f] for d in (train, held) for f in d.sparse_fields]))
-    emb_cfg = _tables(dim, lr, seed)[0]
-    init = RowInitializer(emb_cfg.initializer, emb_cfg.name, dim)(vocab)  # the rows the store would start from
+    emb_cfg = _tables(model, dim, lr, seed)[0]
+    # the rows the store would start from (the embedding columns of them)
+    init = RowInitializer(emb_cfg.initializer, emb_cfg.name, emb_cfg.dim, emb_cfg.linear_column)(vocab)[:, :dim]
     rows = InMemoryEmbeddings(train.sparse_fields, len(vocab), dim, vocab_index(vocab),
                               lin=model in ("deepfm", "wide_deep"), init=init)
     torch.manual_seed(seed)  # after the tables (their constructor draws): the same dense modules as the damo side

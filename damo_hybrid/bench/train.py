@@ -8,14 +8,19 @@ process, one after the other:
   ``nn.Embedding(rows, dim, sparse=True)`` over keys modulo ``rows`` (a table that must fit in
   RAM; :mod:`damo_hybrid.bench.baseline`), ``torch.optim.Adagrad`` for the sparse parameters;
 - **damo_hybrid**: every row in RocksDB behind a host cache whose budget is a fraction of the
-  torch table's bytes (weights + Adagrad state), pipelined.
+  torch table's bytes (weights + Adagrad state), pipelined, one row per key (the first-order
+  weight is the row's last column), the worker on all cores but one.
 
-Throughput is the median samples/s over the steps after ``warmup``.
+damo_hybrid is measured in steady state: it trains until its host cache evicts, ``warmup``
+more steps, then times ``steps`` steps, with the per-stage breakdown of :mod:`damo_hybrid.timing`.
+Throughput is the median samples/s over the timed steps.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import statistics
 import tempfile
 import time
@@ -25,14 +30,16 @@ from typing import Any
 
 import torch
 
-from ..config import InitializerConfig, OptimizerConfig, TableConfig
+from ..config import InitializerConfig, OptimizerConfig
 from ..data.synthetic import SyntheticCriteo
-from ..nn.models import DeepFM
+from ..nn.models import DeepFM, model_tables
+from ..pipeline.stages import worker_threads
 from ..pipeline.trainer import Trainer, TrainSummary, peak_rss_mb
 from ..store import EmbeddingStore
+from ..timing import CLOCK
 from .baseline import InMemoryEmbeddings, modulo_index, train_in_memory
 
-__all__ = ["run_train_bench", "fit_timed", "median_rate"]
+__all__ = ["run_train_bench", "fit_timed", "median_rate", "machine", "STAGES"]
 
 _log = logging.getLogger(__name__)
 
@@ -65,50 +72,118 @@ def bench_torch(data: SyntheticCriteo, rows: int, steps: int, warmup: int, dim: 
             "table_bytes": rows_module.table_bytes(), "loss": loss}
 
 
+class _Done(Exception):
+    """Ends a fit once the timed window is complete."""
+
+
+# per-step figures of the breakdown: the clock's stages (ms) and item counts
+STAGES = ("dedup", "index", "victims", "evict", "overlay", "rocksdb_read", "decode", "init", "encode",
+          "rocksdb_write", "forward", "backward", "sparse_step", "dense_step")
+
+
 def bench_damo(data: SyntheticCriteo, cache_mb: float, steps: int, warmup: int, dim: int, lr: float,
-               root: Path) -> dict[str, Any]:
+               root: Path, threads: int, prefetch: bool = True, max_warmup: int = 400) -> dict[str, Any]:
+    """Train until the host cache evicts (steady state), ``warmup`` more steps, then time ``steps``.
+
+    Returns:
+        samples/s (median of the timed steps), the per-step breakdown of the timed window
+        (:data:`STAGES` in ms; unique keys, hits, keys read back, new keys, evictions,
+        write-backs), and the run's cache figures.
+    """
     torch.manual_seed(0)
-    opt = OptimizerConfig.adagrad(lr)
-    tables = [TableConfig("emb", dim, initializer=InitializerConfig.normal(std=0.01), optimizer=opt),
-              TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
-    with EmbeddingStore(root / f"store-{cache_mb:g}", tables) as store:
+    tables = model_tables("deepfm", dim, OptimizerConfig.adagrad(lr), InitializerConfig.normal(std=0.01))
+    torch.set_num_threads(worker_threads(threads, prefetch))
+    with EmbeddingStore(root / f"store-{cache_mb:g}-{prefetch}", tables) as store:
         model = DeepFM(store, data.sparse_fields, len(data.dense_fields), cache_mb=cache_mb, backend="cpu")
         trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-3), data.batch)
-        s, times = fit_timed(trainer, steps)
-        ps = trainer.pipeline_stats
-        stats = list(model.sparse.cache_stats().values())
-        return {"samples_per_s": median_rate(times, data.batch_size, warmup), "cache_mb": cache_mb,
-                "hit_rate": s.hit_rate, "evictions": s.evictions, "loss": s.train_logloss,
-                "stage_s": {"load": s.stages.load, "prepare": s.stages.prepare, "compute": s.stages.compute,
-                            "apply": s.stages.apply, "worker_stall": ps.worker_stall if ps else 0.0},
-                "cache_rows": sum(c.capacity for c in model.sparse.caches.values()),
-                "write_backs": sum(st.write_backs for st in stats), "peak_rss_mb": peak_rss_mb()}
+        caches = list(model.sparse.caches.values())
+        window: dict[str, Any] = {}
+        times: list[float] = []
+        last = [0.0]
+
+        def write_backs() -> int:
+            return sum(c.stats.write_backs for c in caches)
+
+        def progress(step: int, loss: float) -> None:
+            now = time.perf_counter()
+            evicting = sum(c.stats.evictions for c in caches) > 0
+            if "start" not in window and (evicting or step >= max_warmup):
+                window.update(start=step + warmup, filled=evicting, filled_at=step)
+            if window.get("start") == step:  # the timed window begins after this step
+                CLOCK.enable()
+                window.update(t0=now, write_backs=write_backs())
+            elif "t0" in window:
+                times.append(now - last[0])
+                if len(times) == steps:
+                    window.update(seconds=CLOCK.snapshot(), counts=CLOCK.counts(),
+                                  write_backs=write_backs() - window["write_backs"])
+                    CLOCK.disable()
+                    raise _Done
+            last[0] = now
+
+        try:
+            trainer.fit(max_warmup + warmup + steps + 1, progress=progress, prefetch=prefetch)
+        except _Done:
+            pass
+        finally:
+            CLOCK.disable()
+        secs, counts = window["seconds"], window["counts"]
+        per_step_ms = {k: 1000.0 * secs.get(k, 0.0) / steps for k in STAGES}
+        keys = {"unique": counts.get("unique", 0) / steps, "hits": counts.get("hits", 0) / steps,
+                "read_back": counts.get("rocksdb_read", 0) / steps, "new": counts.get("init", 0) / steps,
+                "evictions": counts.get("evict", 0) / steps, "write_backs": window["write_backs"] / steps}
+        return {"samples_per_s": median_rate(times, data.batch_size, 0), "cache_mb": cache_mb,
+                "steady_after_steps": window["filled_at"], "cache_filled": window["filled"],
+                "timed_steps": len(times), "torch_threads": torch.get_num_threads(),
+                "per_step_ms": per_step_ms, "per_step_keys": keys,
+                "cache_rows": sum(c.capacity for c in caches), "peak_rss_mb": peak_rss_mb()}
 
 
-def run_train_bench(steps: int = 60, warmup: int = 10, rows: int = 4_200_000, fractions: tuple[float, ...] = (0.25, 0.05),
-                    dim: int = 16, lr: float = 0.05, threads: int = 2,
-                    log: Callable[[str], None] = _log.info) -> dict[str, Any]:
+def run_train_bench(steps: int = 100, warmup: int = 20, rows: int = 4_200_000, fractions: tuple[float, ...] = (0.25, 0.05),
+                    dim: int = 16, lr: float = 0.05, threads: int | None = None, max_warmup: int = 400,
+                    batch: int = 4096, log: Callable[[str], None] = _log.info) -> dict[str, Any]:
+    """In-memory torch (all ``threads``), then damo_hybrid at each cache fraction in steady state
+    (the worker on ``worker_threads(threads)``, a core left to the host side)."""
+    threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    data = SyntheticCriteo(4096, seed=0)
-    res: dict[str, Any] = {"steps": steps, "warmup": warmup, "threads": threads}
-    t = bench_torch(data, rows, steps, warmup, dim, lr)
+    data = SyntheticCriteo(batch, seed=0)
+    res: dict[str, Any] = {"steps": steps, "warmup": warmup, "threads": threads, "machine": machine()}
+    t = bench_torch(data, rows, steps + warmup, warmup, dim, lr)
     res["torch"] = t
-    log(f"in-memory torch, {rows:,} rows ({t['table_bytes'] / 2**20:,.0f} MiB with Adagrad state): "
+    log(f"in-memory torch, {rows:,} rows ({t['table_bytes'] / 2**20:,.0f} MiB with Adagrad state), {threads} threads: "
         f"{t['samples_per_s']:,.0f} samples/s")
     res["damo"] = []
     with tempfile.TemporaryDirectory() as d:
         for frac in fractions:
             mb = frac * t["table_bytes"] / 2**20
             try:
-                r = bench_damo(data, mb, steps, warmup, dim, lr, Path(d))
+                r = bench_damo(data, mb, steps, warmup, dim, lr, Path(d), threads, max_warmup=max_warmup)
             except Exception as e:  # a budget too small for the batches in flight: report, go on
                 log(f"damo_hybrid, cache {frac:.0%} of the table ({mb:,.0f} MiB): failed: {e}")
                 res["damo"].append({"fraction": frac, "cache_mb": mb, "error": str(e)})
                 continue
+            finally:
+                torch.set_num_threads(threads)
             r["fraction"] = frac
             r["ratio_to_torch"] = r["samples_per_s"] / t["samples_per_s"]
             res["damo"].append(r)
-            log(f"damo_hybrid, cache {frac:.0%} of the table ({mb:,.0f} MiB): {r['samples_per_s']:,.0f} samples/s "
-                f"({r['ratio_to_torch']:.2f}x torch), hit rate {r['hit_rate']:.3f}, evictions {r['evictions']:,}, "
-                f"peak RSS {r['peak_rss_mb']:,.0f} MiB, stages {r['stage_s']}")
+            k, ms = r["per_step_keys"], r["per_step_ms"]
+            log(f"damo_hybrid, cache {frac:.0%} of the table ({mb:,.0f} MiB), steady after {r['steady_after_steps']} "
+                f"steps, {r['timed_steps']} timed: {r['samples_per_s']:,.0f} samples/s ({r['ratio_to_torch']:.2f}x torch)")
+            log("  per step: " + ", ".join(f"{n} {v:,.0f}" for n, v in k.items()) + " keys")
+            log("  per step ms: " + ", ".join(f"{n} {v:.1f}" for n, v in ms.items()))
     return res
+
+
+def machine() -> str:
+    """The machine in words: CPU model and cores."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, {platform.system()}"

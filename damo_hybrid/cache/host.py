@@ -27,6 +27,7 @@ import numpy as np
 from ..rows.codec import Rows
 from ..rows.table import Table
 from ..storage.rowio import TableIO
+from ..timing import CLOCK
 from .slots import SlotPool
 from .writer import WriteBehind
 
@@ -134,6 +135,8 @@ class HostCache:
         slots = self.slots.lookup(ukeys)
         hit = slots >= 0
         self.stats.hits += int(hit.sum())
+        CLOCK.count("hits", int(hit.sum()))
+        CLOCK.count("unique", len(ukeys))
         miss = np.nonzero(~hit)[0]
         if len(miss):
             hits = slots[hit]
@@ -162,7 +165,8 @@ class HostCache:
         """
         out = Rows.empty(len(keys), self.dim, self.width)
         # rows evicted a moment ago may still sit in the writer's queue: they win over disk
-        queued, found = self.writer.overlay(keys)
+        with CLOCK("overlay"):
+            queued, found = self.writer.overlay(keys)
         if queued is not None:
             out.put(found, queued)
         rest = np.nonzero(~found)[0]
@@ -180,7 +184,9 @@ class HostCache:
         """
         self.stats.misses += len(keys)
         rows, found = self.read_below(keys)
-        self.table.new_rows(rows, keys, ~found, int(time.time()))
+        with CLOCK("init"):
+            self.table.new_rows(rows, keys, ~found, int(time.time()))
+        CLOCK.count("init", len(keys) - int(np.count_nonzero(found)))
         # a queued row is stored once its write lands (FIFO), which counts it if it is new
         return rows, found
 

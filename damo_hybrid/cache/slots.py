@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..timing import CLOCK
 from .keyindex import KeyIndex
 
 __all__ = ["SlotPool"]
@@ -49,7 +50,8 @@ class SlotPool:
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """uint64 (N,) -> int64 (N,) slots, -1 where absent."""
-        return self.index.lookup(keys)
+        with CLOCK("index"):
+            return self.index.lookup(keys)
 
     def touch(self, slots: np.ndarray) -> None:
         """Mark slots recently used."""
@@ -78,12 +80,16 @@ class SlotPool:
         self._nfree -= take
         if take < n:
             try:
-                victims = self._victims(n - take)
-                evict(victims)
+                with CLOCK("victims"):
+                    victims = self._victims(n - take)
+                with CLOCK("evict"):
+                    evict(victims)
             except BaseException:
                 self._nfree += take  # the free slots popped above are still free
                 raise
-            self.index.delete(self.keys[victims])
+            CLOCK.count("evict", len(victims))
+            with CLOCK("index"):
+                self.index.delete(self.keys[victims])
             self.occupied[victims] = False
             out = np.concatenate([out, victims])
         return out
@@ -92,7 +98,8 @@ class SlotPool:
         """Map distinct ``keys`` to the slots :meth:`take` gave."""
         self.keys[slots] = keys
         self.occupied[slots] = True
-        self.index.insert(keys, slots)
+        with CLOCK("index"):
+            self.index.insert(keys, slots)
 
     def free(self, slots: np.ndarray) -> None:
         """Return slots from :meth:`take` that were never assigned."""

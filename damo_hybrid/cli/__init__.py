@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -107,6 +106,24 @@ def _file_data(args: argparse.Namespace) -> tuple[Any, Any]:
     return data, None
 
 
+def _model_tables(args: argparse.Namespace, opt: OptimizerConfig) -> list[TableConfig]:
+    """The tables of ``--model``: DeepFM and Wide&Deep keep each key's first-order weight in the
+    last column of its embedding row (one row per key); a store written with a separate ``lin``
+    table (an earlier layout) keeps it."""
+    from ..nn.models import model_tables
+
+    init = InitializerConfig.truncated_normal(std=0.01, seed=args.seed)
+    legacy = False
+    if args.store and (Path(args.store) / "meta.json").exists():
+        with EmbeddingStore(args.store, read_only=True) as existing:
+            emb = existing.tables.get("emb")
+            legacy = "lin" in existing.tables and not (emb is not None and emb.linear_column)
+    if legacy:
+        return [TableConfig("emb", args.dim, initializer=init, optimizer=opt),
+                TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
+    return model_tables(args.model, args.dim, opt, init)
+
+
 def _train(args: argparse.Namespace) -> int:
     """A CTR model (DeepFM by default) on synthetic or Criteo TSV data, sparse rows in RocksDB."""
     import torch
@@ -115,12 +132,12 @@ def _train(args: argparse.Namespace) -> int:
     from ..data.synthetic import SyntheticCriteo
     from ..nn.models import MODELS
     from ..pipeline.checkpoint import complete_checkpoints, load_latest
+    from ..pipeline.stages import worker_threads
     from ..pipeline.trainer import Trainer, check_model_class
 
     torch.manual_seed(args.seed)
-    cores = os.cpu_count() or 1
     # with prefetch the host manager needs a core of its own while torch computes
-    threads = args.threads or (max(1, cores - 1) if not args.no_prefetch else cores)
+    threads = args.threads or worker_threads(prefetch=not args.no_prefetch)
     check_writable("--json", args.json)
     torch.set_num_threads(threads)
     if args.data:
@@ -141,9 +158,7 @@ def _train(args: argparse.Namespace) -> int:
             args.steps = 150
     kind = OptimizerKind(args.optimizer)
     opt = OptimizerConfig(kind=kind, lr=args.lr)
-    tables = [TableConfig("emb", args.dim, initializer=InitializerConfig.truncated_normal(std=0.01, seed=args.seed),
-                          optimizer=opt),
-              TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
+    tables = _model_tables(args, opt)
     store_cfg = store_config(getattr(args, "store_config", None))
     if args.allow_config_change:
         store_cfg = dataclasses.replace(store_cfg, allow_config_change=True)
@@ -374,7 +389,10 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     b.add_argument("--json", help="write the results as JSON here")
     b.add_argument("--train", action="store_true",
                    help="instead: the training benchmark, damo_hybrid vs in-memory torch embeddings (DeepFM)")
-    b.add_argument("--train-steps", type=int_in(1), default=60)
+    b.add_argument("--train-steps", type=int_in(1), default=100, help="timed steps, in steady state (for --train)")
+    b.add_argument("--host", action="store_true",
+                   help="instead: the host-manager microbenchmark, unique keys/s per core at 1, 2, 4 and 8 threads")
+    b.add_argument("--host-threads", default="1,2,4,8")
     b.add_argument("--fractions", default="0.25,0.05", help="cache budgets as fractions of the torch table's bytes")
     b.add_argument("--quality", action="store_true",
                    help="instead: AUC/logloss parity with in-memory torch on the real datasets under --data-root")
@@ -437,43 +455,10 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         if args.cmd == "bench":
             check_writable("--json", args.json)
-            if args.quality:
-                from ..bench.quality import DATASETS, run_quality
+            from .bench import run_bench
 
-                names = tuple(args.datasets.split(","))
-                unknown = [n for n in names if n not in DATASETS]
-                if unknown:
-                    raise ValueError(f"unknown datasets {unknown}; known: {sorted(DATASETS)}")
-                res = run_quality(args.data_root, names, tuple(int(x) for x in args.seeds.split(",")), log_fn=print)
-                print("\n| dataset | train/eval rows | epochs | damo AUC | in-memory AUC | gap | damo logloss | in-memory logloss |")
-                print("|---|---:|---:|---:|---:|---:|---:|---:|")
-                for n, r in res["datasets"].items():
-                    m = r["mean"]
-                    print(f"| {n} | {r['train_rows']:,}/{r['eval_rows']:,} | {r['epochs']} | {m['damo']['auc']:.4f} | "
-                          f"{m['in_memory']['auc']:.4f} | {r['auc_gap']:+.5f} | {m['damo']['logloss']:.4f} | "
-                          f"{m['in_memory']['logloss']:.4f} |")
-                if args.json:
-                    Path(args.json).write_text(json.dumps(res, indent=1))
-                return 0 if all(r["within_0.005"] for r in res["datasets"].values()) else 1
-            if args.gpu:
-                from ..bench.gpu import run_gpu_bench
-
-                res = run_gpu_bench(models=tuple(args.models.split(",")), rows=args.gpu_rows,
-                                    batch_sizes=tuple(int(x) for x in args.gpu_batches.split(",")), steps=args.gpu_steps,
-                                    device_fraction=args.device_fraction, host_fraction=args.host_fraction,
-                                    sides=tuple(args.sides.split(",")), root=args.dir, trace_dir=args.trace_dir,
-                                    log_fn=print)
-                if args.json:
-                    Path(args.json).write_text(json.dumps(res, indent=1))
-                return 0
-            if args.train:
-                from ..bench.train import run_train_bench
-
-                res = run_train_bench(steps=args.train_steps, fractions=tuple(float(x) for x in args.fractions.split(",")),
-                                      log=print)
-                if args.json:
-                    Path(args.json).write_text(json.dumps(res, indent=1))
-                return 0
+            if (rc := run_bench(args)) is not None:
+                return rc
             from ..bench.store import run_store_bench
 
             return run_store_bench(args, log=print)

@@ -47,8 +47,11 @@ from ..errors import DamoHybridError, StoreClosedError
 from ..keys.hashing import as_keys
 from ..ops import Backend, resolve_backend
 from ..store import EmbeddingStore
+from ..timing import CLOCK
 
 __all__ = ["Feature", "EmbeddingCollection", "PreparedBatch", "DEFAULT_DEVICE_CACHE_MB"]
+
+_STACKED = "#stacked"  # the array name of a table's concatenated inverse indices
 
 # a single-valued feature: uint64 (B,); a multi-valued one: (values uint64 (L,), offsets int64 (B + 1,))
 FeatureInput = Union[np.ndarray, tuple[np.ndarray, np.ndarray]]
@@ -81,6 +84,8 @@ class _TableBatch:
     slots: np.ndarray  # int64 (U,) pinned host-cache slots (host tier)
     inverse: dict[str, torch.Tensor] = field(default_factory=dict)  # feature -> int64 index into ukeys
     offsets: dict[str, torch.Tensor] = field(default_factory=dict)  # bag features only: starts (B,)
+    # a table of single-valued features only: their inverses concatenated (F * B,), one gather
+    stacked: torch.Tensor | None = None
     device: DeviceBatch | None = None  # device tier: its pinned slots and uploaded indices
     leaf: torch.Tensor | None = None
 
@@ -143,6 +148,9 @@ class EmbeddingCollection(torch.nn.Module):
             device=tier_device, min_cache_rows=min_cache_rows)
         self.dims = {f.name: self.tiers[f.table].table.dim for f in features}
         self._pooling = {f.name: f.pooling for f in features}
+        self._by_table: dict[str, list[str]] = {}  # table -> its features, in order (as prepare stacks them)
+        for f in features:
+            self._by_table.setdefault(f.table, []).append(f.name)
         self._pending: PreparedBatch | None = None
 
     def __getstate__(self) -> dict[str, object]:
@@ -204,15 +212,20 @@ class EmbeddingCollection(torch.nn.Module):
                 # tables fed by the very same key arrays (DeepFM's emb and lin) share one de-duplication
                 ident = tuple(id(k) for _, k, _ in items)
                 if ident not in dedup:
-                    dedup[ident] = np.unique(np.concatenate([k for _, k, _ in items]), return_inverse=True)
+                    with CLOCK("dedup"):
+                        dedup[ident] = np.unique(np.concatenate([k for _, k, _ in items]), return_inverse=True)
                 ukeys, inv = dedup[ident]
                 arrays: dict[str, np.ndarray] = {}
-                start = 0
-                for f, k, offs in items:
-                    arrays[f.name] = inv[start:start + len(k)]
-                    if offs is not None:
-                        arrays[f"{f.name}#offsets"] = offs[:-1]
-                    start += len(k)
+                single = all(offs is None for _, _, offs in items)
+                if single:  # one gather for the whole table (its features' inverses, concatenated)
+                    arrays[_STACKED] = inv
+                else:
+                    start = 0
+                    for f, k, offs in items:
+                        arrays[f.name] = inv[start:start + len(k)]
+                        if offs is not None:
+                            arrays[f"{f.name}#offsets"] = offs[:-1]
+                        start += len(k)
                 tiers = self.tiers[t]
                 with tiers.lock:
                     if tiers.closed:
@@ -225,6 +238,9 @@ class EmbeddingCollection(torch.nn.Module):
                         tb = _TableBatch(t, ukeys, tiers.host.make_resident(ukeys, pin=True))
                         up = {n: torch.from_numpy(a) for n, a in arrays.items()}
                 tables[t] = tb
+                if single:
+                    tb.stacked = up[_STACKED]
+                    continue
                 for f, _, offs in items:
                     tb.inverse[f.name] = up[f.name]
                     if offs is not None:
@@ -248,6 +264,30 @@ class EmbeddingCollection(torch.nn.Module):
         Returns:
             feature name -> float32 tensor (B, dim) (pooled for bag features).
         """
+        stacked, out = self._gather(batch)
+        for t, x in stacked.items():
+            out.update(zip(self._by_table[t], x.unbind(0)))
+        return {f.name: out[f.name] for f in self.features}
+
+    def forward_tables(self, batch: PreparedBatch | Mapping[str, FeatureInput]) -> dict[str, torch.Tensor]:
+        """Embeddings per table, for tables whose features are all single-valued: one gather
+        per table instead of one per feature (what the models use). Pins as :meth:`forward`.
+
+        Returns:
+            table -> float32 (F_t, B, dim): its features' embeddings in feature order.
+        Raises:
+            ValueError: a table has a bag feature (use :meth:`forward`).
+        """
+        stacked, out = self._gather(batch)
+        if out:
+            bags = sorted({f.table for f in self.features if f.name in out})
+            raise ValueError(f"tables {bags} have bag features: use forward() for per-feature outputs")
+        return stacked
+
+    def _gather(self, batch: PreparedBatch | Mapping[str, FeatureInput]) -> tuple[dict[str, torch.Tensor],
+                                                                                  dict[str, torch.Tensor]]:
+        """The batch's rows: ``(table -> (F_t, B, dim) for tables of single-valued features,
+        feature -> (B, dim) for the others)``."""
         if not isinstance(batch, PreparedBatch):
             batch = self.prepare(batch)
         train = self.training and torch.is_grad_enabled()
@@ -256,6 +296,7 @@ class EmbeddingCollection(torch.nn.Module):
             raise RuntimeError("the previous batch's gradients were not applied: call apply_gradients() "
                                "(or release()) after each backward pass")
         try:
+            stacked: dict[str, torch.Tensor] = {}
             out: dict[str, torch.Tensor] = {}
             for t, tb in batch.tables.items():
                 tiers = self.tiers[t]
@@ -266,6 +307,9 @@ class EmbeddingCollection(torch.nn.Module):
                     rows = torch.from_numpy(tiers.host.weights[tb.slots])
                 leaf = rows.requires_grad_(train)
                 tb.leaf = leaf if train else None
+                if tb.stacked is not None:
+                    stacked[t] = leaf.index_select(0, tb.stacked).view(len(self._by_table[t]), batch.batch_size, -1)
+                    continue
                 for name, idx in tb.inverse.items():
                     if name in tb.offsets:
                         out[name] = torch.nn.functional.embedding_bag(idx, leaf, tb.offsets[name], mode=self._pooling[name])
@@ -278,7 +322,7 @@ class EmbeddingCollection(torch.nn.Module):
             self._pending = batch
         else:
             self.release(batch)  # the outputs are copies: nothing needs the pins after this
-        return {f.name: out[f.name] for f in self.features}
+        return stacked, out
 
     def apply_gradients(self, step: int | None = None) -> None:
         """Step every row of the last batch once with its table's optimizer, then unpin them.

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import InitializerConfig, OptimizerConfig, TableConfig
 from ..store import EmbeddingStore
 from .collection import EmbeddingCollection, Feature
 
-__all__ = ["DeepFM", "WideAndDeep", "DCNv2", "DLRM", "MODELS", "mlp"]
+__all__ = ["DeepFM", "WideAndDeep", "DCNv2", "DLRM", "MODELS", "mlp", "model_tables"]
 
 
 def mlp(sizes: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
@@ -34,10 +35,12 @@ def mlp(sizes: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
 
 
 class _SparseCTR(nn.Module):
-    """Shared sparse part: each field has an embedding (``emb_table``) and a first-order
-    weight (``lin_table``, dim 1), both in the store behind its cache tiers; or, with
-    ``embedding_module``, both from that module (``prepare(sparse) -> batch`` and
-    ``forward(batch) -> (e (B, F, D), first-order (B,) or None)``, with a ``dim``)."""
+    """Shared sparse part: each field has an embedding (``emb_table``) and, for models with a
+    first-order term, a first-order weight: the last column of ``emb_table`` where that table
+    has ``linear_column`` (one row per key: the fast layout), else a dim-1 ``lin_table``. Both
+    live in the store behind their cache tiers; or, with ``embedding_module``, both come from
+    that module (``prepare(sparse) -> batch`` and ``forward(batch) -> (e (B, F, D),
+    first-order (B,) or None)``, with a ``dim``)."""
 
     def __init__(self, store: EmbeddingStore | None, fields: Sequence[str], emb_table: str, lin_table: str | None,
                  cache_mb: float | None, min_cache_rows: int | None, backend: str, device_cache_mb: float | None,
@@ -52,17 +55,21 @@ class _SparseCTR(nn.Module):
             return
         if store is None:
             raise ValueError("give a store, or an embedding_module to serve the rows")
+        cfg = store.tables.get(emb_table)
+        self.emb_table = emb_table
+        self.column = cfg is not None and cfg.linear_column  # the row's last column is the first-order weight
+        self.lin_table = lin_table if self.lin and not self.column else None
         feats = [Feature(f, emb_table) for f in self.fields]
-        if lin_table is not None:
-            feats += [Feature(f"{f}#lin", lin_table) for f in self.fields]
+        if self.lin_table is not None:
+            feats += [Feature(f"{f}#lin", self.lin_table) for f in self.fields]
         self.sparse = EmbeddingCollection(store, feats, cache_mb=cache_mb, min_cache_rows=min_cache_rows,
                                           backend=backend, device_cache_mb=device_cache_mb)
-        self.dim = self.sparse.dims[self.fields[0]]
+        self.dim = self.sparse.dims[self.fields[0]] - (1 if self.column else 0)
 
     def inputs(self, sparse: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Raw sparse keys -> the collection's inputs (a field may feed two tables)."""
         out = {f: sparse[f] for f in self.fields}
-        if self.lin:
+        if self.lin_table is not None:
             out.update({f"{f}#lin": sparse[f] for f in self.fields})
         return out
 
@@ -74,13 +81,16 @@ class _SparseCTR(nn.Module):
         return self.sparse.prepare(self.inputs(sparse))
 
     def embeddings(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(e (B, F, D), first-order sum (B,) or None)``."""
+        """``(e (B, F, D), first-order sum (B,) or None)``: one gather per table."""
         if self.rows is not None:
             return self.rows(batch)
         assert self.sparse is not None
-        out = self.sparse(batch)
-        e = torch.stack([out[f] for f in self.fields], dim=1)
-        first = torch.cat([out[f"{f}#lin"] for f in self.fields], dim=1).sum(1) if self.lin else None
+        x = self.sparse.forward_tables(batch)
+        rows = x[self.emb_table].transpose(0, 1)  # (B, F, width)
+        e = rows[..., :self.dim] if self.column else rows
+        first = None
+        if self.lin:
+            first = rows[..., self.dim].sum(1) if self.column else x[self.lin_table][..., 0].sum(0)  # type: ignore[index]
         return e, first
 
     def apply_sparse_gradients(self) -> None:
@@ -98,7 +108,9 @@ class WideAndDeep(_SparseCTR):
     """Wide & Deep (Cheng et al. 2016): a wide linear part over ids and dense values plus an MLP.
 
     Args:
-        store: an open store holding ``emb_table`` (dim D) and ``lin_table`` (dim 1).
+        store: an open store holding ``emb_table``: dim D + 1 with ``linear_column`` (the
+            first-order weight is its last column; recommended), or dim D beside a dim-1
+            ``lin_table``.
         fields: categorical field names (the keys of the sparse input).
         n_dense: number of dense features.
         hidden: MLP hidden sizes.
@@ -196,3 +208,18 @@ class DLRM(_SparseCTR):
 
 
 MODELS = {"deepfm": DeepFM, "wide_deep": WideAndDeep, "dcn": DCNv2, "dlrm": DLRM}
+
+
+def model_tables(model: str, dim: int, optimizer: OptimizerConfig, initializer: InitializerConfig,
+                 name: str = "emb") -> list[TableConfig]:
+    """The table a model of :data:`MODELS` reads, in the recommended layout: one row per key,
+    ``dim`` wide, plus (DeepFM, Wide&Deep) a last column for the first-order weight
+    (``linear_column``).
+
+    Args:
+        model: a key of :data:`MODELS`.
+        dim: embedding width D.
+    """
+    first_order = issubclass(MODELS[model], WideAndDeep)  # DeepFM is one
+    return [TableConfig(name, dim + first_order, initializer=initializer, optimizer=optimizer,
+                        linear_column=first_order)]

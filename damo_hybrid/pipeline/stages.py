@@ -19,6 +19,7 @@ releases the pins of batches prepared but never trained.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -30,7 +31,7 @@ from torch.profiler import record_function
 
 from ..errors import PipelineError
 
-__all__ = ["Pipeline", "PipelineStats"]
+__all__ = ["worker_threads", "Pipeline", "PipelineStats"]
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +201,10 @@ class Pipeline(Generic[B, P]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def worker_threads(cores: int | None = None, prefetch: bool = True) -> int:
+    """Torch threads for the worker: every core, less one for the host side when it runs
+    beside the worker (prefetch), so the stages do not oversubscribe the cores."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores - 1) if prefetch else cores

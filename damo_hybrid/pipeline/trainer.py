@@ -26,6 +26,7 @@ from ..data.metrics import auc, logloss
 from ..data.synthetic import Batch
 from ..errors import NonFiniteGradientError
 from ..nn.collection import PreparedBatch
+from ..timing import CLOCK
 from .checkpoint import prune_checkpoints, save_training_checkpoint
 from .stages import Pipeline, PipelineStats
 
@@ -126,10 +127,12 @@ class Trainer:
         try:
             with record_function("damo.compute"):
                 self.model.train()
-                logits = self.model(prepared, self._to_device(b.dense))
-                loss = self.loss_fn(logits, self._to_device(b.label))
+                with CLOCK("forward"):
+                    logits = self.model(prepared, self._to_device(b.dense))
+                    loss = self.loss_fn(logits, self._to_device(b.label))
                 self.opt.zero_grad(set_to_none=True)
-                loss.backward()
+                with CLOCK("backward"):
+                    loss.backward()
         except BaseException:
             self.model.sparse.release(prepared)  # a failed forward or backward keeps no rows pinned
             raise
@@ -141,9 +144,11 @@ class Trainer:
                 raise NonFiniteGradientError(
                     f"the dense gradients hold NaN or Inf at step {self.step}; nothing was written. Lower "
                     "the learning rate or clip gradients, or give every table nonfinite='skip' to skip such steps.")
-            self.model.apply_sparse_gradients()  # checks every table before it stores anything
+            with CLOCK("sparse_step"):
+                self.model.apply_sparse_gradients()  # checks every table before it stores anything
             if dense_finite:
-                self.opt.step()
+                with CLOCK("dense_step"):
+                    self.opt.step()
             else:  # the tables' skip policy: the dense step is skipped and counted, like the bad rows
                 self.skipped_dense_steps += 1
                 log.warning("step %d: the dense gradients hold NaN or Inf; the dense step was skipped", self.step)

@@ -47,9 +47,11 @@ class RowInitializer:
         table: the table name (part of the seed, so equal keys in different
             tables start differently).
         dim: row width.
+        zero_last: the last column starts at zero (a table's ``linear_column``).
     """
 
-    def __init__(self, config: InitializerConfig, table: str, dim: int) -> None:
+    def __init__(self, config: InitializerConfig, table: str, dim: int, zero_last: bool = False) -> None:
+        self.zero_last = zero_last
         self.kind = config.kind
         self.dim = dim
         self.low, self.high = float(config.low), float(config.high)
@@ -81,6 +83,12 @@ class RowInitializer:
         Returns:
             float32 (N, dim).
         """
+        rows = self._draw(keys)
+        if self.zero_last:
+            rows[:, -1] = 0.0
+        return rows
+
+    def _draw(self, keys: np.ndarray) -> np.ndarray:
         n, d = len(keys), self.dim
         if self.kind is InitializerKind.ZEROS:
             return np.zeros((n, d), dtype=np.float32)

@@ -59,7 +59,7 @@ class Table:
         self.cfg = cfg
         self.name = cfg.name
         self.dim = cfg.dim
-        self.init = RowInitializer(cfg.initializer, cfg.name, cfg.dim)
+        self.init = RowInitializer(cfg.initializer, cfg.name, cfg.dim, zero_last=cfg.linear_column)
         self.opt = RowOptimizer(cfg.optimizer, cfg.dim)
         self.width = self.opt.width
         self.codec = RowCodec(cfg.name, cfg.dim, self.opt.width)

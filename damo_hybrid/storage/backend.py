@@ -11,6 +11,7 @@ calls to it.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -104,6 +105,7 @@ class MemoryStorage:
     def __init__(self) -> None:
         self._tables: dict[int, dict[int, bytes]] = {}
         self._closed = False
+        self._lock = threading.Lock()  # thread-safe like RocksDB: a batch is atomic, a scan a snapshot
 
     def _t(self, table_id: int) -> dict[int, bytes]:
         if self._closed:
@@ -111,20 +113,23 @@ class MemoryStorage:
         return self._tables.setdefault(table_id, {})
 
     def get(self, table_id: int, keys: np.ndarray) -> list[bytes | None]:
-        t = self._t(table_id)
-        return [t.get(k) for k in keys.tolist()]
+        with self._lock:
+            t = self._t(table_id)
+            return [t.get(k) for k in keys.tolist()]
 
     def put(self, table_id: int, keys: np.ndarray, values: list[bytes]) -> None:
-        t = self._t(table_id)
-        t.update(zip(keys.tolist(), values))
+        with self._lock:
+            self._t(table_id).update(zip(keys.tolist(), values))
 
     def delete(self, table_id: int, keys: np.ndarray) -> None:
-        t = self._t(table_id)
-        for k in keys.tolist():
-            t.pop(k, None)
+        with self._lock:
+            t = self._t(table_id)
+            for k in keys.tolist():
+                t.pop(k, None)
 
     def scan(self, table_id: int, batch: int = 65536) -> Iterator[tuple[np.ndarray, list[bytes]]]:
-        t = self._t(table_id)
+        with self._lock:
+            t = dict(self._t(table_id))
         ks = sorted(t)
         for i in range(0, len(ks), batch):
             chunk = ks[i:i + batch]

@@ -77,6 +77,11 @@ def check_compatible(stored: TableConfig, cfg: TableConfig) -> None:
             f"({state_width(sk, stored.dim)} state floats per row), opened with {ck.value!r} "
             f"({state_width(ck, cfg.dim)}); the stored optimizer state cannot be reused"
         )
+    if stored.linear_column != cfg.linear_column:
+        raise ConfigConflictError(
+            f"table {cfg.name!r} is stored with linear_column={stored.linear_column}, opened with "
+            f"{cfg.linear_column}: the meaning of its last column cannot change; use a new table name"
+        )
     sa, ca = stored.admission, cfg.admission
     if sa is not None and ca is not None and (sa.capacity, sa.fpr) != (ca.capacity, ca.fpr):
         raise ConfigConflictError(

@@ -1,14 +1,14 @@
 """Row I/O: decoded rows of one table in and out of a :class:`~damo_hybrid.storage.backend.Storage`.
 
 :class:`RowIO` is the only code that encodes, decodes, reads, writes, deletes and scans rows.
-It serialises every call to the storage under its own re-entrant lock (held only for the
-call itself, never while waiting on another thread, so the background writer can always
-write while the store waits for it to drain), keeps
-each table's running row count, and counts hits, misses and writes. :class:`TableIO` is one
+Reads and writes run concurrently (the host manager reads while the background writer
+writes: the storage is thread-safe and a write batch is atomic); its re-entrant lock guards only
+the counters (each table's running row count, hits, misses, writes) and the calls that must be
+atomic as a whole (a delete that counts what it removes, the uncached read-step-write). :class:`TableIO` is one
 table's view of it, handed to that table's cache tiers and background writer so that they
 read and write rows without reaching back into the store.
 
-Thread safety: any thread; calls are serialised by :attr:`RowIO.lock`.
+Thread safety: any thread.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..errors import CorruptRowError, DamoHybridError
 from ..ops.cpu import sum_by_key
 from ..rows.codec import Rows
 from ..rows.table import Table
+from ..timing import CLOCK
 from .backend import Storage
 
 __all__ = ["RowIO", "TableIO"]
@@ -49,12 +50,15 @@ class RowIO:
         Raises:
             CorruptRowError: a stored value fails its checks.
         """
-        with self.lock:
+        with CLOCK("rocksdb_read"):
             values = self.storage.get(t.id, keys)
-        rows, found = t.codec.decode(keys, values)
+        with CLOCK("decode"):
+            rows, found = t.codec.decode(keys, values)
         nf = int(found.sum())
-        t.counters.hits += nf
-        t.counters.misses += len(keys) - nf
+        CLOCK.count("rocksdb_read", nf)
+        with self.lock:
+            t.counters.hits += nf
+            t.counters.misses += len(keys) - nf
         return rows, found
 
     def write(self, t: Table, keys: np.ndarray, rows: Rows, new: np.ndarray) -> None:
@@ -67,9 +71,12 @@ class RowIO:
         """
         if not len(keys):
             return
-        values = t.codec.encode(keys, rows)
-        with self.lock:
+        with CLOCK("encode"):
+            values = t.codec.encode(keys, rows)
+        with CLOCK("rocksdb_write"):
             self.storage.put(t.id, keys, values)
+        CLOCK.count("rocksdb_write", len(keys))
+        with self.lock:
             t.counters.writes += len(keys)
             t.rows += int(np.count_nonzero(new))
 
