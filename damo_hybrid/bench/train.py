@@ -135,6 +135,7 @@ def bench_damo(data: SyntheticCriteo, cache_mb: float, steps: int, warmup: int, 
         return {"samples_per_s": median_rate(times, data.batch_size, 0), "cache_mb": cache_mb,
                 "steady_after_steps": window["filled_at"], "cache_filled": window["filled"],
                 "timed_steps": len(times), "torch_threads": torch.get_num_threads(),
+                "hit_rate": keys["hits"] / keys["unique"] if keys["unique"] else 0.0,
                 "per_step_ms": per_step_ms, "per_step_keys": keys,
                 "cache_rows": sum(c.capacity for c in caches), "peak_rss_mb": peak_rss_mb()}
 
