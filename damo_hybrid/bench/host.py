@@ -27,7 +27,7 @@ import numpy as np
 from ..config import InitializerConfig, OptimizerConfig, TableConfig
 from ..data.synthetic import SyntheticCriteo, zipf_keys
 from ..store import EmbeddingStore
-from .train import machine
+from . import machine
 
 __all__ = ["run_host_bench"]
 

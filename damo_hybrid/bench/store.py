@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -21,6 +19,7 @@ import numpy as np
 
 from ..config import InitializerConfig, OptimizerConfig, TableConfig
 from ..store import EmbeddingStore
+from . import machine
 
 __all__ = ["run_store_bench", "bench_store"]
 
@@ -104,8 +103,7 @@ def run_store_bench(args: argparse.Namespace, log: Callable[[str], None] = _log.
     dims = [int(x) for x in str(args.dims).split(",")]
     batches = [int(x) for x in str(args.batches).split(",")]
     out: dict[str, Any] = {
-        "machine": f"{platform.machine()} {platform.system()} {platform.release()}, "
-                   f"{os.cpu_count()} cpus, python {platform.python_version()}",
+        "machine": machine(),
         "repeats": args.repeats, "configs": [],
     }
     log(f"store benchmark on {out['machine']}: {args.rows:,} rows, dims {dims}, batches {batches}, "

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -37,9 +36,10 @@ from ..pipeline.stages import worker_threads
 from ..pipeline.trainer import Trainer, TrainSummary, peak_rss_mb
 from ..store import EmbeddingStore
 from ..timing import CLOCK
+from . import machine
 from .baseline import InMemoryEmbeddings, modulo_index, train_in_memory
 
-__all__ = ["run_train_bench", "fit_timed", "median_rate", "machine", "STAGES"]
+__all__ = ["run_train_bench", "fit_timed", "median_rate", "STAGES"]
 
 _log = logging.getLogger(__name__)
 
@@ -175,16 +175,3 @@ def run_train_bench(steps: int = 100, warmup: int = 20, rows: int = 4_200_000, f
             log("  per step ms: " + ", ".join(f"{n} {v:.1f}" for n, v in ms.items()))
     return res
 
-
-def machine() -> str:
-    """The machine in words: CPU model and cores."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores, {platform.system()}"
