@@ -315,8 +315,12 @@ class HostCache:
         self.opt.update(w, st, g, cnt, lr)
         return w, st, cnt
 
-    def commit_slots(self, slots: np.ndarray, w: np.ndarray, st: np.ndarray, cnt: np.ndarray) -> None:
-        """Store a staged step of resident rows (see :meth:`stage_slots`)."""
+    def commit_slots(self, slots: np.ndarray, w: np.ndarray, st: np.ndarray, cnt: np.ndarray,
+                     keep: np.ndarray | None = None) -> None:
+        """Store a staged step of resident rows (see :meth:`stage_slots`); ``keep``: optional
+        bool (U,) rows to store (the others keep their value)."""
+        if keep is not None:
+            slots, w, st, cnt = slots[keep], w[keep], st[keep], cnt[keep]
         self.weights[slots], self.state[slots], self.count[slots] = w, st, cnt
         self.updated[slots] = int(time.time())
         self.dirty[slots] = True
@@ -337,13 +341,14 @@ class HostCache:
         self.table.step_rows(rows, g, lr, int(time.time()))
         return rows, stored
 
-    def commit_through(self, keys: np.ndarray, rows: Rows, stored: np.ndarray) -> None:
+    def commit_through(self, keys: np.ndarray, rows: Rows, stored: np.ndarray, keep: np.ndarray | None = None) -> None:
         """Hand a staged step of non-resident rows to the writer, which orders them after any
-        older copy it still holds (see :meth:`stage_through`)."""
+        older copy it still holds (see :meth:`stage_through`); ``keep`` as in :meth:`commit_slots`."""
+        if keep is not None:
+            keys, rows, stored = keys[keep], rows.take(keep), stored[keep]
         for i in range(0, len(keys), _WRITE_CHUNK):
             c = slice(i, i + _WRITE_CHUNK)
-            self.writer.submit(keys[c], Rows(rows.weights[c], rows.state[c], rows.count[c], rows.created[c],
-                                             rows.updated[c]), new=~stored[c])
+            self.writer.submit(keys[c], rows.take(c), new=~stored[c])
         self.stats.write_backs += len(keys)
         self.stats.bytes_written += len(keys) * self.row_bytes
 

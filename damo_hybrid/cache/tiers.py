@@ -138,15 +138,9 @@ class TableTiers:
                 w, st, cnt = self.host.stage_slots(slots[hit], g[hit], lr)
                 keep_h = check(ukeys[hit], w, st)
             if miss.any():
-                k = ukeys[miss]
-                if keep_t is not None:
-                    k, rows, stored = k[keep_t], rows.take(keep_t), stored[keep_t]
-                self.host.commit_through(k, rows, stored)
+                self.host.commit_through(ukeys[miss], rows, stored, keep_t)
             if hit.any():
-                s = slots[hit]
-                if keep_h is not None:
-                    s, w, st, cnt = s[keep_h], w[keep_h], st[keep_h], cnt[keep_h]
-                self.host.commit_slots(s, w, st, cnt)
+                self.host.commit_slots(slots[hit], w, st, cnt, keep_h)
         return [keep_t, keep_h]
 
     # ------------------------------------------------------------ lifecycle

@@ -377,8 +377,8 @@ class EmbeddingCollection(torch.nn.Module):
             # rare path: the table's NaN/Inf policy (raise, or drop and count) on host copies
             _, _, keep_g = table.check_gradients(tb.ukeys, g.cpu().numpy())
             keep = np.ones(len(tb.ukeys), bool) if keep_g is None else keep_g.copy()
-            keep_r = table.check_results(tb.ukeys[keep], w[torch.from_numpy(keep).to(w.device)].cpu().numpy(),
-                                         st[torch.from_numpy(keep).to(st.device)].cpu().numpy())
+            k = torch.from_numpy(keep).to(w.device)
+            keep_r = table.check_results(tb.ukeys[keep], w[k].cpu().numpy(), st[k].cpu().numpy())
             if keep_r is not None:
                 keep[np.nonzero(keep)[0][~keep_r]] = False
             return t, [keep_g, keep_r], lambda: dev.commit(tb.device, w, st, cnt, keep)
@@ -389,9 +389,7 @@ class EmbeddingCollection(torch.nn.Module):
             slots, keys, g2 = slots[keep_g], keys[keep_g], g2[keep_g]
         w, st, cnt = host.stage_slots(slots, g2, lr)
         keep_r = table.check_results(keys, w, st)
-        if keep_r is not None:
-            slots, w, st, cnt = slots[keep_r], w[keep_r], st[keep_r], cnt[keep_r]
-        return t, [keep_g, keep_r], lambda: host.commit_slots(slots, w, st, cnt)
+        return t, [keep_g, keep_r], lambda: host.commit_slots(slots, w, st, cnt, keep_r)
 
     def release(self, batch: PreparedBatch | None = None) -> None:
         """Unpin a batch's rows without applying anything."""

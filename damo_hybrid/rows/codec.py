@@ -67,7 +67,7 @@ class Rows:
         return len(self.count)
 
     def take(self, idx: np.ndarray) -> Rows:
-        """The rows at ``idx`` (int positions or a bool mask), copied."""
+        """The rows at ``idx``: int positions or a bool mask (copied), or a slice (views)."""
         return Rows(self.weights[idx], self.state[idx], self.count[idx], self.created[idx], self.updated[idx])
 
     def put(self, idx: np.ndarray, rows: Rows) -> None:
