@@ -423,6 +423,10 @@ class StoreConfig:
             2048 on the ``cuda`` backend and no device tier on ``cpu``.
         min_cache_rows: floor of rows per table and tier (a batch's distinct keys
             plus the pinned rows of the batches in flight must fit).
+        key_filter_mb: the most memory each table's record of stored keys may grow
+            to (MiB; it takes 4 to 8 bytes per stored row): a miss for a key the table
+            never stored skips RocksDB. A table past ``key_filter_mb * 2**18`` rows
+            stays correct but loses part of the saving. 0 turns the record off.
         allow_config_change: reopening a store with a table config that differs
             from the stored one in a setting that can change (learning rate and
             schedule, optimizer settings, initializer of new rows, NaN/Inf
@@ -442,6 +446,7 @@ class StoreConfig:
     cache_mb: float = 256.0
     device_cache_mb: float | None = None
     min_cache_rows: int = 1 << 16
+    key_filter_mb: int = 256
     allow_config_change: bool = False
 
     def __post_init__(self) -> None:
@@ -461,6 +466,8 @@ class StoreConfig:
             v = getattr(self, n)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{n} must be an int >= 1, got {v!r}")
+        if not isinstance(self.key_filter_mb, int) or isinstance(self.key_filter_mb, bool) or self.key_filter_mb < 0:
+            raise ValueError(f"key_filter_mb must be an int >= 0, got {self.key_filter_mb!r}")
         if not isinstance(self.bloom_bits_per_key, int) or self.bloom_bits_per_key < 0:
             raise ValueError(f"bloom_bits_per_key must be an int >= 0, got {self.bloom_bits_per_key!r}")
 

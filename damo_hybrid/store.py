@@ -57,14 +57,15 @@ from .rows.codec import Rows
 from .rows.table import Table
 from .storage.backend import MemoryStorage, Storage
 from .storage.checkpoint import restore_checkpoint
+from .storage.keyfilter import StoredKeyFilter
 from .storage.maintenance import StoreMaintenance
 from .storage.meta import (
     META,
     check_change,
     check_ttl,
     load_tables,
+    open_filters,
     read_meta,
-    recount_rows,
     write_meta,
 )
 from .storage.rocksdb import RocksDBStorage
@@ -133,15 +134,8 @@ class EmbeddingStore(StoreMaintenance):
         (3, 4)
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str] | None,
-        tables: Sequence[TableConfig] = (),
-        config: StoreConfig = StoreConfig(),
-        *,
-        read_only: bool = False,
-        storage: Storage | None = None,
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None, tables: Sequence[TableConfig] = (),
+                 config: StoreConfig = StoreConfig(), *, read_only: bool = False, storage: Storage | None = None) -> None:
         if not isinstance(config, StoreConfig):
             raise TypeError(f"config must be a StoreConfig, got {type(config).__name__}")
         tables = list(tables)
@@ -173,15 +167,14 @@ class EmbeddingStore(StoreMaintenance):
             if meta is not None:
                 check_ttl(meta, self.root, config.ttl_seconds)
             self._tables, self._next_id, _ = load_tables(meta, tables, self.root, config.allow_config_change)
-            if meta is not None and meta.get("live"):  # not closed cleanly (a crash), or open elsewhere now
-                log.warning("store %s was not closed cleanly (or is open elsewhere): recounting its rows", self.root)
-                recount_rows(self._storage, self._tables.values())
+            self._filters = open_filters(self._storage, self._tables.values(), meta, self.root,
+                                         config.key_filter_mb << 20, read_only)
             if not read_only:
                 self._write_meta()  # marks the store live until close()
         except BaseException:
             self._storage.close()
             raise
-        self._io = RowIO(self._storage)
+        self._io = RowIO(self._storage, self._filters)
         self._caches = TierRegistry(self._io, config)
 
     # --------------------------------------------------------------- registry
@@ -191,7 +184,8 @@ class EmbeddingStore(StoreMaintenance):
             live = root is None
         root = root or self.root
         if root is not None:
-            write_meta(root, self._tables.values(), self._next_id, self.config.ttl_seconds is not None, live)
+            write_meta(root, self._tables.values(), self._next_id, self.config.ttl_seconds is not None, live,
+                       self._filters)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -248,6 +242,8 @@ class EmbeddingStore(StoreMaintenance):
                                                   old.filter.counters if old.filter and config.admission else None)
             else:
                 self._tables[config.name] = Table(self._next_id, config)
+                if self.config.key_filter_mb:  # a new table: nothing stored yet
+                    self._filters[self._next_id] = StoredKeyFilter(self.config.key_filter_mb << 20)
                 self._next_id += 1
             self._write_meta()
 

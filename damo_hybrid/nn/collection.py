@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Union
+from typing import NamedTuple, Union
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ from ..ops import Backend, resolve_backend
 from ..store import EmbeddingStore
 from ..timing import CLOCK
 
-__all__ = ["Feature", "EmbeddingCollection", "PreparedBatch", "DEFAULT_DEVICE_CACHE_MB"]
+__all__ = ["Feature", "EmbeddingCollection", "PreparedBatch", "TableOutput", "DEFAULT_DEVICE_CACHE_MB"]
 
 _STACKED = "#stacked"  # the array name of a table's concatenated inverse indices
 
@@ -77,6 +77,46 @@ class Feature:
             raise ValueError(f"pooling must be None, 'sum' or 'mean', got {self.pooling!r}")
 
 
+class TableOutput(NamedTuple):
+    """One table's rows for a batch (:meth:`EmbeddingCollection.forward_tables`).
+
+    Attributes:
+        emb: float32 (B, F_t, D): each feature's embedding, in feature order; D is the table's
+            dim, less one for a table with ``linear_column``.
+        linear: float32 (B, F_t): each feature's first-order weight (the row's last column) for a
+            table with ``linear_column``, else None.
+    """
+
+    emb: torch.Tensor
+    linear: torch.Tensor | None
+
+
+class _SplitGather(torch.autograd.Function):
+    """``rows[idx]`` split into the embedding columns and the linear column, each contiguous.
+
+    One ``index_select`` per part forward and one ``index_add_`` per part backward, straight
+    into the leaf's gradient: no (B * F, width) intermediate, and no zero-filled buffers for the
+    slices' gradients (what ``rows[idx][..., :D]`` and ``rows[idx][..., D]`` cost autograd).
+    """
+
+    @staticmethod
+    def forward(ctx, leaf: torch.Tensor, idx: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(idx)
+        ctx.shape = leaf.shape
+        return leaf[:, :d].index_select(0, idx), leaf[:, d].index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, g_emb: torch.Tensor | None, g_lin: torch.Tensor | None) -> tuple[torch.Tensor, None, None]:
+        (idx,) = ctx.saved_tensors
+        grad = g_emb.new_zeros(ctx.shape) if g_emb is not None else g_lin.new_zeros(ctx.shape)
+        d = ctx.shape[1] - 1
+        if g_emb is not None:
+            grad[:, :d].index_add_(0, idx, g_emb)
+        if g_lin is not None:
+            grad[:, d].index_add_(0, idx, g_lin)
+        return grad, None, None
+
+
 @dataclass
 class _TableBatch:
     table: str
@@ -84,7 +124,7 @@ class _TableBatch:
     slots: np.ndarray  # int64 (U,) pinned host-cache slots (host tier)
     inverse: dict[str, torch.Tensor] = field(default_factory=dict)  # feature -> int64 index into ukeys
     offsets: dict[str, torch.Tensor] = field(default_factory=dict)  # bag features only: starts (B,)
-    # a table of single-valued features only: their inverses concatenated (F * B,), one gather
+    # a table of single-valued features only: their inverses sample-major (B * F,), one gather
     stacked: torch.Tensor | None = None
     device: DeviceBatch | None = None  # device tier: its pinned slots and uploaded indices
     leaf: torch.Tensor | None = None
@@ -217,8 +257,8 @@ class EmbeddingCollection(torch.nn.Module):
                 ukeys, inv = dedup[ident]
                 arrays: dict[str, np.ndarray] = {}
                 single = all(offs is None for _, _, offs in items)
-                if single:  # one gather for the whole table (its features' inverses, concatenated)
-                    arrays[_STACKED] = inv
+                if single:  # one gather for the whole table: its features' inverses, sample-major
+                    arrays[_STACKED] = np.ascontiguousarray(inv.reshape(len(items), -1).T).reshape(-1)
                 else:
                     start = 0
                     for f, k, offs in items:
@@ -266,28 +306,31 @@ class EmbeddingCollection(torch.nn.Module):
         """
         stacked, out = self._gather(batch)
         for t, x in stacked.items():
-            out.update(zip(self._by_table[t], x.unbind(0)))
+            out.update(zip(self._by_table[t], x.unbind(1)))
         return {f.name: out[f.name] for f in self.features}
 
-    def forward_tables(self, batch: PreparedBatch | Mapping[str, FeatureInput]) -> dict[str, torch.Tensor]:
+    def forward_tables(self, batch: PreparedBatch | Mapping[str, FeatureInput]) -> dict[str, TableOutput]:
         """Embeddings per table, for tables whose features are all single-valued: one gather
-        per table instead of one per feature (what the models use). Pins as :meth:`forward`.
+        per table instead of one per feature (what the models use). A table with
+        ``linear_column`` comes split into its embedding and its first-order weight, each
+        contiguous. Pins as :meth:`forward`.
 
         Returns:
-            table -> float32 (F_t, B, dim): its features' embeddings in feature order.
+            table -> :class:`TableOutput`: ``emb`` float32 (B, F_t, D) in feature order,
+            ``linear`` float32 (B, F_t) or None.
         Raises:
             ValueError: a table has a bag feature (use :meth:`forward`).
         """
-        stacked, out = self._gather(batch)
+        stacked, out = self._gather(batch, split=True)
         if out:
             bags = sorted({f.table for f in self.features if f.name in out})
             raise ValueError(f"tables {bags} have bag features: use forward() for per-feature outputs")
         return stacked
 
-    def _gather(self, batch: PreparedBatch | Mapping[str, FeatureInput]) -> tuple[dict[str, torch.Tensor],
-                                                                                  dict[str, torch.Tensor]]:
-        """The batch's rows: ``(table -> (F_t, B, dim) for tables of single-valued features,
-        feature -> (B, dim) for the others)``."""
+    def _gather(self, batch: PreparedBatch | Mapping[str, FeatureInput],
+                split: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The batch's rows: ``(table -> (B, F_t, dim) for tables of single-valued features
+        (with ``split``, a :class:`TableOutput`), feature -> (B, dim) for the others)``."""
         if not isinstance(batch, PreparedBatch):
             batch = self.prepare(batch)
         train = self.training and torch.is_grad_enabled()
@@ -308,7 +351,13 @@ class EmbeddingCollection(torch.nn.Module):
                 leaf = rows.requires_grad_(train)
                 tb.leaf = leaf if train else None
                 if tb.stacked is not None:
-                    stacked[t] = leaf.index_select(0, tb.stacked).view(len(self._by_table[t]), batch.batch_size, -1)
+                    shape = (batch.batch_size, len(self._by_table[t]))
+                    if split and tiers.table.cfg.linear_column:
+                        e, w = _SplitGather.apply(leaf, tb.stacked, leaf.shape[1] - 1)
+                        stacked[t] = TableOutput(e.view(*shape, -1), w.view(shape))
+                    else:
+                        x = leaf.index_select(0, tb.stacked).view(*shape, -1)
+                        stacked[t] = TableOutput(x, None) if split else x
                     continue
                 for name, idx in tb.inverse.items():
                     if name in tb.offsets:

@@ -86,12 +86,11 @@ class _SparseCTR(nn.Module):
             return self.rows(batch)
         assert self.sparse is not None
         x = self.sparse.forward_tables(batch)
-        rows = x[self.emb_table].transpose(0, 1)  # (B, F, width)
-        e = rows[..., :self.dim] if self.column else rows
+        rows = x[self.emb_table]
         first = None
         if self.lin:
-            first = rows[..., self.dim].sum(1) if self.column else x[self.lin_table][..., 0].sum(0)  # type: ignore[index]
-        return e, first
+            first = rows.linear.sum(1) if self.column else x[self.lin_table].emb[..., 0].sum(1)  # type: ignore[index, union-attr]
+        return rows.emb, first
 
     def apply_sparse_gradients(self) -> None:
         """Step the batch's rows (a no-op with an embedding module: its own optimizer steps it)."""

@@ -1,9 +1,11 @@
-"""The store's table registry on disk: ``meta.json`` and the admission counters.
+"""The store's table registry on disk: ``meta.json``, the admission counters and the stored-key filters.
 
 ``meta.json`` holds each table's id, config, global step and row count, the format version
 and whether the store uses RocksDB's TTL mode; ``admission/<id>.npy`` holds the counting
-Bloom counters of tables with admission. Both are written atomically (temp file, fsync,
-rename), only by the holder of the store's write lock.
+Bloom counters of tables with admission; ``keyfilter/<id>-<token>.npy`` each table's
+:class:`~damo_hybrid.storage.keyfilter.StoredKeyFilter`, written only with a clean registry
+(``live`` false) and trusted only when ``meta.json`` names its token. All are written
+atomically (temp file, fsync, rename), only by the holder of the store's write lock.
 
 Functions only; the store calls them under its lock.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,9 +27,10 @@ from ..rows.optimizers import state_width
 from ..rows.table import Table
 from .backend import Storage
 from .files import atomic_file
+from .keyfilter import StoredKeyFilter, filter_path, remove_stale
 
 __all__ = ["META", "META_FORMAT", "read_meta", "write_meta", "check_ttl", "check_compatible", "check_change",
-           "config_changes", "load_tables", "recount_rows"]
+           "config_changes", "load_tables", "recount_rows", "open_filters"]
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +182,21 @@ def load_tables(meta: dict[str, Any] | None, given: Iterable[TableConfig],
     return tables, next_id, changed
 
 
-def write_meta(root: Path, tables: Iterable[Table], next_id: int, ttl: bool, live: bool = False) -> None:
-    """Write the admission counters, then ``meta.json``, atomically.
+def write_meta(root: Path, tables: Iterable[Table], next_id: int, ttl: bool, live: bool = False,
+               filters: dict[int, StoredKeyFilter] | None = None) -> None:
+    """Write the admission counters (and, not ``live``, the stored-key filters), then
+    ``meta.json``, atomically.
 
     ``live`` marks a store a writer holds open: rows written since the last write of this file
-    are not in its counts, so a reader (or the next writer, after a crash) recounts them."""
+    are not in its counts nor in its filters, so a reader (or the next writer, after a crash)
+    recounts them and rebuilds the filters."""
     tables = list(tables)
+    token = None
+    if filters and not live:  # taken after the rows they cover were written: a superset of them
+        token = uuid.uuid4().hex[:12]
+        (root / "keyfilter").mkdir(exist_ok=True)
+        for tid, kf in filters.items():
+            kf.save(filter_path(root, tid, token))
     adm = root / "admission"
     for t in tables:
         if t.filter is not None:
@@ -197,11 +210,59 @@ def write_meta(root: Path, tables: Iterable[Table], next_id: int, ttl: bool, liv
         "next_table_id": next_id,
         "tables": {t.name: {"id": t.id, "config": t.cfg.to_dict(), "step": t.step, "rows": t.rows} for t in tables},
     }
+    if token is not None:
+        meta["key_filter"] = token
     with atomic_file(root / META) as f:
         f.write(json.dumps(meta, indent=1, sort_keys=True).encode())
+    if filters is not None:
+        remove_stale(root, {filter_path(root, tid, token).name for tid in filters} if token else set())
 
 
-def recount_rows(storage: Storage, tables: Iterable[Table]) -> None:
-    """Set each table's row count from a scan of the storage (after an unclean shutdown)."""
+def recount_rows(storage: Storage, tables: Iterable[Table], filters: dict[int, StoredKeyFilter] | None = None) -> None:
+    """Set each table's row count from a scan of the storage (after an unclean shutdown),
+    adding every key to the table's filter in ``filters`` if it has one."""
+    filters = filters or {}
     for t in tables:
-        t.rows = sum(len(k) for k, _ in storage.scan(t.id))
+        kf = filters.get(t.id)
+        t.rows = 0
+        for k, _ in storage.scan(t.id):
+            t.rows += len(k)
+            if kf is not None:
+                kf.add(k, t.rows)
+
+
+def open_filters(storage: Storage, tables: Iterable[Table], meta: dict[str, Any] | None, root: Path | None,
+                 max_bytes: int, read_only: bool) -> dict[int, StoredKeyFilter]:
+    """Bring the registry up to date with the storage at open: the row counts after an unclean
+    shutdown, and each table's stored-key filter (see :mod:`~damo_hybrid.storage.keyfilter`).
+
+    A filter saved with a clean registry is loaded; any other (a crash, a store or checkpoint
+    written before filters, a storage handed in) is rebuilt from a scan of the table's keys. A
+    reader (``read_only``) does without the filters it cannot load rather than scan, and
+    ``max_bytes`` 0 turns them off.
+
+    Returns:
+        table id -> its filter.
+    """
+    tables = list(tables)
+    live = meta is not None and bool(meta.get("live"))
+    token = meta.get("key_filter") if meta is not None and not live else None
+    filters: dict[int, StoredKeyFilter] = {}
+    rebuild: list[Table] = []
+    for t in tables:
+        if max_bytes <= 0:
+            break
+        kf = StoredKeyFilter.load(filter_path(root, t.id, token), max_bytes) if root and token else None
+        if kf is None and not (read_only and not live):
+            kf = StoredKeyFilter(max_bytes)
+            rebuild.append(t)
+        if kf is not None:
+            filters[t.id] = kf
+    if live:  # not closed cleanly (a crash), or open elsewhere now
+        log.warning("store %s was not closed cleanly (or is open elsewhere): recounting its rows", root)
+        recount_rows(storage, tables, filters)
+    elif rebuild:  # a new store (nothing to scan), or one saved without its filters
+        recount_rows(storage, rebuild, filters)
+        if any(t.rows for t in rebuild):
+            log.info("built the stored-key filters of tables %s from a scan of their keys", [t.name for t in rebuild])
+    return filters

@@ -27,6 +27,7 @@ from ..rows.codec import Rows
 from ..rows.table import Table
 from ..timing import CLOCK
 from .backend import Storage
+from .keyfilter import StoredKeyFilter
 
 __all__ = ["RowIO", "TableIO"]
 
@@ -36,11 +37,13 @@ class RowIO:
 
     Args:
         storage: the backend.
+        stored: table id -> the keys it may have stored (a table without one reads every key).
     """
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, stored: dict[int, StoredKeyFilter] | None = None) -> None:
         self.storage = storage
         self.lock = threading.RLock()
+        self.stored = stored if stored is not None else {}
 
     def read(self, t: Table, keys: np.ndarray) -> tuple[Rows, np.ndarray]:
         """Stored rows of distinct ``keys`` (uint64 (N,)).
@@ -50,10 +53,21 @@ class RowIO:
         Raises:
             CorruptRowError: a stored value fails its checks.
         """
+        kf = self.stored.get(t.id)
+        maybe = kf.may_contain(keys) if kf is not None and len(keys) else None
+        if maybe is not None and not maybe.all():  # ask the storage only for keys it may hold
+            asked = keys[maybe]
+            CLOCK.count("filtered", len(keys) - len(asked))
+        else:
+            asked, maybe = keys, None
         with CLOCK("rocksdb_read"):
-            values = self.storage.get(t.id, keys)
+            values = self.storage.get(t.id, asked)
         with CLOCK("decode"):
-            rows, found = t.codec.decode(keys, values)
+            rows, found = t.codec.decode(asked, values)
+        if maybe is not None:
+            found_all = np.zeros(len(keys), dtype=bool)
+            found_all[np.flatnonzero(maybe)[found]] = True
+            found = found_all
         nf = int(found.sum())
         CLOCK.count("rocksdb_read", nf)
         with self.lock:
@@ -73,6 +87,9 @@ class RowIO:
             return
         with CLOCK("encode"):
             values = t.codec.encode(keys, rows)
+        kf = self.stored.get(t.id)
+        if kf is not None:  # before the write: a key on disk is always in the filter
+            kf.add(keys, t.rows + int(np.count_nonzero(new)))
         with CLOCK("rocksdb_write"):
             self.storage.put(t.id, keys, values)
         CLOCK.count("rocksdb_write", len(keys))
