@@ -187,6 +187,11 @@ class EmbeddingStore(StoreMaintenance):
             write_meta(root, self._tables.values(), self._next_id, self.config.ttl_seconds is not None, live,
                        self._filters)
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has run."""
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosedError("the store is closed")

@@ -44,6 +44,7 @@ SEED_SCRIPT = textwrap.dedent(
     filter_params.insert("capacity", 1 << 16)
     filter_params.insert("count", 2)
     filter_params.insert("fpr", 0.001)
+    filter_params.insert("path", sys.argv[1] + "_cbf")
     filt = damo.PyFilter(filter_params)
     filt.add(7, 1)
     assert not filt.check(7)
@@ -158,7 +159,7 @@ def test_wrong_buffers_raise_and_write_nothing(tmp_path, call, exc, match):
     [
         ({"name": "adam", "gama": 0.1}, ValueError, "unknown adam optimizer parameters"),
         ({"name": "amsgrad"}, ValueError, "optimizer name"),
-        ({"name": "sgd"}, ValueError, "'gamma' is required"),
+        ({"name": "ftrl", "gamma": 0.1, "alpha": 0.1}, ValueError, "not both"),
         ({"name": "adam", "gamma": -1.0}, ValueError, "lr must be > 0"),
     ],
 )

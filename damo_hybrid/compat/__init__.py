@@ -30,9 +30,6 @@ Differences from the seed, all deliberate:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +51,10 @@ from ..rows.admission import CountingBloomFilter
 from ..rows.initializers import RowInitializer
 from ..rows.optimizers import RowOptimizer
 from ..store import EmbeddingStore
+from .damo import Damo, replace_store
 from .seed_format import dump_seed_format
 
-__all__ = ["Parameters", "PyStorage", "PyInitializer", "PyOptimizer", "PyFilter", "PyEmbedding"]
+__all__ = ["Parameters", "PyStorage", "PyInitializer", "PyOptimizer", "PyFilter", "PyEmbedding", "Damo"]
 
 
 class Parameters:
@@ -165,7 +163,7 @@ def optimizer_config(params: Parameters | dict[str, Any], scheduler: Parameters 
     name = d.get("name")
     sch = schedule_config(scheduler)
     if name == "sgd":
-        v = _take(d, {"gamma": _REQUIRED, "lambda": 0.0}, "sgd optimizer")
+        v = _take(d, {"gamma": 0.001, "lambda": 0.0}, "sgd optimizer")
         return OptimizerConfig(kind=OptimizerKind.SGD, lr=v["gamma"], weight_decay=v["lambda"], schedule=sch)
     if name == "adagrad":
         v = _take(d, {"gamma": 0.01, "lambda": 0.0, "eta": 0.0, "epsilon": 1e-10}, "adagrad optimizer")
@@ -176,6 +174,11 @@ def optimizer_config(params: Parameters | dict[str, Any], scheduler: Parameters 
         return OptimizerConfig(kind=OptimizerKind(name), lr=v["gamma"], beta1=v["beta1"], beta2=v["beta2"],
                                weight_decay=v["lambda"], eps=v["epsilon"], schedule=sch)
     if name == "ftrl":
+        # the seed's Optimizer doc names FTRL's learning rate (alpha) "gamma"; its code reads "alpha"
+        if "gamma" in d and "alpha" in d:
+            raise ValueError("ftrl optimizer: give its learning rate once, as 'gamma' (or 'alpha'), not both")
+        if "gamma" in d:
+            d["alpha"] = d.pop("gamma")
         v = _take(d, {"alpha": 0.005, "beta": 0.0, "lambda1": 0.0, "lambda2": 0.0}, "ftrl optimizer")
         return OptimizerConfig(kind=OptimizerKind.FTRL, lr=v["alpha"], ftrl_beta=v["beta"], l1=v["lambda1"],
                                l2=v["lambda2"], schedule=sch)
@@ -254,17 +257,42 @@ class PyOptimizer:
 class PyFilter:
     """Counting Bloom filter: ``add(key, n)`` then ``check(key)`` (count >= ``count``).
 
-    Params: ``capacity`` (default 2**28 in the seed; 2**20 here), ``fpr``
-    (default 1e-3), ``count`` (the admission threshold, default 1).
+    Params (the seed's CBF page): ``capacity`` (default 2**28 in the seed; 2**20 here),
+    ``fpr`` (default 1e-3), ``count`` (the admission threshold, default 15), ``path`` (the
+    counters' file, default ``/tmp/COUNTING_BLOOM_FILTER_DATA``) and ``reload`` (default true).
+    As in the seed, the counters live in that file through ``mmap``, so every ``add`` reaches it
+    without a save call and survives a crash; with ``reload`` false, or no file there yet, it
+    starts from zero. A file of another size (another capacity or fpr) raises ``ValueError``.
     """
+
+    DEFAULT_PATH = "/tmp/COUNTING_BLOOM_FILTER_DATA"
 
     def __init__(self, params: Parameters | dict[str, Any] | None = None) -> None:
         d = _params(params, "filter params")
-        v = _take(d, {"capacity": 1 << 20, "fpr": 1e-3, "count": 1}, "filter")
+        v = _take(d, {"capacity": 1 << 20, "fpr": 1e-3, "count": 15, "path": self.DEFAULT_PATH, "reload": True},
+                  "filter")
         self.min_count = int(v["count"])
         if self.min_count < 1:
             raise ValueError(f"count must be >= 1, got {self.min_count}")
-        self._f = CountingBloomFilter(int(v["capacity"]), float(v["fpr"]))
+        if not isinstance(v["reload"], bool):
+            raise TypeError(f"reload must be a bool, got {v['reload']!r}")
+        f = CountingBloomFilter(int(v["capacity"]), float(v["fpr"]))
+        self.path = Path(str(v["path"]))
+        if v["reload"] and self.path.is_file():
+            size = self.path.stat().st_size
+            if size != f.m:
+                raise ValueError(f"filter file {self.path} holds {size} counters, this capacity and fpr need {f.m}: "
+                                 "give the capacity and fpr it was made with, or reload=False to start over")
+            mode = "r+"
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            mode = "w+"
+        f.counters = np.memmap(self.path, dtype=np.uint8, mode=mode, shape=(f.m,))
+        self._f = f
+
+    def flush(self) -> None:
+        """Force the counters to disk now (the kernel writes them back on its own too)."""
+        self._f.counters.flush()  # type: ignore[attr-defined]
 
     @staticmethod
     def _keys(key: Any) -> np.ndarray:
@@ -328,17 +356,7 @@ class PyStorage:
 
     def load_from_checkpoint(self, path: str) -> None:
         """Replace this storage's contents with a checkpoint's."""
-        self.store.close()
-        aside = self.dir.with_name(f".{self.dir.name}.replaced-{uuid.uuid4().hex}")
-        os.rename(self.dir, aside)
-        try:
-            self.store = EmbeddingStore.from_checkpoint(path, self.dir, config=self._cfg)
-        except BaseException:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            os.rename(aside, self.dir)
-            self.store = EmbeddingStore(self.dir, config=self._cfg)
-            raise
-        shutil.rmtree(aside, ignore_errors=True)
+        replace_store(self, Path(path))
 
 
 class PyEmbedding:

@@ -1,10 +1,16 @@
-"""The seed project's binary dump format.
+"""The seed project's binary dump formats.
 
-Layout (little-endian)::
+Layout ``"1.0"`` (``PyStorage.dump``; little-endian)::
 
     int32[256]   dim of each group (0 for an unused group)
     uint64[256]  number of rows of each group
     then per row: uint64 key, int32 group, float32[dim of that group]
+
+Layout ``"1.2"`` (``Damo.dump``, what the seed's 1.2 inference export reads)::
+
+    int32        n, the number of groups dumped
+    int32[n]     their group numbers; int32[n] their dims; int64[n] their row counts
+    then per row: int64 key, int32 group, float32[dim of that group]
 
 Rows of one group are contiguous. A table named ``group_<g>`` is written as
 group ``g``; other tables take the lowest free group numbers in name order.
@@ -57,8 +63,9 @@ def dump_seed_format(
     min_count: int = 0,
     expire_days: float | None = None,
     now: float | None = None,
+    layout: str = "1.0",
 ) -> dict[str, int]:
-    """Write tables in the seed's binary format.
+    """Write tables in one of the seed's binary formats.
 
     Args:
         store: an open store.
@@ -67,17 +74,21 @@ def dump_seed_format(
         min_count: keep rows with at least this many updates.
         expire_days: keep rows updated within this many days.
         now: current unix time (default ``time.time()``).
+        layout: ``"1.0"`` or ``"1.2"`` (see the module doc).
     Returns:
         Rows written per table.
     """
+    if layout not in ("1.0", "1.2"):
+        raise ValueError(f"layout must be '1.0' or '1.2', got {layout!r}")
     names = list(store.tables) if tables is None else list(tables)
     groups = group_of_tables(names)
     now, age = dump_window(min_count, expire_days, now)
     dims = np.zeros(GROUPS, "<i4")
     counts = np.zeros(GROUPS, "<u8")
     written: dict[str, int] = {}
+    used = sorted(groups[n] for n in names)
     with atomic_file(path) as f:
-        f.write(bytes(GROUPS * 12))  # header, patched below
+        f.write(bytes(GROUPS * 12 if layout == "1.0" else 4 + 16 * len(used)))  # header, patched below
         for name in sorted(names, key=lambda n: groups[n]):
             g, dim = groups[name], store.tables[name].dim
             rec = np.dtype([("key", "<u8"), ("group", "<i4"), ("w", "<f4", (dim,))])
@@ -92,7 +103,11 @@ def dump_seed_format(
             counts[g] = n
             written[name] = n
         f.seek(0)
-        f.write(dims.tobytes() + counts.tobytes())
+        if layout == "1.0":
+            f.write(dims.tobytes() + counts.tobytes())
+        else:
+            f.write(np.array([len(used)] + used + [int(dims[g]) for g in used], "<i4").tobytes()
+                    + counts[used].astype("<i8").tobytes())
     return written
 
 

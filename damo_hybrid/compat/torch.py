@@ -1,0 +1,251 @@
+"""The seed's torch package (``damo_embedding`` 1.2), on damo_hybrid's store.
+
+A script that says ``from damo_embedding import Embedding, damo_embedding_init, save_model,
+load_model`` runs with ``from damo_hybrid.compat.torch import ...``::
+
+    model = DeepFM(...)                        # holds Embedding(dim, group, initializer=..., optimizer=...)
+    damo_embedding_init(model, "workdir", 86400)
+    loss = criterion(model(ids), y); loss.backward(); dense_opt.step()   # rows step in backward
+    save_model(model, "out")                   # out/save_model/: model.pt, the rows, sparse_config.json
+    model = load_model("out")                  # dense weights and rows back (rows in a new workdir)
+
+:class:`Embedding` maps int64 ids (B, F) to float32 (B, F, dim): the batch's ids are
+de-duplicated once (``torch.unique``), their rows pulled in one call, and in backward each unique
+id's summed gradient is pushed once, as in the seed. Id 0 is padding: zeros, never stepped.
+
+Process-wide state: the seed keeps one ``damo.Damo`` for the process and refuses a second. Here
+:func:`damo_embedding_init` binds the model's embeddings to the :class:`~damo_hybrid.compat.damo.Damo`
+of its ``workdir``; :data:`REGISTRY` keeps one open ``Damo`` per workdir (so a second init over the
+same workdir reuses it, and two models over two workdirs train side by side), and
+``REGISTRY.reset()`` closes them all.
+
+Gradient scale: the seed divides each sparse gradient by the batch size in backward, on top of the
+mean the loss already took. That is not copied here: the rows get the true gradient of the loss,
+as torch's own embeddings do. For AdamW (the seed's only 1.2 optimizer) the update barely changes,
+since Adam is invariant to a constant gradient scale up to ``epsilon``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DamoHybridError
+from .damo import Damo
+
+__all__ = ["Embedding", "damo_embedding_init", "save_model", "load_model", "REGISTRY"]
+
+_SAVE_DIR = "save_model"
+
+
+class _Registry:
+    """The open :class:`Damo` of each workdir (the one piece of process-wide state)."""
+
+    def __init__(self) -> None:
+        self._open: dict[Path, Damo] = {}
+
+    def open(self, config: dict[str, Any]) -> Damo:
+        key = Path(config["dir"]).resolve()
+        d = self._open.get(key)
+        if d is None or d.store.closed:
+            d = self._open[key] = Damo(config)
+        return d
+
+    def reset(self) -> None:
+        """Close every open Damo (their rows reach disk)."""
+        for d in self._open.values():
+            d.close()
+        self._open.clear()
+
+
+REGISTRY = _Registry()
+
+
+class _Lookup(torch.autograd.Function):
+    """Rows of the unique ids forward; their summed gradients pushed to the Damo in backward."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, inverse: torch.Tensor, emb: Embedding, keys: np.ndarray) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.emb, ctx.keys, ctx.n = emb, keys, rows.shape[0]
+        return rows.index_select(0, inverse.reshape(-1)).view(*inverse.shape, rows.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, None, None]:
+        (inverse,) = ctx.saved_tensors
+        g = grad.new_zeros(ctx.n, grad.shape[-1]).index_add_(0, inverse.reshape(-1), grad.reshape(-1, grad.shape[-1]))
+        ctx.emb._push(ctx.keys, g.detach().to("cpu", torch.float32).numpy())
+        return None, None, None, None
+
+
+class Embedding(torch.nn.Module):
+    """The seed's ``damo_embedding.Embedding``: rows of one group, looked up by int64 ids.
+
+    Args:
+        dim: embedding width.
+        group: the group (its table), in [0, 256).
+        initializer: the seed's initializer dict (``{"name": "uniform"}`` ...).
+        optimizer: the seed's optimizer dict (``{"name": "adamw", "gamma": ...}``).
+        kwargs: accepted and ignored, as the seed does.
+    """
+
+    def __init__(self, dim: int, group: int, initializer: dict | None = None, optimizer: dict | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+        if not isinstance(group, int) or not 0 <= group < 256:
+            raise ValueError(f"group must be an int in [0, 256), got {group!r}")
+        self.dim, self.group = dim, group
+        self.initializer = dict(initializer or {})
+        self.optimizer = dict(optimizer or {})
+        self.damo: Damo | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # pickles (torch.save, deepcopy) without the open store
+        state = dict(self.__dict__)
+        state["damo"] = None
+        return state
+
+    def _bound(self) -> Damo:
+        if self.damo is None or self.damo.store.closed:
+            raise DamoHybridError("this Embedding is not bound to a store: call damo_embedding_init(model, workdir, ttl) "
+                                  "(or load_model) first")
+        return self.damo
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """float32 (B, F, dim) rows of int64 ids (B, F); id 0 reads as zeros."""
+        if not isinstance(input, torch.Tensor) or input.dim() != 2:
+            raise ValueError(f"input must be a 2-D tensor of ids (batch, fields), got "
+                             f"{input.dim() if isinstance(input, torch.Tensor) else type(input).__name__}-D")
+        if input.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input must hold int64 ids, got {input.dtype}")
+        d = self._bound()
+        ids = input.detach().to("cpu", torch.int64)
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        keys = uniq.numpy()
+        w = np.empty((len(keys), self.dim), np.float32)
+        d.pull(self.group, keys, w)
+        rows = torch.from_numpy(w).to(input.device)
+        inverse = inverse.to(input.device)
+        if not (self.training and torch.is_grad_enabled()):
+            return rows.index_select(0, inverse.reshape(-1)).view(*inverse.shape, self.dim)
+        rows.requires_grad_(True)
+        return _Lookup.apply(rows, inverse, self, keys)
+
+    def _push(self, keys: np.ndarray, grads: np.ndarray) -> None:
+        self._bound().push(self.group, keys, grads)
+
+
+def _embeddings(model: torch.nn.Module) -> list[Embedding]:
+    found = [m for m in model.modules() if isinstance(m, Embedding)]
+    groups = [e.group for e in found]
+    dup = sorted({g for g in groups if groups.count(g) > 1})
+    if dup:
+        raise ValueError(f"groups {dup} are used by more than one Embedding; every Embedding needs its own group")
+    return found
+
+
+def _config(embs: list[Embedding], workdir: str | os.PathLike[str], ttl: int) -> dict[str, Any]:
+    return {"dir": str(Path(workdir).resolve()), "ttl": int(ttl),
+            "embeddings": [{"dim": e.dim, "group": e.group, "initializer": e.initializer, "optimizer": e.optimizer}
+                           for e in embs]}
+
+
+def damo_embedding_init(model: torch.nn.Module | None, workdir: str | os.PathLike[str], ttl: int = 0,
+                        **kwargs: Any) -> Damo:
+    """Open the store at ``workdir`` for the model's :class:`Embedding` groups and bind them to it.
+
+    Args:
+        model: the model; None with ``model_dir=...`` loads a saved one (as the seed).
+        workdir: the store directory.
+        ttl: seconds after which unwritten rows expire (0: never).
+    Returns:
+        The :class:`Damo` the embeddings are bound to.
+    """
+    unknown = set(kwargs) - {"model_dir"}
+    if unknown:
+        raise TypeError(f"unknown arguments {sorted(unknown)}")
+    if model is None:
+        if not kwargs.get("model_dir"):
+            raise ValueError("give a model, or model_dir=... of a saved one")
+        model = load_model(kwargs["model_dir"], workdir=workdir, ttl=ttl)
+        return _embeddings(model)[0]._bound() if _embeddings(model) else REGISTRY.open(_config([], workdir, ttl))
+    embs = _embeddings(model)
+    d = REGISTRY.open(_config(embs, workdir, ttl))
+    for e in embs:
+        if e.group not in d.dims:
+            raise ValueError(f"the store at {workdir} is open without group {e.group}; call REGISTRY.reset() first "
+                             "to reopen it with this model's groups")
+        e.damo = d
+    return d
+
+
+def save_model(model: torch.nn.Module, output_dir: str | os.PathLike[str], training: bool = True, **kwargs: Any) -> None:
+    """Save a model as the seed does, into ``output_dir/save_model/`` (replaced atomically).
+
+    ``training=True`` writes ``model.pt`` (the whole module, embeddings unbound), ``state.pth``
+    (its state dict), ``sparse_config.json`` (the store's ttl and each embedding's dim, group,
+    initializer and optimizer) and ``checkpoint`` (every row with its optimizer state). ``training=False`` is the
+    inference export (ONNX); it is not built yet and raises ``NotImplementedError``.
+    """
+    if not training:
+        raise NotImplementedError("save_model(training=False), the ONNX inference export, is not built yet")
+    if kwargs:
+        raise TypeError(f"unknown arguments {sorted(kwargs)}")
+    embs = _embeddings(model)
+    damos = {id(e._bound()): e.damo for e in embs}
+    if len(damos) > 1:
+        raise ValueError("the model's embeddings are bound to more than one store; bind them with one damo_embedding_init")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / _SAVE_DIR
+    with tempfile.TemporaryDirectory(dir=out, prefix=".save_model-") as tmp:
+        work = Path(tmp) / _SAVE_DIR
+        work.mkdir()
+        for d in damos.values():
+            assert d is not None
+            d.checkpoint(work / "checkpoint")
+        torch.save(model, work / "model.pt")
+        torch.save(model.state_dict(), work / "state.pth")
+        ttl = next(iter(damos.values())).ttl if damos else 0  # type: ignore[union-attr]
+        cfg = _config(embs, ".", ttl)
+        del cfg["dir"]
+        (work / "sparse_config.json").write_text(json.dumps(cfg, indent=2))
+        old = Path(tmp) / "old"
+        if final.exists():
+            os.rename(final, old)
+        os.rename(work, final)
+
+
+def load_model(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[str] | None = None,
+               ttl: int | None = None) -> torch.nn.Module:
+    """A model saved by :func:`save_model`, its embeddings bound to a store holding the saved rows.
+
+    Args:
+        model_dir: the ``output_dir`` given to :func:`save_model`.
+        workdir: where the restored rows live (a new directory; default: a new temporary one
+            under ``model_dir``). Training may go on from there.
+        ttl: as :func:`damo_embedding_init`; default: the saved store's.
+    Raises:
+        FileNotFoundError: ``model_dir`` holds no saved model.
+    """
+    src = Path(model_dir) / _SAVE_DIR
+    if not (src / "model.pt").is_file():
+        raise FileNotFoundError(f"no saved model in {model_dir} (expected {src / 'model.pt'})")
+    model = torch.load(src / "model.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(torch.load(src / "state.pth", map_location="cpu", weights_only=True))
+    if workdir is None:
+        workdir = tempfile.mkdtemp(prefix="damo_workdir-", dir=model_dir)
+        os.rmdir(workdir)
+    if ttl is None:
+        ttl = int(json.loads((src / "sparse_config.json").read_text()).get("ttl", 0))
+    d = damo_embedding_init(model, workdir, ttl)
+    if (src / "checkpoint").is_file():
+        d.load(src / "checkpoint")
+    return model
