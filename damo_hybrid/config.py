@@ -260,7 +260,11 @@ class OptimizerConfig:
 class AdmissionConfig:
     """Admit a key into storage only after it has been seen ``min_count`` times.
 
-    A key is "seen" once per occurrence in an ``apply_gradients`` call.
+    A key is "seen" once per occurrence in an ``apply_gradients`` call or a
+    training batch of an ``EmbeddingCollection`` (counted when it is prepared,
+    in batch order; eval batches are not counted). Until then it reads as its
+    initial row (or zeros), takes no cache slot and is never stored; its
+    gradients are dropped and counted in ``stats().dropped_unadmitted``.
     Counts live in a counting Bloom filter (4-bit saturating counters would
     cap at 15; we use 8-bit ones, so ``min_count`` may be up to 255) sized
     from ``capacity`` and ``fpr``. A false positive admits a key early; a key

@@ -243,3 +243,24 @@ def test_two_models_over_two_workdirs_train_side_by_side(tmp_path):
 def test_an_unbound_embedding_says_what_to_do():
     with pytest.raises(DamoHybridError, match="damo_embedding_init"):
         SeedStyleDeepFM(4, 5)(torch.ones(2, 5, dtype=torch.int64))
+
+
+def test_inference_export_in_the_seeds_layout_predicts_as_the_model(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = SeedStyleDeepFM(4, 5)
+    damo_embedding_init(model, tmp_path / "work", 0)
+    batches = _batches()
+    _train(model, batches)
+    save_model(model, tmp_path / "eval", False, dummy_input=torch.randint(1, 1000, (100, 5)),
+               input_names=["input"], output_names=["output"],
+               dynamic_axes={"input": {0: "batch_size"}, "output": {0: "batch_size"}})
+    mapper = json.loads((tmp_path / "eval" / "inference" / "mapper.json").read_text())
+    x = batches[2][0]  # trained on: every id is stored
+    idx = np.vectorize(lambda k: mapper["0"].get(str(k), 0))(x.numpy()).astype(np.int64)
+    assert (idx > 0).all()
+    sess = ort.InferenceSession(str(tmp_path / "eval" / "inference" / "model.onnx"))
+    got = sess.run(["output"], {"input": idx})[0]
+    model.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), atol=1e-5, rtol=0)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from damo_hybrid import (
-    AdmissionConfig,
     EmbeddingStore,
     InitializerConfig,
     OptimizerConfig,
@@ -70,17 +69,14 @@ def test_pinned_rows_are_never_evicted(tmp_path):
         cache.make_resident(np.array([1000, 1001, 1002], np.uint64))
 
 
-def test_bad_input_and_unsupported_table(tmp_path):
-    adm = TableConfig("a", 2, admission=AdmissionConfig(min_count=2, capacity=100))
-    with EmbeddingStore(tmp_path / "s", [_table(OPTS[0]), adm, TableConfig("u", 2)]) as st:
+def test_bad_input(tmp_path):
+    with EmbeddingStore(tmp_path / "s", [_table(OPTS[0]), TableConfig("u", 2)]) as st:
         st.cache_table("t", 8)
         with pytest.raises(TypeError, match="float32"):
             st.apply_gradients("t", np.array([1], np.uint64), np.ones((1, 4), np.float64))
-        with pytest.raises(ValueError, match="admission"):
-            st.cache_table("a", 8)
         with pytest.raises(ValueError, match="capacity"):
             st.cache_table("u", 0)
-        assert st.step("t") == 0 and st.tiers("a") is None and st.tiers("u") is None
+        assert st.step("t") == 0 and st.tiers("u") is None
 
 
 def test_rows_waiting_in_the_writer_are_served_from_it(tmp_path, monkeypatch):

@@ -231,14 +231,23 @@ def test_a_read_only_store_serves_a_collection_but_refuses_its_steps(tmp_path):
             emb.apply_gradients()
 
 
-def test_a_failed_cache_call_caches_nothing(tmp_path):
-    from damo_hybrid import AdmissionConfig
+def test_a_failed_cache_call_caches_nothing(tmp_path, monkeypatch):
+    import damo_hybrid.cache.registry as registry
 
-    adm = TableConfig("a", 2, admission=AdmissionConfig(min_count=2, capacity=100))
-    with EmbeddingStore(tmp_path / "s", [_sgd_table(), adm]) as st:
-        with pytest.raises(ValueError, match="admission"):
+    made = []
+    real = registry.TableTiers
+
+    def second_fails(io, *a, **k):  # the second table's tiers cannot be allocated
+        if made:
+            raise MemoryError("no memory for the host tier")
+        made.append(io.table.name)
+        return real(io, *a, **k)
+
+    monkeypatch.setattr(registry, "TableTiers", second_fails)
+    with EmbeddingStore(tmp_path / "s", [_sgd_table(), TableConfig("a", 2)]) as st:
+        with pytest.raises(MemoryError):
             st.cache(["t", "a"])
-        assert st.tiers("t") is None and st.tiers("a") is None
+        assert made and st.tiers("t") is None and st.tiers("a") is None
 
 
 def test_pickling_a_model_says_how_to_save_it(tmp_path):

@@ -25,13 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..rows.codec import Rows
-from ..rows.table import Table
 from ..storage.rowio import TableIO
 from ..timing import CLOCK
 from .slots import SlotPool
 from .writer import WriteBehind
 
-__all__ = ["HostCache", "CacheStats", "check_cacheable"]
+__all__ = ["HostCache", "CacheStats"]
 
 _WRITE_CHUNK = 1 << 16  # rows per write-back batch handed to the writer
 
@@ -62,13 +61,6 @@ class CacheStats:
         return self.hits / n if n else 0.0
 
 
-def check_cacheable(t: Table) -> None:
-    """Raise ValueError for a table the cache tiers cannot hold (one with admission, today)."""
-    if t.cfg.admission is not None:
-        raise ValueError(f"table {t.name!r} uses admission, which the cache tiers do not support yet; "
-                         "use the store without a cache for it")
-
-
 class HostCache:
     """One table's rows in host memory.
 
@@ -78,14 +70,13 @@ class HostCache:
             must fit.
 
     Raises:
-        ValueError: capacity < 1, or a table with admission (not cached yet).
+        ValueError: capacity < 1.
     """
 
     def __init__(self, io: TableIO, capacity: int) -> None:
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
         t = io.table
-        check_cacheable(t)
         self.io, self.table, self.name = io, t, t.name
         self.init, self.opt = t.init, t.opt
         self.dim, self.width = t.dim, t.width

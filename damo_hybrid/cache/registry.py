@@ -18,7 +18,7 @@ from ..config import StoreConfig
 from ..errors import ConfigConflictError
 from ..rows.table import Table
 from ..storage.rowio import RowIO
-from .host import CacheStats, HostCache, check_cacheable
+from .host import CacheStats, HostCache
 from .tiers import TableTiers
 
 __all__ = ["TierRegistry", "DEFAULT_DEVICE_CACHE_MB"]
@@ -66,8 +66,6 @@ class TierRegistry:
         for t in tables:
             if t not in new:
                 self._check_same_device(self._tiers[t.name], device)
-        for t in new:
-            check_cacheable(t)
         if new:
             share = host_mb * 2**20 / sum(HostCache.nbytes_per_row(t.dim, t.width) for t in new)
             dshare = None
@@ -78,9 +76,14 @@ class TierRegistry:
 
                 dshare = dev_mb * 2**20 / sum(DeviceCache.nbytes_per_row(t.dim, t.width) for t in new)
             floor = cfg.min_cache_rows if min_cache_rows is None else min_cache_rows
-            for t in new:
-                self.cache_table(t, max(floor, int(share)), max(floor, int(dshare)) if dshare is not None else None,
-                                 device)
+            try:
+                for t in new:
+                    self.cache_table(t, max(floor, int(share)), max(floor, int(dshare)) if dshare is not None else None,
+                                     device)
+            except BaseException:  # a tier that cannot be made (memory): the call caches nothing
+                for t in new:
+                    self._tiers.pop(t.name, None)
+                raise
         for t in tables:
             if t not in new:
                 if cache_mb is not None or device_cache_mb is not None:

@@ -121,26 +121,42 @@ class TableTiers:
         """
         if not len(keys):
             return []
-        ukeys, _, g = sum_by_key(keys, grads)
-        check = self.table.check_results
+        ukeys, inv, g = sum_by_key(keys, grads)
+        t = self.table
+        check = t.check_results
         with self.lock, self.step_lock:
-            if self.device is not None:
-                self.device.send_down(ukeys)
-            slots = self.host.slots.lookup(ukeys)
-            hit = slots >= 0
-            miss = ~hit
-            keep_t = keep_h = None
-            if miss.any():  # the part that can fail (a read, or a writer that failed) goes first
-                self.host.writer.check()
-                rows, stored = self.host.stage_through(ukeys[miss], g[miss], lr)
-                keep_t = check(ukeys[miss], rows.weights, rows.state)
-            if hit.any():
-                w, st, cnt = self.host.stage_slots(slots[hit], g[hit], lr)
-                keep_h = check(ukeys[hit], w, st)
-            if miss.any():
-                self.host.commit_through(ukeys[miss], rows, stored, keep_t)
-            if hit.any():
-                self.host.commit_slots(slots[hit], w, st, cnt, keep_h)
+            seen = None
+            if t.filter is not None:  # admission: counted once the step is stored, as without a cache
+                seen = ukeys, np.bincount(inv, minlength=len(ukeys))
+                admitted = t.admit(*seen, count=False)
+                ukeys, g = ukeys[admitted], g[admitted]
+            kept = self._step_unique(ukeys, g, lr, check)
+            if seen is not None:
+                t.filter.add(*seen)
+                t.counters.dropped_unadmitted += len(seen[0]) - len(ukeys)
+            return kept
+
+    def _step_unique(self, ukeys: np.ndarray, g: np.ndarray, lr: float, check: Callable) -> list[np.ndarray | None]:
+        """:meth:`step_rows` of distinct keys, under both locks."""
+        if not len(ukeys):
+            return []
+        if self.device is not None:
+            self.device.send_down(ukeys)
+        slots = self.host.slots.lookup(ukeys)
+        hit = slots >= 0
+        miss = ~hit
+        keep_t = keep_h = None
+        if miss.any():  # the part that can fail (a read, or a writer that failed) goes first
+            self.host.writer.check()
+            rows, stored = self.host.stage_through(ukeys[miss], g[miss], lr)
+            keep_t = check(ukeys[miss], rows.weights, rows.state)
+        if hit.any():
+            w, st, cnt = self.host.stage_slots(slots[hit], g[hit], lr)
+            keep_h = check(ukeys[hit], w, st)
+        if miss.any():
+            self.host.commit_through(ukeys[miss], rows, stored, keep_t)
+        if hit.any():
+            self.host.commit_slots(slots[hit], w, st, cnt, keep_h)
         return [keep_t, keep_h]
 
     # ------------------------------------------------------------ lifecycle

@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import (
+    AdmissionConfig,
     InitializerConfig,
     OptimizerConfig,
     OptimizerKind,
@@ -119,9 +120,13 @@ def _model_tables(args: argparse.Namespace, opt: OptimizerConfig) -> list[TableC
             emb = existing.tables.get("emb")
             legacy = "lin" in existing.tables and not (emb is not None and emb.linear_column)
     if legacy:
-        return [TableConfig("emb", args.dim, initializer=init, optimizer=opt),
-                TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
-    return model_tables(args.model, args.dim, opt, init)
+        tables = [TableConfig("emb", args.dim, initializer=init, optimizer=opt),
+                  TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
+    else:
+        tables = model_tables(args.model, args.dim, opt, init)
+    if args.min_count > 1:
+        tables = [dataclasses.replace(t, admission=AdmissionConfig(min_count=args.min_count)) for t in tables]
+    return tables
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -275,6 +280,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.onnx:
+        from .export import export_onnx_from_checkpoint
+
+        return export_onnx_from_checkpoint(args)
+    if not args.out:
+        raise ValueError("export needs --out FILE.npz (the rows), or --onnx DIR (a model for serving)")
     check_writable("--out", args.out)
     with EmbeddingStore(args.store, read_only=True) as s:
         n = s.export(args.out, tables=args.table or None)
@@ -341,6 +352,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     t.add_argument("--checkpoint-every", type=int_in(0), default=0, help="checkpoint the whole training state every N steps")
     t.add_argument("--checkpoint-dir", help="where checkpoints go (default: <store>.ckpt beside the store)")
     t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    t.add_argument("--min-count", type=int_in(1, 255), default=1,
+                   help="admission: a key's row is stored and trained only from its Nth occurrence on "
+                        "(a counting Bloom filter; before that it reads as its initial row)")
     t.add_argument("--allow-config-change", action="store_true",
                    help="let a changed --lr or --optimizer settings replace the config stored with the tables (logged)")
     t.add_argument("--no-prefetch", action="store_true",
@@ -363,10 +377,14 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(fn=_inspect)
 
-    e = sub.add_parser("export", help="write keys_<table> and weights_<table> to .npz")
+    e = sub.add_parser("export", help="write keys_<table> and weights_<table> to .npz, or a trained model to ONNX")
     e.add_argument("--store", required=True)
-    e.add_argument("--out", required=True)
+    e.add_argument("--out", help="the .npz to write (rows)")
     e.add_argument("--table", action="append", help="a table to export (repeatable; default all)")
+    e.add_argument("--onnx", metavar="DIR", help="export the model of the store's latest training checkpoint "
+                   "to DIR: model.onnx over row indices, keys_<table>.npy, export.json (serve with "
+                   "damo_hybrid.serving.Predictor)")
+    e.add_argument("--checkpoint-dir", help="where train wrote its checkpoints (default: STORE.ckpt)")
     e.set_defaults(fn=_export)
 
     u = sub.add_parser("dump", help="export rows that pass the seed's conditions")

@@ -195,7 +195,8 @@ def save_model(model: torch.nn.Module, output_dir: str | os.PathLike[str], train
     inference export (ONNX); it is not built yet and raises ``NotImplementedError``.
     """
     if not training:
-        raise NotImplementedError("save_model(training=False), the ONNX inference export, is not built yet")
+        _save_inference(model, Path(output_dir), **kwargs)
+        return
     if kwargs:
         raise TypeError(f"unknown arguments {sorted(kwargs)}")
     embs = _embeddings(model)
@@ -249,3 +250,42 @@ def load_model(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[str
     if (src / "checkpoint").is_file():
         d.load(src / "checkpoint")
     return model
+
+
+def _save_inference(model: torch.nn.Module, output_dir: Path, dummy_input: torch.Tensor | None = None,
+                    input_names: list[str] | None = None, output_names: list[str] | None = None,
+                    dynamic_axes: dict | None = None, opset_version: int = 17) -> None:
+    """The seed's inference export: ``output_dir/inference/model.onnx``, the model with each
+    :class:`Embedding` replaced by a plain ``nn.Embedding`` over its group's stored rows (row 0
+    zeros, the row of an unknown key), and ``output_dir/inference/mapper.json``,
+    ``{group: {key: row}}``. Only ``dummy_input``'s shape and dtype are used: the graph is traced
+    on row 0, since the seed's examples pass raw ids that are not rows."""
+    from ..serving.onnx import onnx_export
+
+    if dummy_input is None:
+        raise ValueError("save_model(training=False) needs dummy_input: an int64 tensor shaped like the model's input")
+    embs = _embeddings(model)
+    copy = __import__("copy").deepcopy(model)  # the embeddings unbound (see Embedding.__getstate__)
+    mapper: dict[str, dict[str, int]] = {}
+    for name, mod in list(copy.named_modules()):
+        if not isinstance(mod, Embedding):
+            continue
+        src = next(e for e in embs if e.group == mod.group)
+        store = src._bound().store
+        keys, weights = [np.zeros(0, np.uint64)], [np.zeros((0, mod.dim), np.float32)]
+        for k, rows in store.scan(f"group_{mod.group}"):
+            keys.append(k)
+            weights.append(rows.weights)
+        k = np.concatenate(keys).view(np.int64)  # the seed's ids are int64
+        w = np.concatenate([np.zeros((1, mod.dim), np.float32), *weights])
+        mapper[str(mod.group)] = dict(zip(map(str, k.tolist()), range(1, len(k) + 1)))
+        table = torch.nn.Embedding.from_pretrained(torch.from_numpy(w), freeze=True, padding_idx=0)
+        parent, _, attr = name.rpartition(".")
+        setattr(copy.get_submodule(parent) if parent else copy, attr, table)
+    out = output_dir / "inference"
+    out.mkdir(parents=True, exist_ok=True)
+    copy.eval()
+    with torch.no_grad():
+        onnx_export(copy, (torch.zeros_like(dummy_input),), out / "model.onnx", input_names=input_names,
+                    output_names=output_names, dynamic_axes=dynamic_axes, opset_version=opset_version)
+    (out / "mapper.json").write_text(json.dumps(mapper))

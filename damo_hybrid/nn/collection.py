@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -46,8 +46,10 @@ from ..cache.tiers import TableTiers
 from ..errors import DamoHybridError, StoreClosedError
 from ..keys.hashing import as_keys
 from ..ops import Backend, resolve_backend
+from ..rows.table import Table
 from ..store import EmbeddingStore
 from ..timing import CLOCK
+from .gather import TableOutput, split_gather
 
 __all__ = ["Feature", "EmbeddingCollection", "PreparedBatch", "TableOutput", "DEFAULT_DEVICE_CACHE_MB"]
 
@@ -77,46 +79,6 @@ class Feature:
             raise ValueError(f"pooling must be None, 'sum' or 'mean', got {self.pooling!r}")
 
 
-class TableOutput(NamedTuple):
-    """One table's rows for a batch (:meth:`EmbeddingCollection.forward_tables`).
-
-    Attributes:
-        emb: float32 (B, F_t, D): each feature's embedding, in feature order; D is the table's
-            dim, less one for a table with ``linear_column``.
-        linear: float32 (B, F_t): each feature's first-order weight (the row's last column) for a
-            table with ``linear_column``, else None.
-    """
-
-    emb: torch.Tensor
-    linear: torch.Tensor | None
-
-
-class _SplitGather(torch.autograd.Function):
-    """``rows[idx]`` split into the embedding columns and the linear column, each contiguous.
-
-    One ``index_select`` per part forward and one ``index_add_`` per part backward, straight
-    into the leaf's gradient: no (B * F, width) intermediate, and no zero-filled buffers for the
-    slices' gradients (what ``rows[idx][..., :D]`` and ``rows[idx][..., D]`` cost autograd).
-    """
-
-    @staticmethod
-    def forward(ctx, leaf: torch.Tensor, idx: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.save_for_backward(idx)
-        ctx.shape = leaf.shape
-        return leaf[:, :d].index_select(0, idx), leaf[:, d].index_select(0, idx)
-
-    @staticmethod
-    def backward(ctx, g_emb: torch.Tensor | None, g_lin: torch.Tensor | None) -> tuple[torch.Tensor, None, None]:
-        (idx,) = ctx.saved_tensors
-        grad = g_emb.new_zeros(ctx.shape) if g_emb is not None else g_lin.new_zeros(ctx.shape)
-        d = ctx.shape[1] - 1
-        if g_emb is not None:
-            grad[:, :d].index_add_(0, idx, g_emb)
-        if g_lin is not None:
-            grad[:, d].index_add_(0, idx, g_lin)
-        return grad, None, None
-
-
 @dataclass
 class _TableBatch:
     table: str
@@ -128,6 +90,9 @@ class _TableBatch:
     stacked: torch.Tensor | None = None
     device: DeviceBatch | None = None  # device tier: its pinned slots and uploaded indices
     leaf: torch.Tensor | None = None
+    # admission: bool (U,) the keys made resident (None: all); the others' rows (initial or zeros)
+    admitted: np.ndarray | None = None
+    side: np.ndarray | None = None
 
 
 @dataclass
@@ -270,13 +235,16 @@ class EmbeddingCollection(torch.nn.Module):
                 with tiers.lock:
                     if tiers.closed:
                         raise StoreClosedError(f"the store holding table {t!r} is closed")
+                    admitted, side = self._admit(tiers.table, ukeys, inv)
+                    res = ukeys if admitted is None else ukeys[admitted]
                     if tiers.device is not None:
-                        db = tiers.device.prepare(ukeys, arrays)
+                        db = tiers.device.prepare(res, arrays)
                         tb = _TableBatch(t, ukeys, db.slots, device=db)
                         up = db.tensors
                     else:
-                        tb = _TableBatch(t, ukeys, tiers.host.make_resident(ukeys, pin=True))
+                        tb = _TableBatch(t, ukeys, tiers.host.make_resident(res, pin=True))
                         up = {n: torch.from_numpy(a) for n, a in arrays.items()}
+                    tb.admitted, tb.side = admitted, side
                 tables[t] = tb
                 if single:
                     tb.stacked = up[_STACKED]
@@ -290,6 +258,22 @@ class EmbeddingCollection(torch.nn.Module):
                 self._unpin(tb)
             raise
         return PreparedBatch(int(batch_size or 0), tables)
+
+    def _admit(self, table: Table, ukeys: np.ndarray, inv: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Admission of a batch's distinct keys, counted in batch order (prepare's order, the same
+        pipelined or not) for a training batch, only asked for in eval.
+
+        Returns:
+            ``(admitted bool (U,), rows of the others)``, or ``(None, None)`` when every key is in.
+        """
+        if table.filter is None:
+            return None, None
+        admitted = table.admit(ukeys, np.bincount(inv, minlength=len(ukeys)), count=self.training)
+        if admitted is None or admitted.all():
+            return None, None
+        out = ukeys[~admitted]
+        side = np.zeros((len(out), table.dim), np.float32) if table.unadmitted_zeros else table.init(out)
+        return admitted, side
 
     # -------------------------------------------------------------- stage 3
     def forward(self, batch: PreparedBatch | Mapping[str, FeatureInput]) -> dict[str, torch.Tensor]:
@@ -330,7 +314,7 @@ class EmbeddingCollection(torch.nn.Module):
     def _gather(self, batch: PreparedBatch | Mapping[str, FeatureInput],
                 split: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
         """The batch's rows: ``(table -> (B, F_t, dim) for tables of single-valued features
-        (with ``split``, a :class:`TableOutput`), feature -> (B, dim) for the others)``."""
+        (with ``split``, a :class:`~damo_hybrid.nn.gather.TableOutput`), feature -> (B, dim) for the others)``."""
         if not isinstance(batch, PreparedBatch):
             batch = self.prepare(batch)
         train = self.training and torch.is_grad_enabled()
@@ -348,12 +332,18 @@ class EmbeddingCollection(torch.nn.Module):
                     rows = tiers.device.gather(tb.device)
                 else:
                     rows = torch.from_numpy(tiers.host.weights[tb.slots])
+                if tb.admitted is not None:  # keys not admitted: their initial (or zero) rows, not cached
+                    full = rows.new_empty((len(tb.ukeys), rows.shape[1]))
+                    full[torch.from_numpy(np.flatnonzero(tb.admitted)).to(rows.device)] = rows
+                    full[torch.from_numpy(np.flatnonzero(~tb.admitted)).to(rows.device)] = \
+                        torch.from_numpy(tb.side).to(rows.device)
+                    rows = full
                 leaf = rows.requires_grad_(train)
                 tb.leaf = leaf if train else None
                 if tb.stacked is not None:
                     shape = (batch.batch_size, len(self._by_table[t]))
                     if split and tiers.table.cfg.linear_column:
-                        e, w = _SplitGather.apply(leaf, tb.stacked, leaf.shape[1] - 1)
+                        e, w = split_gather(leaf, tb.stacked, leaf.shape[1] - 1)
                         stacked[t] = TableOutput(e.view(*shape, -1), w.view(shape))
                     else:
                         x = leaf.index_select(0, tb.stacked).view(*shape, -1)
@@ -415,6 +405,25 @@ class EmbeddingCollection(torch.nn.Module):
         if self.store.read_only:
             raise DamoHybridError("the store was opened read_only: it serves lookups, not training")
         lr = table.lr(step)
+        keys = tb.ukeys
+        if tb.admitted is not None:  # the gradients of keys not admitted are dropped (counted on commit)
+            keys = keys[tb.admitted]
+            grad = grad[torch.from_numpy(np.flatnonzero(tb.admitted)).to(grad.device)]
+        commit = self._stage_rows(tiers, tb, keys, grad, lr)
+        if tb.admitted is None:
+            return t, commit[0], commit[1]
+        dropped = int(np.count_nonzero(~tb.admitted))
+
+        def store_and_count() -> None:
+            commit[1]()
+            table.counters.dropped_unadmitted += dropped
+        return t, commit[0], store_and_count
+
+    @staticmethod
+    def _stage_rows(tiers: TableTiers, tb: _TableBatch, keys: np.ndarray, grad: torch.Tensor,
+                    lr: float) -> tuple[list[np.ndarray | None], Callable[[], None]]:
+        """:meth:`_stage` of the resident rows (``keys``, in slot order, and their gradients)."""
+        table = tiers.table
         if tb.device is not None:
             dev = tiers.device
             assert dev is not None
@@ -422,23 +431,23 @@ class EmbeddingCollection(torch.nn.Module):
             w, st, cnt = dev.stage(tb.device, g, lr)
             finite = torch.isfinite(g).all() & torch.isfinite(w).all() & torch.isfinite(st).all()
             if bool(finite):  # the step's one host sync
-                return t, [], lambda: dev.commit(tb.device, w, st, cnt)
+                return [], lambda: dev.commit(tb.device, w, st, cnt)
             # rare path: the table's NaN/Inf policy (raise, or drop and count) on host copies
-            _, _, keep_g = table.check_gradients(tb.ukeys, g.cpu().numpy())
-            keep = np.ones(len(tb.ukeys), bool) if keep_g is None else keep_g.copy()
+            _, _, keep_g = table.check_gradients(keys, g.cpu().numpy())
+            keep = np.ones(len(keys), bool) if keep_g is None else keep_g.copy()
             k = torch.from_numpy(keep).to(w.device)
-            keep_r = table.check_results(tb.ukeys[keep], w[k].cpu().numpy(), st[k].cpu().numpy())
+            keep_r = table.check_results(keys[keep], w[k].cpu().numpy(), st[k].cpu().numpy())
             if keep_r is not None:
                 keep[np.nonzero(keep)[0][~keep_r]] = False
-            return t, [keep_g, keep_r], lambda: dev.commit(tb.device, w, st, cnt, keep)
+            return [keep_g, keep_r], lambda: dev.commit(tb.device, w, st, cnt, keep)
         host = tiers.host
-        _, g2, keep_g = table.check_gradients(tb.ukeys, np.ascontiguousarray(grad.numpy(), dtype=np.float32))
-        slots, keys = tb.slots, tb.ukeys
+        _, g2, keep_g = table.check_gradients(keys, np.ascontiguousarray(grad.numpy(), dtype=np.float32))
+        slots = tb.slots
         if keep_g is not None:
             slots, keys, g2 = slots[keep_g], keys[keep_g], g2[keep_g]
         w, st, cnt = host.stage_slots(slots, g2, lr)
         keep_r = table.check_results(keys, w, st)
-        return t, [keep_g, keep_r], lambda: host.commit_slots(slots, w, st, cnt, keep_r)
+        return [keep_g, keep_r], lambda: host.commit_slots(slots, w, st, cnt, keep_r)
 
     def release(self, batch: PreparedBatch | None = None) -> None:
         """Unpin a batch's rows without applying anything."""

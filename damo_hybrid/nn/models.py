@@ -126,6 +126,7 @@ class WideAndDeep(_SparseCTR):
                  embedding_module: nn.Module | None = None) -> None:
         super().__init__(store, fields, emb_table, lin_table, cache_mb, min_cache_rows, backend, device_cache_mb,
                          embedding_module)
+        self.n_dense = n_dense
         # no dense features (Avazu, MovieLens, Frappe): no dense linear term
         self.dense_linear = nn.Linear(n_dense, 1) if n_dense else None
         self.deep = mlp([len(self.fields) * self.dim + n_dense, *hidden, 1])
@@ -164,6 +165,7 @@ class DCNv2(_SparseCTR):
                  embedding_module: nn.Module | None = None) -> None:
         super().__init__(store, fields, emb_table, None, cache_mb, min_cache_rows, backend, device_cache_mb,
                          embedding_module)
+        self.n_dense = n_dense
         d = len(self.fields) * self.dim + n_dense
         self.cross = nn.ModuleList(nn.Linear(d, d) for _ in range(cross_layers))
         self.deep = mlp([d, *hidden])
@@ -189,6 +191,7 @@ class DLRM(_SparseCTR):
                  embedding_module: nn.Module | None = None) -> None:
         super().__init__(store, fields, emb_table, None, cache_mb, min_cache_rows, backend, device_cache_mb,
                          embedding_module)
+        self.n_dense = n_dense
         # without dense features there is no bottom vector: only the embeddings interact
         self.bottom = mlp([n_dense, *bottom, self.dim]) if n_dense else None
         n = len(self.fields) + (1 if n_dense else 0)

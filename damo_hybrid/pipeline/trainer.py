@@ -176,7 +176,10 @@ class Trainer:
         """Dense model, dense optimizer, position and RNG states (sparse rows live in the store)."""
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
                 "samples": self.samples, "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-                "model_class": type(self.model).__name__}
+                "model_class": type(self.model).__name__,
+                # what rebuilds a built-in model for export (damo-hybrid export --onnx)
+                "model_spec": {"fields": list(getattr(self.model, "fields", [])),
+                               "n_dense": getattr(self.model, "n_dense", None)}}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state`.

@@ -174,6 +174,23 @@ class Table:
             )
         return finite
 
+    def admit(self, ukeys: np.ndarray, occurrences: np.ndarray, count: bool = True) -> np.ndarray | None:
+        """Which of a batch's distinct keys are admitted, counting this batch's occurrences.
+
+        Args:
+            ukeys: uint64 (U,) distinct keys.
+            occurrences: int (U,) their occurrences in the batch.
+            count: add the occurrences to the filter (a training batch); False only asks.
+        Returns:
+            bool (U,) admitted, or None for a table without admission (all are).
+        """
+        if self.filter is None:
+            return None
+        admitted = self.filter.count(ukeys) + occurrences >= self.min_count
+        if count:
+            self.filter.add(ukeys, occurrences)
+        return admitted
+
     def count_dropped(self, *masks: np.ndarray | None) -> None:
         """Count the rows ``skip`` decisions dropped (each mask: bool, the rows kept)."""
         for keep in masks:

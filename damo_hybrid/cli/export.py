@@ -1,0 +1,38 @@
+"""``damo-hybrid export --onnx DIR``: a trained built-in model, from its latest training checkpoint, for serving."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..errors import DamoHybridError
+from ..store import EmbeddingStore
+
+
+def export_onnx_from_checkpoint(args: argparse.Namespace) -> int:
+    from ..nn.models import MODELS
+    from ..pipeline.checkpoint import load_latest
+    from ..serving.onnx import export_onnx
+
+    store_dir = Path(args.store)
+    root = Path(args.checkpoint_dir) if args.checkpoint_dir else store_dir.with_name(store_dir.name + ".ckpt")
+    found = load_latest(root, log=print)
+    if found is None:
+        raise DamoHybridError(f"no complete training checkpoint under {root}: train with --checkpoint-every N "
+                              "(or give --checkpoint-dir)")
+    ck, state = found
+    spec = state.get("model_spec") or {}
+    classes = {cls.__name__: cls for cls in MODELS.values()}
+    cls = classes.get(state.get("model_class", ""))
+    if cls is None or not spec.get("fields") or spec.get("n_dense") is None:
+        raise DamoHybridError(f"checkpoint {ck} does not say which built-in model wrote it (written by an older "
+                              "version, or by a custom model): export from Python with damo_hybrid.serving.export_onnx")
+    with EmbeddingStore(ck / "store", read_only=True) as store:
+        model = cls(store, spec["fields"], spec["n_dense"], backend="cpu")
+        model.load_state_dict(state["model"])
+        with torch.no_grad():
+            out = export_onnx(model, args.onnx)
+    print(f"wrote {out}: {cls.__name__} of {ck.name}, {len(spec['fields'])} fields, {spec['n_dense']} dense")
+    return 0

@@ -1,0 +1,67 @@
+"""The worker's gathers: a batch's rows from the leaf of its unique rows, shaped for the models.
+
+:class:`TableOutput` is what :meth:`EmbeddingCollection.forward_tables
+<damo_hybrid.nn.collection.EmbeddingCollection.forward_tables>` returns per table; for a table
+with ``linear_column``, :func:`split_gather` reads the embedding and the first-order weight with
+one autograd function.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["TableOutput", "split_gather"]
+
+
+class TableOutput(NamedTuple):
+    """One table's rows for a batch (:meth:`EmbeddingCollection.forward_tables`).
+
+    Attributes:
+        emb: float32 (B, F_t, D): each feature's embedding, in feature order; D is the table's
+            dim, less one for a table with ``linear_column``.
+        linear: float32 (B, F_t): each feature's first-order weight (the row's last column) for a
+            table with ``linear_column``, else None.
+    """
+
+    emb: torch.Tensor
+    linear: torch.Tensor | None
+
+
+class _SplitGather(torch.autograd.Function):
+    """``rows[idx]`` split into the embedding columns and the linear column, each contiguous.
+
+    One ``index_select`` per part forward and one ``index_add_`` per part backward, straight
+    into the leaf's gradient: no (B * F, width) intermediate, and no zero-filled buffers for the
+    slices' gradients (what ``rows[idx][..., :D]`` and ``rows[idx][..., D]`` cost autograd).
+    """
+
+    @staticmethod
+    def forward(ctx, leaf: torch.Tensor, idx: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(idx)
+        ctx.shape = leaf.shape
+        return leaf[:, :d].index_select(0, idx), leaf[:, d].index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, g_emb: torch.Tensor | None, g_lin: torch.Tensor | None) -> tuple[torch.Tensor, None, None]:
+        (idx,) = ctx.saved_tensors
+        grad = g_emb.new_zeros(ctx.shape) if g_emb is not None else g_lin.new_zeros(ctx.shape)
+        d = ctx.shape[1] - 1
+        if g_emb is not None:
+            grad[:, :d].index_add_(0, idx, g_emb)
+        if g_lin is not None:
+            grad[:, d].index_add_(0, idx, g_lin)
+        return grad, None, None
+
+
+def split_gather(leaf: torch.Tensor, idx: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(leaf[idx, :d], leaf[idx, d])``, each contiguous (see :class:`_SplitGather`).
+
+    Args:
+        leaf: float32 (U, d + 1) the batch's unique rows.
+        idx: int64 (N,) rows to read.
+    Returns:
+        float32 (N, d) and float32 (N,).
+    """
+    return _SplitGather.apply(leaf, idx, d)

@@ -1,0 +1,160 @@
+"""Inference export of a trained built-in model: an ONNX graph over row indices plus a key map.
+
+Serving cannot reach the store's RocksDB, and an ONNX graph cannot hash-map uint64 keys, so the
+export splits the lookup in two, as the seed's inference export does:
+
+- ``model.onnx``: the model with each table as a plain embedding matrix. Inputs ``index``
+  int64 (B, F), the row of each field's key, and (with dense features) ``dense`` float32
+  (B, n_dense); output ``logit`` float32 (B,). Row 0 of every matrix is zeros: the row of a
+  key the table never stored.
+- ``keys_<table>.npy``: the table's stored keys, sorted (uint64, 8 bytes per key: a compact
+  binary map; key ``keys[i]`` is row ``i + 1``). :class:`~damo_hybrid.serving.predictor.Predictor`
+  maps raw keys with one ``searchsorted`` per table.
+- ``export.json``: fields, tables, widths, the number of dense features, the format version.
+
+The graph is traced from the trained model itself: its embedding lookups are swapped for
+:class:`IndexedRows` for the duration of the export, so every model of
+:data:`~damo_hybrid.nn.models.MODELS` exports without knowing its constructor arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["export_onnx", "IndexedRows", "onnx_export", "EXPORT_FORMAT"]
+
+EXPORT_FORMAT = 1
+
+
+class IndexedRows(nn.Module):
+    """A model's embedding lookups over row indices (what the exported graph holds).
+
+    Args:
+        emb: float32 (R + 1, width) rows of the model's table, row 0 zeros.
+        dim: embedding width D; ``width`` is D + 1 where the last column is the first-order
+            weight (a ``linear_column`` table).
+        lin: float32 (R' + 1, 1) rows of a separate first-order table (the older two-table
+            layout), indexed by ``lin_index`` (B, F) given after ``index``.
+    """
+
+    def __init__(self, emb: np.ndarray, dim: int, lin: np.ndarray | None = None) -> None:
+        super().__init__()
+        self.dim = dim
+        self.emb = nn.Embedding.from_pretrained(torch.from_numpy(emb), freeze=True)
+        self.lin = nn.Embedding.from_pretrained(torch.from_numpy(lin), freeze=True) if lin is not None else None
+        self.column = emb.shape[1] == dim + 1
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(e (B, F, D), first-order sum (B,) or None)`` of row indices."""
+        index, lin_index = batch if isinstance(batch, tuple) else (batch, None)
+        rows = self.emb(index)
+        if self.column:
+            return rows[..., :self.dim], rows[..., self.dim].sum(1)
+        if self.lin is not None:
+            return rows, self.lin(lin_index)[..., 0].sum(1)
+        return rows, None
+
+
+def onnx_export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, **kwargs: Any) -> None:
+    """``torch.onnx.export`` with the TorchScript exporter (no extra dependency; its deprecation
+    warning silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # DLRM's pair indices are non-negative: the exporter's caution about negative ones does not apply
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
+        torch.onnx.export(module, args, str(path), dynamo=False, **kwargs)
+
+
+def _stored(store: Any, table: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(sorted keys uint64 (R,), rows float32 (R + 1, dim))`` with a zero row 0."""
+    keys, weights = [], []
+    for k, rows in store.scan(table):
+        keys.append(k)
+        weights.append(rows.weights)
+    dim = store.tables[table].dim
+    k = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+    w = np.concatenate([np.zeros((1, dim), np.float32), *weights])
+    return k, w
+
+
+@contextmanager
+def _serving(model: nn.Module, rows: IndexedRows) -> Iterator[None]:
+    old = model.rows
+    model.rows = rows
+    try:
+        yield
+    finally:
+        model.rows = old
+
+
+def export_onnx(model: nn.Module, out_dir: str | os.PathLike[str], opset: int = 17) -> Path:
+    """Export a trained model of :data:`~damo_hybrid.nn.models.MODELS` for serving.
+
+    Args:
+        model: the trained model (its store open; cached updates are flushed first).
+        out_dir: the directory to write (created; files in it are replaced).
+    Returns:
+        ``out_dir``.
+    Raises:
+        ValueError: the model serves its rows from another module (nothing to export).
+    """
+    sparse = getattr(model, "sparse", None)
+    if sparse is None:
+        raise ValueError("export_onnx exports a model whose rows live in the store (built with a store)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    store = sparse.store
+    sparse.flush()
+    keys, emb = _stored(store, model.emb_table)
+    np.save(out / f"keys_{model.emb_table}.npy", keys)
+    lin = None
+    tables = {model.emb_table: int(emb.shape[1])}
+    if model.lin_table is not None:
+        lkeys, lin = _stored(store, model.lin_table)
+        np.save(out / f"keys_{model.lin_table}.npy", lkeys)
+        tables[model.lin_table] = 1
+    rows = IndexedRows(emb, model.dim, lin)
+    f = len(model.fields)
+    index = torch.zeros(2, f, dtype=torch.int64)
+    batch: Any = (index, torch.zeros(2, f, dtype=torch.int64)) if lin is not None else index
+    dense = (torch.zeros(2, model.n_dense),) if model.n_dense else ()
+    names = ["index", *(["lin_index"] if lin is not None else []), *(["dense"] if dense else [])]
+    axes = {n: {0: "batch"} for n in [*names, "logit"]}
+    was = model.training
+    model.eval()
+    try:
+        with _serving(model, rows), torch.no_grad():
+            onnx_export(_Flat(model, lin is not None), (*((index,) if lin is None else batch), *dense),
+                        out / "model.onnx", input_names=names, output_names=["logit"], dynamic_axes=axes,
+                        opset_version=opset)
+    finally:
+        model.train(was)
+    meta = {"format": EXPORT_FORMAT, "model": type(model).__name__, "fields": list(model.fields),
+            "n_dense": int(model.n_dense), "dim": int(model.dim), "emb_table": model.emb_table,
+            "lin_table": model.lin_table, "tables": tables}
+    (out / "export.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+class _Flat(nn.Module):
+    """The model with positional tensor inputs (what the ONNX graph's inputs are)."""
+
+    def __init__(self, model: nn.Module, two_tables: bool) -> None:
+        super().__init__()
+        self.model, self.two = model, two_tables
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        batch, rest = ((xs[0], xs[1]), xs[2:]) if self.two else (xs[0], xs[1:])
+        # a model without dense features still takes a (B, 0) dense tensor
+        dense = rest[0] if rest else torch.zeros(xs[0].shape[0], 0)
+        return self.model(batch, dense)

@@ -1,0 +1,89 @@
+"""Serve an export of :func:`~damo_hybrid.serving.onnx.export_onnx` with onnxruntime.
+
+:class:`Predictor` maps raw uint64 keys to rows with one ``searchsorted`` per table over the
+export's sorted key arrays (memory-mapped, so a map of 10^8 keys costs page cache, not a
+Python dict), then runs the graph. A key the table never stored maps to row 0 (zeros), as the
+seed's inference export maps an unknown id.
+
+Needs the ``serve`` extra (onnxruntime).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DamoHybridError
+from ..keys.hashing import as_keys
+from .onnx import EXPORT_FORMAT
+
+__all__ = ["Predictor"]
+
+
+def _rows(keys: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """int64 row of each key in the sorted ``stored`` keys (+1), 0 where it is absent."""
+    pos = np.searchsorted(stored, keys)
+    hit = pos < len(stored)
+    hit[hit] = stored[pos[hit]] == keys[hit]
+    return np.where(hit, pos + 1, 0).astype(np.int64)
+
+
+class Predictor:
+    """Logits of a trained model from raw keys, without the store.
+
+    Args:
+        export_dir: a directory written by :func:`~damo_hybrid.serving.onnx.export_onnx`.
+        threads: onnxruntime intra-op threads (0: its default).
+    Raises:
+        DamoHybridError: not an export, or of another format version.
+        ImportError: onnxruntime is missing (``pip install damo-hybrid[serve]``).
+    """
+
+    def __init__(self, export_dir: str | os.PathLike[str], threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        d = Path(export_dir)
+        meta_path = d / "export.json"
+        if not meta_path.is_file():
+            raise DamoHybridError(f"{d} is not a damo_hybrid export (no export.json)")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != EXPORT_FORMAT:
+            raise DamoHybridError(f"{d} holds export format {self.meta.get('format')}, this version reads {EXPORT_FORMAT}")
+        self.fields: list[str] = self.meta["fields"]
+        self.n_dense = int(self.meta["n_dense"])
+        self._keys = {t: np.load(d / f"keys_{t}.npy", mmap_mode="r") for t in self.meta["tables"]}
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self._session = ort.InferenceSession(str(d / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+
+    def predict(self, sparse: Mapping[str, np.ndarray] | np.ndarray, dense: np.ndarray | None = None) -> np.ndarray:
+        """Logits float32 (B,).
+
+        Args:
+            sparse: field -> uint64 keys (B,), or uint64 (B, F) in the export's field order.
+            dense: float32 (B, n_dense) (omit for a model without dense features).
+        """
+        if isinstance(sparse, np.ndarray):
+            if sparse.ndim != 2 or sparse.shape[1] != len(self.fields):
+                raise ValueError(f"sparse keys must be (B, {len(self.fields)}), got {sparse.shape}")
+            cols = [as_keys(np.ascontiguousarray(sparse[:, i]), f) for i, f in enumerate(self.fields)]
+        else:
+            missing = [f for f in self.fields if f not in sparse]
+            if missing:
+                raise KeyError(f"sparse input lacks fields {missing}")
+            cols = [as_keys(sparse[f], f) for f in self.fields]
+        keys = np.stack(cols, 1)
+        feeds = {"index": _rows(keys.ravel(), self._keys[self.meta["emb_table"]]).reshape(keys.shape)}
+        if self.meta.get("lin_table"):
+            feeds["lin_index"] = _rows(keys.ravel(), self._keys[self.meta["lin_table"]]).reshape(keys.shape)
+        if self.n_dense:
+            if dense is None or dense.shape != (len(keys), self.n_dense):
+                raise ValueError(f"dense must be float32 ({len(keys)}, {self.n_dense}), got "
+                                 f"{None if dense is None else dense.shape}")
+            feeds["dense"] = np.ascontiguousarray(dense, dtype=np.float32)
+        return self._session.run(["logit"], feeds)[0]
