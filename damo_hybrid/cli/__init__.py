@@ -411,6 +411,10 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     b.add_argument("--host", action="store_true",
                    help="instead: the host-manager microbenchmark, unique keys/s per core at 1, 2, 4 and 8 threads")
     b.add_argument("--host-threads", default="1,2,4,8")
+    b.add_argument("--loader", action="store_true",
+                   help="the streaming reader on a Criteo TSV it writes (plain and gzip): rows/s and RSS")
+    b.add_argument("--loader-rows", type=int_in(1), default=10_000_000)
+    b.add_argument("--loader-repeats", type=int_in(1), default=3)
     b.add_argument("--fractions", default="0.25,0.05", help="cache budgets as fractions of the torch table's bytes")
     b.add_argument("--quality", action="store_true",
                    help="instead: AUC/logloss parity with in-memory torch on the real datasets under --data-root")

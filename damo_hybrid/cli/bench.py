@@ -14,7 +14,7 @@ def _save(args: argparse.Namespace, res: dict[str, Any]) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int | None:
-    """Run the benchmark ``--quality``, ``--gpu``, ``--train`` or ``--host`` asks for; None
+    """Run the benchmark ``--quality``, ``--gpu``, ``--train``, ``--host`` or ``--loader`` asks for; None
     for the store benchmark (the default), which the caller runs."""
     if args.quality:
         from ..bench.quality import DATASETS, run_quality
@@ -50,6 +50,10 @@ def run_bench(args: argparse.Namespace) -> int | None:
         from ..bench.host import run_host_bench
 
         res = run_host_bench(threads=tuple(int(x) for x in args.host_threads.split(",")), log=print)
+    elif args.loader:
+        from ..bench.loader import run_loader_bench
+
+        res = run_loader_bench(rows=args.loader_rows, repeats=args.loader_repeats, root=args.dir, log=print)
     else:
         return None
     _save(args, res)

@@ -1,6 +1,7 @@
 """Stage 1 of the data flow: input files and synthetic data -> batches of keys.
 
 - :mod:`.readers`: schema-declared CSV/TSV, Criteo, Avazu, MovieLens, libFM and parquet.
+- :mod:`.stream`: the same delimited files streamed in blocks (flat memory, exact resume).
 - :mod:`.synthetic`: the Criteo-like generator used for scale.
 - :mod:`.metrics`: AUC and logloss.
 
@@ -9,6 +10,8 @@ Pure data; a reader runs in the loader thread.
 
 from .metrics import auc, logloss
 from .readers import FORMATS, OnError, Schema, TabularData, read_dataset
+from .stream import DelimitedStream, Position
 from .synthetic import Batch, SyntheticCriteo
 
-__all__ = ["FORMATS", "Batch", "OnError", "Schema", "SyntheticCriteo", "TabularData", "auc", "logloss", "read_dataset"]
+__all__ = ["FORMATS", "Batch", "DelimitedStream", "OnError", "Position", "Schema", "SyntheticCriteo", "TabularData",
+           "auc", "logloss", "read_dataset"]

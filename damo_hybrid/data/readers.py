@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
@@ -267,11 +267,19 @@ class _Rows:
 
 
 def _read_delimited(path: Path, batch_size: int, s: Schema) -> TabularData:
+    return delimited_lines(path, _lines(path), batch_size, s)
+
+
+def delimited_lines(path: Path, lines: Iterable[tuple[int, str]], batch_size: int, s: Schema,
+                    allow_empty: bool = False) -> TabularData:
+    """Parse ``(line number, line)`` pairs of a delimited file (the reference line-by-line path;
+    the streaming reader falls back to it for a block with a bad line, so errors name the same
+    lines). ``allow_empty``: a part of a file may hold no valid row."""
     width = len(s.columns)
     rows = _Rows(path, s.on_error)
     parts_all: list[list[str]] = []
     header_line = list(s.columns)
-    for lineno, line in _lines(path):
+    for lineno, line in lines:
         if not line.strip():
             continue
         parts = line.split(s.sep)
@@ -283,12 +291,25 @@ def _read_delimited(path: Path, batch_size: int, s: Schema) -> TabularData:
         parts_all.append(parts)
         rows.lines.append(lineno)
     if not parts_all:
+        if allow_empty:
+            return _empty(path, batch_size, s, rows.skipped)
         raise ValueError(f"{path} holds no rows" + (f" ({rows.skipped} malformed lines skipped)" if rows.skipped else ""))
     cols = dict(zip(s.columns, zip(*parts_all)))
-    return _assemble(path, batch_size, s, {c: list(cols[c]) for c in (s.label, *s.dense, *s.sparse)}, rows)
+    return _assemble(path, batch_size, s, {c: list(cols[c]) for c in (s.label, *s.dense, *s.sparse)}, rows,
+                     allow_empty)
 
 
-def _assemble(path: Path, batch_size: int, s: Schema, cols: dict[str, Any], rows: _Rows) -> TabularData:
+def _empty(path: Path, batch_size: int, s: Schema, skipped: int) -> TabularData:
+    dense_fields = list(s.dense) if s.dense_mode in (DenseMode.LOG1P, DenseMode.BOTH) else []
+    sparse = {c: np.zeros(0, np.uint64) for c in s.sparse}
+    if s.dense_mode in (DenseMode.BUCKETIZE, DenseMode.BOTH):
+        sparse.update({c: np.zeros(0, np.uint64) for c in s.dense})
+    return TabularData(path, batch_size, sparse, np.zeros((0, len(dense_fields)), np.float32), np.zeros(0, np.float32),
+                       dense_fields, skipped)
+
+
+def _assemble(path: Path, batch_size: int, s: Schema, cols: dict[str, Any], rows: _Rows,
+              allow_empty: bool = False) -> TabularData:
     """Convert raw column values (lists, or int64 arrays for parquet int ids); bad values drop
     their row (skip) or raise (raise)."""
     n = len(cols[s.label])
@@ -337,8 +358,10 @@ def _assemble(path: Path, batch_size: int, s: Schema, cols: dict[str, Any], rows
         out_dense = np.log1p(np.maximum(np.nan_to_num(dense, nan=0.0), 0.0)).astype(np.float32)
         dense_fields = list(s.dense)
     if len(idx) == 0:
+        if allow_empty:
+            return _empty(path, batch_size, s, rows.skipped)
         raise ValueError(f"{path} holds no valid rows ({rows.skipped} malformed lines skipped)")
-    if rows.skipped:
+    if rows.skipped and not allow_empty:
         log.warning("%s: %d malformed lines skipped", path, rows.skipped)
     return TabularData(path, batch_size, sparse, out_dense, label[idx], dense_fields, rows.skipped)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["mix64", "fnv1a64", "hash_feature", "as_keys"]
+__all__ = ["mix64", "fnv1a64", "fnv1a64_packed", "hash_feature", "hash_packed", "as_keys"]
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
@@ -53,12 +53,11 @@ def mix64(x: np.ndarray) -> np.ndarray:
     return x
 
 
+_SHORT = 16  # longest strings hashed without sorting by length
+
+
 def fnv1a64(values: Sequence[bytes]) -> np.ndarray:
     """FNV-1a 64 of each byte string, vectorized over the batch.
-
-    Rows are sorted by length so that column ``j`` touches only the prefix of
-    rows at least ``j + 1`` bytes long; the Python loop runs over byte
-    positions, never over rows.
 
     Args:
         values: N byte strings.
@@ -66,23 +65,52 @@ def fnv1a64(values: Sequence[bytes]) -> np.ndarray:
         uint64 (N,).
     """
     n = len(values)
-    out = np.full(n, _FNV_OFFSET, dtype=np.uint64)
     if n == 0:
-        return out
+        return np.full(0, _FNV_OFFSET, dtype=np.uint64)
     lens = np.fromiter(map(len, values), dtype=np.int64, count=n)
-    flat = np.frombuffer(b"".join(values), dtype=np.uint8)
-    offsets = np.zeros(n, dtype=np.int64)
-    np.cumsum(lens[:-1], out=offsets[1:])
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    return fnv1a64_packed(np.frombuffer(b"".join(values), dtype=np.uint8), offsets)
+
+
+def fnv1a64_packed(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """FNV-1a 64 of N byte strings packed end to end (Arrow's string layout), with no per-string Python.
+
+    Rows are sorted by length so that byte position ``j`` touches only the rows at least
+    ``j + 1`` bytes long; the Python loop runs over byte positions, never over rows.
+
+    Args:
+        data: uint8 (M,) the strings' bytes.
+        offsets: int (N + 1,) string ``i`` is ``data[offsets[i]:offsets[i + 1]]``.
+    Returns:
+        uint64 (N,), equal to :func:`fnv1a64` of the same strings.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n = len(offsets) - 1
+    out = np.full(n, _FNV_OFFSET, dtype=np.uint64)
+    if n <= 0:
+        return out
+    lens = np.diff(offsets)
+    maxlen = int(lens.max())
+    if maxlen <= _SHORT:
+        # short strings (ids, hex hashes): every row at every position, masked; no sort
+        starts = offsets[:-1]
+        last = max(len(data) - 1, 0)
+        for j in range(maxlen):
+            live = lens > j
+            b = data[np.minimum(starts + j, last)].astype(np.uint64) if len(data) else np.zeros(n, np.uint64)
+            np.copyto(out, (out ^ b) * _FNV_PRIME, where=live)
+        return out
     order = np.argsort(-lens, kind="stable")
     slens = lens[order]
-    soffs = offsets[order]
+    soffs = offsets[:-1][order]
     h = out[order]
     maxlen = int(slens[0])
     # active[j] = number of rows longer than j (rows are sorted longest first)
     active = np.searchsorted(-slens, -np.arange(maxlen), side="left")
     for j in range(maxlen):
         a = int(active[j])
-        h[:a] ^= flat[soffs[:a] + j].astype(np.uint64)
+        h[:a] ^= data[soffs[:a] + j].astype(np.uint64)
         h[:a] *= _FNV_PRIME
     out[order] = h
     return out
@@ -164,6 +192,13 @@ def hash_feature(field: str | int, values: Any) -> np.ndarray:
     else:
         raise TypeError(f"values must be ints, str or bytes, got {type(first).__name__}")
     return mix64(fnv1a64(data) ^ mix64(salt ^ _TAG_BYTES)[0])
+
+
+def hash_packed(field: str | int, data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """:func:`hash_feature` of N strings given packed (UTF-8 bytes ``data``, int ``offsets``
+    (N + 1,), as an Arrow string column holds them): the same keys, without a Python object per
+    value."""
+    return mix64(fnv1a64_packed(data, offsets) ^ mix64(_field_salt(field) ^ _TAG_BYTES)[0])
 
 
 def _ints_as_u64(values: list[Any]) -> np.ndarray:

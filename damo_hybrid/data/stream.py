@@ -1,0 +1,371 @@
+"""Streaming delimited input: files of any size in flat memory, parsed by pyarrow a block at a time.
+
+:class:`DelimitedStream` reads one or more CSV/TSV files (Criteo, Avazu or any
+:class:`~damo_hybrid.data.readers.Schema`; ``.gz`` decompressed on the fly) in blocks of about
+``block_mb`` cut at line ends. Each block is parsed by pyarrow's multi-threaded CSV parser with
+the schema's column types, and its columns become keys, dense features and labels without a
+Python object per value: string columns are hashed straight from Arrow's packed bytes
+(:func:`~damo_hybrid.keys.hashing.hash_packed`, the same keys as the line reader), dense columns
+go through the same vectorized transforms. Batches are cut across block and file boundaries, so
+memory holds one block and one batch, whatever the file size.
+
+A block that pyarrow refuses, or whose values the schema rejects (a wrong column count, a label
+that is not 0/1, a dense value that is not a number ...), is parsed again line by line by the
+reference reader (:func:`~damo_hybrid.data.readers.delimited_lines`), so errors name the same
+file and line as :func:`~damo_hybrid.data.readers.read_dataset`, and ``on_error="skip"`` drops
+the same lines.
+
+Every batch comes with the :class:`Position` of the row after it (file, byte offset of its block,
+line number there, rows of the block already used): :meth:`DelimitedStream.batches` resumes from
+one exactly, seeking in a plain file (a gzip file is decompressed again up to the offset).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import os
+import queue
+import threading
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from ..keys.hashing import hash_feature, hash_packed
+from .readers import DenseMode, Schema, _buckets, delimited_lines
+from .synthetic import Batch
+
+__all__ = ["DelimitedStream", "Position", "expand_paths"]
+
+_BOM = b"\xef\xbb\xbf"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a stream resumes: ``row`` rows into the block at byte ``offset`` (line ``line``) of file ``file``."""
+
+    file: int = 0
+    offset: int = 0
+    line: int = 1
+    row: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"file": self.file, "offset": self.offset, "line": self.line, "row": self.row}
+
+
+def expand_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Files of a path, a glob, a directory (its files, sorted) or a list of those.
+
+    Raises:
+        FileNotFoundError: a path matches no file.
+    """
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith("."))
+        elif any(ch in str(item) for ch in "*?["):
+            found = sorted(Path(q) for q in glob.glob(str(item)) if Path(q).is_file())
+        else:
+            found = [p] if p.is_file() else []
+        if not found:
+            raise FileNotFoundError(f"no data file at {item}")
+        out += found
+    return out
+
+
+@dataclass
+class _Block:
+    """Parsed rows of one block."""
+
+    sparse: dict[str, np.ndarray]
+    dense: np.ndarray
+    label: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def take(self, sl: slice) -> _Block:
+        return _Block({f: k[sl] for f, k in self.sparse.items()}, self.dense[sl], self.label[sl])
+
+
+class DelimitedStream:
+    """Batches of one or more delimited files, read in blocks.
+
+    Args:
+        paths: a file, glob, directory, or a list of them (read in that order).
+        schema: the files' columns (all files share it).
+        batch_size: samples per batch; the stream's last batch may be smaller.
+        block_mb: bytes read and parsed at a time (the memory the reader holds, about 3x this).
+    """
+
+    def __init__(self, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], schema: Schema,
+                 batch_size: int = 4096, block_mb: float = 8.0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not block_mb > 0:
+            raise ValueError(f"block_mb must be > 0, got {block_mb}")
+        self.paths = expand_paths(paths)
+        self.schema = schema
+        self.batch_size = batch_size
+        self.block_bytes = max(1 << 12, int(block_mb * 2**20))
+        self.skipped = 0
+        s = schema
+        self.dense_fields = list(s.dense) if s.dense_mode in (DenseMode.LOG1P, DenseMode.BOTH) else []
+        self.sparse_fields = list(s.sparse) + (list(s.dense) if s.dense_mode in (DenseMode.BUCKETIZE, DenseMode.BOTH) else [])
+        self._convert = self._arrow_options()
+
+    # ------------------------------------------------------------ batches
+    def batches(self, start: Position = Position()) -> Iterator[tuple[Batch, Position]]:
+        """Every batch from ``start`` to the end of the last file, each with the position after it."""
+        parts: list[_Block] = []
+        have = 0
+        for block, pos_after_rows in self._blocks(start):
+            used = 0
+            while have + len(block) - used >= self.batch_size:
+                take = self.batch_size - have
+                parts.append(block.take(slice(used, used + take)))
+                used += take
+                yield _concat(parts), pos_after_rows(used)
+                parts, have = [], 0
+            if used < len(block):
+                parts.append(block.take(slice(used, None)))
+                have += len(block) - used
+        if have:
+            yield _concat(parts), Position(len(self.paths), 0, 1, 0)
+
+    def _blocks(self, start: Position) -> Iterator[tuple[_Block, object]]:
+        """``(block, rows used -> Position after them)`` from ``start`` on. A thread reads and
+        parses (pyarrow, without the GIL) the next blocks while this one is converted."""
+        for fi, off, ln, raw, nlines, table in _ahead(self._tables(start), depth=2):
+            block = self._convert_table(self.paths[fi], raw, ln, off == 0, table)
+            skip = start.row if (fi, off) == (start.file, start.offset) else 0
+            if skip:
+                block = block.take(slice(skip, None))
+
+            def after(used: int, fi: int = fi, off: int = off, ln: int = ln, n: int = len(block) + skip,
+                      base: int = skip, raw_len: int = len(raw), nl: int = nlines) -> Position:
+                if used + base >= n:  # the block is used up: the next one starts after it
+                    return Position(fi, off + raw_len, ln + nl, 0)
+                return Position(fi, off, ln, used + base)
+            yield block, after
+
+    def _tables(self, start: Position) -> Iterator[tuple[int, int, int, bytes, int, object]]:
+        """``(file, offset, line, raw bytes, newlines, Arrow table or None)`` of each block."""
+        for fi in range(start.file, len(self.paths)):
+            offset, line = (start.offset, start.line) if fi == start.file else (0, 1)
+            for off, ln, raw, nlines in self._raw_blocks(self.paths[fi], offset, line):
+                yield fi, off, ln, raw, nlines, self._arrow(_body(raw, self.schema, off == 0))
+
+    def _raw_blocks(self, path: Path, offset: int, line: int) -> Iterator[tuple[int, int, bytes, int]]:
+        """``(byte offset, first line number, bytes ending at a line end, newlines in them)``."""
+        opener = gzip.open if path.suffix == ".gz" else open
+        try:
+            with opener(path, "rb") as f:
+                if offset:
+                    if path.suffix == ".gz":
+                        _skip(f, offset)
+                    else:
+                        f.seek(offset)
+                rest = b""
+                while True:
+                    chunk = f.read(self.block_bytes)
+                    if not chunk:
+                        if rest:
+                            yield offset, line, rest, rest.count(b"\n")
+                        return
+                    buf = rest + chunk
+                    cut = buf.rfind(b"\n") + 1
+                    if cut == 0:  # one line longer than a block: read on
+                        rest = buf
+                        continue
+                    raw, rest = buf[:cut], buf[cut:]
+                    n = raw.count(b"\n")
+                    yield offset, line, raw, n
+                    offset += len(raw)
+                    line += n
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise ValueError(f"{path}:{line}: unreadable after {line - 1} lines (truncated or corrupt file?): {e}") from e
+
+    # ------------------------------------------------------------ parsing
+    def _arrow_options(self) -> tuple[object, object, object]:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
+        s = self.schema
+        types = {s.label: pa.float64(), **{c: pa.float64() for c in s.dense},
+                 **{c: (pa.int64() if c in s.int_sparse else pa.string()) for c in s.sparse}}
+        read = pacsv.ReadOptions(column_names=list(s.columns), use_threads=True, block_size=1 << 22)
+        parse = pacsv.ParseOptions(delimiter=s.sep, quote_char=False, double_quote=False, escape_char=False,
+                                   newlines_in_values=False, ignore_empty_lines=True)
+        convert = pacsv.ConvertOptions(column_types=types, include_columns=[s.label, *s.dense, *s.sparse],
+                                       null_values=[""], strings_can_be_null=False, quoted_strings_can_be_null=False)
+        return read, parse, convert
+
+    def _convert_table(self, path: Path, raw: bytes, line: int, file_start: bool, table: object) -> _Block:
+        s = self.schema
+        block = self._fast(table) if table is not None else None
+        if block is None:  # a value the fast path will not judge: the reference line reader decides
+            text = raw.decode("utf-8-sig" if file_start else "utf-8")
+            lines = text.split("\n")
+            if lines and lines[-1] == "":
+                lines.pop()
+            data = delimited_lines(path, ((line + i, ln.rstrip("\r")) for i, ln in enumerate(lines)), self.batch_size,
+                                   s, allow_empty=True)
+            self.skipped += data.skipped
+            return _Block(data.sparse, data.dense, data.label)
+        return block
+
+    def _arrow(self, body: bytes) -> object:
+        """The block parsed by pyarrow with the schema's types, or None where it refuses it."""
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
+        if not body.strip():
+            return pa.table({})
+        read, parse, convert = self._convert
+        try:
+            return pacsv.read_csv(io.BytesIO(body), read_options=read, parse_options=parse, convert_options=convert)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError):
+            return None
+
+    def _fast(self, t: object) -> _Block | None:
+        """A parsed block's keys, dense features and labels, or None if any row needs the line
+        reader's judgement."""
+        s = self.schema
+        if not t.num_columns:  # type: ignore[attr-defined]
+            return _Block({f: np.zeros(0, np.uint64) for f in self.sparse_fields},
+                          np.zeros((0, len(self.dense_fields)), np.float32), np.zeros(0, np.float32))
+        label = _floats(t.column(s.label))
+        if label is None or np.isnan(label).any():
+            return None
+        if s.label_threshold is not None:
+            label = (label >= s.label_threshold).astype(np.float32)
+        elif not np.isin(label, (0.0, 1.0)).all():
+            return None
+        dense = np.zeros((t.num_rows, len(s.dense)), np.float64)  # type: ignore[attr-defined]
+        for j, c in enumerate(s.dense):
+            col = t.column(c)
+            v = _floats(col, missing=np.nan)
+            if v is None or (np.isnan(v) & ~_nulls(col)).any():  # a "nan" text is a bad value, not a missing one
+                return None
+            dense[:, j] = v
+        sparse: dict[str, np.ndarray] = {}
+        for c in s.sparse:
+            col = t.column(c).combine_chunks()
+            if c in s.int_sparse:
+                if col.null_count:
+                    return None
+                sparse[c] = hash_feature(c, col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False))
+            else:
+                sparse[c] = _hash_strings(c, col)
+        if s.dense and s.dense_mode in (DenseMode.BUCKETIZE, DenseMode.BOTH):
+            for j, c in enumerate(s.dense):
+                sparse[c] = hash_feature(c, _buckets(dense[:, j]))
+        out = np.zeros((t.num_rows, 0), np.float32)  # type: ignore[attr-defined]
+        if s.dense and s.dense_mode in (DenseMode.LOG1P, DenseMode.BOTH):
+            out = np.log1p(np.maximum(np.nan_to_num(dense, nan=0.0), 0.0)).astype(np.float32)
+        return _Block(sparse, out, label.astype(np.float32))
+
+
+def _body(raw: bytes, s: Schema, file_start: bool) -> bytes:
+    """A block without a file's BOM and header line."""
+    if not file_start:
+        return raw
+    body = raw[len(_BOM):] if raw.startswith(_BOM) else raw
+    end = body.find(b"\n")
+    head = body[:end if end >= 0 else len(body)].rstrip(b"\r")
+    if s.header or (s.header is None and head.decode("utf-8", "replace").split(s.sep) == list(s.columns)):
+        return body[end + 1:] if end >= 0 else b""
+    return body
+
+
+_DONE = object()
+
+
+def _ahead(items: Iterator[T], depth: int) -> Iterator[T]:
+    """``items``, produced by a thread up to ``depth`` ahead (its exceptions re-raised here);
+    closing the iterator stops the thread."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for x in items:
+                while not stop.is_set():
+                    try:
+                        q.put(x, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    th = threading.Thread(target=run, name="damo-parse", daemon=True)
+    th.start()
+    try:
+        while True:
+            x = q.get()
+            if x is _DONE:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        stop.set()
+        th.join(timeout=5)
+
+
+def _floats(col: object, missing: float | None = None) -> np.ndarray | None:
+    """float64 of an Arrow column; nulls (empty values) are ``missing``, or refused (None)."""
+    c = col.combine_chunks()  # type: ignore[attr-defined]
+    if c.null_count and missing is None:
+        return None
+    return c.to_numpy(zero_copy_only=False) if not c.null_count else c.fill_null(missing).to_numpy()
+
+
+def _nulls(col: object) -> np.ndarray:
+    c = col.combine_chunks()  # type: ignore[attr-defined]
+    return c.is_null().to_numpy(zero_copy_only=False)
+
+
+def _hash_strings(field: str, col: object) -> np.ndarray:
+    """Keys of an Arrow string column straight from its offsets and bytes."""
+    import pyarrow as pa
+
+    c = col if isinstance(col, pa.Array) else col.combine_chunks()  # type: ignore[attr-defined]
+    if pa.types.is_large_string(c.type):
+        dtype = np.int64
+    else:
+        dtype = np.int32
+    _, offs, data = c.buffers()
+    offsets = np.frombuffer(offs, dtype=dtype)[c.offset:c.offset + len(c) + 1]
+    raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    return hash_packed(field, raw, offsets)
+
+
+def _concat(parts: list[_Block]) -> Batch:
+    if len(parts) == 1:
+        p = parts[0]
+        return Batch(dict(p.sparse), p.dense, p.label)
+    return Batch({f: np.concatenate([p.sparse[f] for p in parts]) for f in parts[0].sparse},
+                 np.concatenate([p.dense for p in parts]), np.concatenate([p.label for p in parts]))
+
+
+def _skip(f: io.BufferedIOBase, n: int) -> None:
+    """Read past ``n`` bytes of a stream that cannot seek (gzip)."""
+    while n:
+        got = f.read(min(n, 1 << 24))
+        if not got:
+            return
+        n -= len(got)
