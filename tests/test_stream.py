@@ -161,3 +161,60 @@ def test_loader_benchmark_reads_every_row_it_wrote(tmp_path):
         r = res["formats"][fmt]
         assert r["rows_per_s"] > 0 and r["rss_peak_mb"] >= r["rss_at_10pct_mb"] > 0
     assert not list(tmp_path.iterdir())  # its files are gone
+
+
+def _cli_rows(store):
+    from damo_hybrid import EmbeddingStore
+
+    with EmbeddingStore(store, read_only=True) as st:
+        keys = np.concatenate([k for k, _ in st.scan("emb")])
+        return keys, st.lookup("emb", keys)
+
+
+def test_train_stream_equals_train_on_the_loaded_file(tmp_path):
+    import json
+
+    from damo_hybrid.cli import main
+
+    (tmp_path / "a.tsv").write_text("\n".join(_criteo_lines(1100, seed=1)) + "\n")
+    (tmp_path / "e.tsv").write_text("\n".join(_criteo_lines(300, seed=2)) + "\n")
+    args = ["train", "--data", str(tmp_path / "a.tsv"), "--eval-data", str(tmp_path / "e.tsv"), "--epochs", "2",
+            "--batch-size", "256", "--dim", "4", "--quiet", "--threads", "1"]
+    assert main([*args, "--stream", "--store", str(tmp_path / "s"), "--json", str(tmp_path / "s.json")]) == 0
+    assert main([*args, "--store", str(tmp_path / "n"), "--json", str(tmp_path / "n.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "sn")
+    assert a["steps"] == b["steps"] == 10  # 2 epochs of ceil(1100 / 256) batches
+    assert (a["auc"], a["logloss"], a["train_logloss"]) == (b["auc"], b["logloss"], b["train_logloss"])
+    (ka, wa), (kb, wb) = _cli_rows(tmp_path / "s"), _cli_rows(tmp_path / "n")
+    np.testing.assert_array_equal(ka, kb)
+    np.testing.assert_array_equal(wa, wb)
+
+
+def test_train_stream_resumes_from_its_checkpointed_position(tmp_path):
+    from damo_hybrid.cli import main
+    from damo_hybrid.pipeline.checkpoint import latest_checkpoint, load_trainer_state
+
+    (tmp_path / "a.tsv").write_text("\n".join(_criteo_lines(1100, seed=1)) + "\n")
+    args = ["train", "--data", str(tmp_path / "a.tsv"), "--stream", "--batch-size", "256", "--dim", "4", "--quiet",
+            "--threads", "1", "--checkpoint-every", "3", "--eval-batches", "0"]
+    assert main([*args, "--steps", "9", "--store", str(tmp_path / "ref")]) == 0
+    assert main([*args, "--steps", "6", "--store", str(tmp_path / "b")]) == 0
+    state = load_trainer_state(latest_checkpoint(tmp_path / "b.ckpt"))
+    assert state["data"]["index"] == 6 and state["data"]["epoch"] == 1  # batch 6 opens the second epoch
+    assert main([*args, "--steps", "9", "--store", str(tmp_path / "b"), "--resume"]) == 0
+    (ka, wa), (kb, wb) = _cli_rows(tmp_path / "ref"), _cli_rows(tmp_path / "b")
+    np.testing.assert_array_equal(ka, kb)
+    np.testing.assert_allclose(wa, wb, rtol=1e-6, atol=1e-7)
+
+
+def test_stream_source_ends_after_its_epochs_and_rereads_on_demand(tmp_path):
+    from damo_hybrid.data.stream import EndOfData, StreamSource
+
+    (tmp_path / "a.tsv").write_text("\n".join(_criteo_lines(500, seed=3)) + "\n")
+    src = StreamSource(DelimitedStream(tmp_path / "a.tsv", CRITEO, 200), epochs=2)
+    labels = [src(i).label for i in range(6)]  # 3 batches per epoch (200, 200, 100)
+    assert [len(x) for x in labels] == [200, 200, 100] * 2
+    np.testing.assert_array_equal(labels[0], labels[3])
+    with pytest.raises(EndOfData):
+        src(6)
+    np.testing.assert_array_equal(src(1).label, labels[1])  # asked again: read from the epoch's top

@@ -13,7 +13,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -31,6 +30,7 @@ from ..errors import DamoHybridError
 from ..ops import Backend, resolve_backend
 from ..store import EmbeddingStore
 from .args import Parser, check_writable, float_in, int_in, load_config, store_config
+from .data import NO_END, file_data, stream_data
 from .signals import Terminated, sigterm_as_interrupt
 
 __all__ = ["main"]
@@ -84,29 +84,6 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _file_data(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The training file and held-out data: ``--eval-data``, or an ``--eval-fraction`` split."""
-    from ..data.readers import Schema, read_dataset
-
-    schema = Schema.from_dict(args.schema) if getattr(args, "schema", None) else None
-    for opt, path in (("--data", args.data), ("--eval-data", args.eval_data)):
-        if path is not None and Path(path).is_dir():
-            raise ValueError(f"{opt} {path} is a directory; give a data file")
-    data = read_dataset(args.data, args.format, args.batch_size, schema)
-    if data.skipped:
-        print(f"{args.data}: {data.skipped:,} malformed lines skipped")
-    if args.eval_data:
-        return data, read_dataset(args.eval_data, args.format, args.batch_size, schema)
-    if args.eval_fraction:
-        order = np.random.default_rng(args.seed).permutation(data.n)
-        n_eval = max(1, int(round(args.eval_fraction * data.n)))
-        if data.n - n_eval < 1:
-            raise ValueError(f"--eval-fraction {args.eval_fraction} leaves none of the {data.n:,} rows of {args.data} "
-                             "to train on; hold out less")
-        return data.take(np.sort(order[n_eval:])), data.take(np.sort(order[:n_eval]))
-    return data, None
-
-
 def _model_tables(args: argparse.Namespace, opt: OptimizerConfig) -> list[TableConfig]:
     """The tables of ``--model``: DeepFM and Wide&Deep keep each key's first-order weight in the
     last column of its embedding row (one row per key); a store written with a separate ``lin``
@@ -145,8 +122,10 @@ def _train(args: argparse.Namespace) -> int:
     threads = args.threads or worker_threads(prefetch=not args.no_prefetch)
     check_writable("--json", args.json)
     torch.set_num_threads(threads)
-    if args.data:
-        data, held_out = _file_data(args)
+    if args.data and args.stream:
+        data, held_out = stream_data(args)
+    elif args.data:
+        data, held_out = file_data(args)
         if args.steps is None:
             args.steps = args.epochs * data.batches_per_epoch
         if held_out is not None:
@@ -174,7 +153,7 @@ def _train(args: argparse.Namespace) -> int:
     ckpt_root = Path(args.checkpoint_dir) if args.checkpoint_dir else store_dir.with_name(store_dir.name + ".ckpt")
     source = str(args.data) if args.data else "synthetic data"
     print(f"damo-hybrid {__version__}: {args.model} on {source}, {len(data.sparse_fields)} sparse + {len(data.dense_fields)} dense fields, "
-          f"dim {args.dim}, batch {args.batch_size}, {args.steps} steps, {args.optimizer} lr {args.lr}, "
+          f"dim {args.dim}, batch {args.batch_size}, {args.steps if args.steps < NO_END else f'{args.epochs} epoch(s) of'} steps, {args.optimizer} lr {args.lr}, "
           f"cache {args.cache_mb} MiB, backend {resolve_backend(args.backend).value}, store {store_dir}")
     state = None
     try:
@@ -218,11 +197,11 @@ def _train(args: argparse.Namespace) -> int:
                       f"of {floor:,} rows per table, so they hold {floor:,} rows "
                       f"({sum(c.capacity * c.nbytes_per_row(c.dim, c.width) for c in model.sparse.caches.values()) / 2**20:,.1f} MiB in all)")
             dense_opt = torch.optim.Adam(model.parameters(), lr=args.dense_lr)
-            trainer = Trainer(model, dense_opt, data.batch, held_out.batch if held_out is not None else None)
+            trainer = Trainer(model, dense_opt, getattr(data, "batch", data), getattr(held_out, "batch", held_out))
             if state is not None:
                 trainer.load_state(state)
             remaining = max(0, args.steps - trainer.step)
-            bar = tqdm(total=args.steps, initial=trainer.step, unit="step", disable=args.quiet, dynamic_ncols=True)
+            bar = tqdm(total=args.steps if args.steps < NO_END else None, initial=trainer.step, unit="step", disable=args.quiet, dynamic_ncols=True)
             t0 = time.perf_counter()
             step0 = trainer.step
 
@@ -320,6 +299,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                                     "(StoreConfig) and, "
                                     "for --format csv/parquet, a [schema] table")
     t.add_argument("--data", help="training file (.gz is read on the fly); default: built-in synthetic data")
+    t.add_argument("--stream", action="store_true", help="read --data (a file, glob or directory) and --eval-data "
+                   "in blocks, in flat memory, instead of loading them whole")
     t.add_argument("--eval-data", help="held-out file in the same format")
     t.add_argument("--eval-fraction", type=float_in(0.0, 1.0, lo_open=False), default=0.0,
                    help="without --eval-data: hold out this random fraction of --data (seeded by --seed)")

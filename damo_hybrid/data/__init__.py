@@ -10,8 +10,8 @@ Pure data; a reader runs in the loader thread.
 
 from .metrics import auc, logloss
 from .readers import FORMATS, OnError, Schema, TabularData, read_dataset
-from .stream import DelimitedStream, Position
+from .stream import DelimitedStream, EndOfData, Position, StreamSource
 from .synthetic import Batch, SyntheticCriteo
 
-__all__ = ["FORMATS", "Batch", "DelimitedStream", "OnError", "Position", "Schema", "SyntheticCriteo", "TabularData",
-           "auc", "logloss", "read_dataset"]
+__all__ = ["FORMATS", "Batch", "DelimitedStream", "EndOfData", "OnError", "Position", "Schema", "StreamSource",
+           "SyntheticCriteo", "TabularData", "auc", "logloss", "read_dataset"]

@@ -29,6 +29,7 @@ from typing import Any, Generic, TypeVar
 
 from torch.profiler import record_function
 
+from ..data.stream import EndOfData
 from ..errors import PipelineError
 
 __all__ = ["worker_threads", "Pipeline", "PipelineStats"]
@@ -129,7 +130,10 @@ class Pipeline(Generic[B, P]):
             for i in range(self._start, self._stop):
                 t0 = time.perf_counter()
                 with record_function("damo.load"):
-                    b = self._load(i)
+                    try:
+                        b = self._load(i)
+                    except EndOfData:  # the data's epochs are done: end the run here
+                        break
                 self._record("load", t0)
                 if not self._put(self._q1, (i, b)):
                     return

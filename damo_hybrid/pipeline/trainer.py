@@ -23,6 +23,7 @@ from torch.profiler import record_function
 
 from ..cache.host import CacheStats
 from ..data.metrics import auc, logloss
+from ..data.stream import EndOfData
 from ..data.synthetic import Batch
 from ..errors import NonFiniteGradientError
 from ..nn.collection import PreparedBatch
@@ -179,7 +180,9 @@ class Trainer:
                 "model_class": type(self.model).__name__,
                 # what rebuilds a built-in model for export (damo-hybrid export --onnx)
                 "model_spec": {"fields": list(getattr(self.model, "fields", [])),
-                               "n_dense": getattr(self.model, "n_dense", None)}}
+                               "n_dense": getattr(self.model, "n_dense", None)},
+                # a streamed input's position at the next batch (resumes without re-reading)
+                "data": self.train_batch.state(self.step) if hasattr(self.train_batch, "state") else None}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state`.
@@ -196,6 +199,8 @@ class Trainer:
                              "resume with the options of the run that wrote it") from None
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.samples = int(state["step"]), int(state["samples"])
+        if state.get("data") is not None and hasattr(self.train_batch, "load_state"):
+            self.train_batch.load_state(state["data"])
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
 
@@ -214,9 +219,12 @@ class Trainer:
             seg = end - self.step
             if checkpoint_every:
                 seg = min(seg, checkpoint_every - self.step % checkpoint_every)
+            before = self.step
             self._run_segment(seg, prefetch, progress, losses)
             if checkpoint_every and checkpoint_dir is not None and self.step % checkpoint_every == 0:
                 self.checkpoint(checkpoint_dir)
+            if self.step < before + seg:  # the data ran out (its epochs are done)
+                return
 
     def _run_segment(self, steps: int, prefetch: bool, progress: Callable[[int, float], None] | None,
                      losses: list[float]) -> None:
@@ -233,7 +241,10 @@ class Trainer:
             self.times.prepare += pipe.stats.prepare
         else:
             for _ in range(steps):
-                losses.append(self.train_step(self.step))
+                try:
+                    losses.append(self.train_step(self.step))
+                except EndOfData:
+                    return
                 if progress is not None:
                     progress(self.step, losses[-1])
 
@@ -245,7 +256,10 @@ class Trainer:
         self.model.eval()
         labels, probs = [], []
         for i in range(n_batches):
-            b = self.eval_batch(i)
+            try:
+                b = self.eval_batch(i)
+            except EndOfData:  # a streamed eval set read to its end
+                break
             prepared = self.model.prepare(b.sparse)
             try:
                 p = torch.sigmoid(self.model(prepared, self._to_device(b.dense))).cpu().numpy()
@@ -262,7 +276,7 @@ class Trainer:
         """Train ``steps`` steps, then evaluate.
 
         Args:
-            steps: batches to train.
+            steps: batches to train (fewer if the data ends first: a streamed input's epochs).
             eval_batches: held-out batches to evaluate after training.
             progress: called as ``progress(step, loss)`` after every step.
             prefetch: run the loader and host manager ahead in their own threads
@@ -272,7 +286,7 @@ class Trainer:
             checkpoint_dir: where (``step-<N>`` directories; the two newest are kept).
         """
         t0 = time.perf_counter()
-        samples0 = self.samples
+        samples0, step0 = self.samples, self.step
         losses: list[float] = []
         try:
             self._run(steps, prefetch, progress, losses, checkpoint_every, checkpoint_dir)
@@ -292,8 +306,8 @@ class Trainer:
         dstats = list(self.model.sparse.device_cache_stats().values())
         n = self.samples - samples0
         return TrainSummary(
-            steps=steps, samples=n, seconds=secs, samples_per_s=n / secs if secs else 0.0,
-            train_logloss=float(np.mean(losses[-max(1, steps // 10):])) if losses else float("nan"),
+            steps=self.step - step0, samples=n, seconds=secs, samples_per_s=n / secs if secs else 0.0,
+            train_logloss=float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else float("nan"),
             auc=a, logloss=ll, hit_rate=_hit_rate(stats),
             evictions=sum(s.evictions for s in stats),
             peak_rss_mb=peak_rss_mb(), stages=self.times,

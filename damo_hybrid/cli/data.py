@@ -1,0 +1,61 @@
+"""The training and held-out data of ``damo-hybrid train --data``: files loaded whole, or read
+as streams in flat memory (``--stream``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data.readers import FORMATS, Schema
+from ..data.stream import DelimitedStream, StreamSource
+
+NO_END = 2**62  # steps or eval batches "until the data ends"
+
+
+def stream_data(args: argparse.Namespace) -> tuple[StreamSource, StreamSource | None]:
+    """``(training source, held-out source or None)``; sets ``args.steps`` and ``args.eval_batches``
+    to run until the data ends where the user gave none (``--epochs`` passes, every held-out row)."""
+    schema = Schema.from_dict(args.schema) if getattr(args, "schema", None) else FORMATS.get(args.format)
+    if args.format in ("libfm", "parquet"):
+        raise ValueError(f"--stream reads delimited text (criteo, avazu, movielens, csv); {args.format} is not streamed yet")
+    if schema is None:
+        raise ValueError(f"format {args.format!r} needs a schema (columns, label, dense, sparse): give one in the config file")
+    if args.eval_fraction:
+        raise ValueError("--eval-fraction is not available with --stream yet: hold out a file with --eval-data")
+    until_end = args.steps is None
+    data = StreamSource(DelimitedStream(args.data, schema, args.batch_size), epochs=args.epochs if until_end else None)
+    if until_end:
+        args.steps = NO_END
+    held_out = None
+    if args.eval_data:
+        held_out = StreamSource(DelimitedStream(args.eval_data, schema, args.batch_size), epochs=1)
+        args.eval_batches = args.eval_batches or NO_END
+    else:
+        args.eval_batches = 0
+    return data, held_out
+
+
+def file_data(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The training file and held-out data: ``--eval-data``, or an ``--eval-fraction`` split."""
+    from ..data.readers import Schema, read_dataset
+
+    schema = Schema.from_dict(args.schema) if getattr(args, "schema", None) else None
+    for opt, path in (("--data", args.data), ("--eval-data", args.eval_data)):
+        if path is not None and Path(path).is_dir():
+            raise ValueError(f"{opt} {path} is a directory; give a data file")
+    data = read_dataset(args.data, args.format, args.batch_size, schema)
+    if data.skipped:
+        print(f"{args.data}: {data.skipped:,} malformed lines skipped")
+    if args.eval_data:
+        return data, read_dataset(args.eval_data, args.format, args.batch_size, schema)
+    if args.eval_fraction:
+        order = np.random.default_rng(args.seed).permutation(data.n)
+        n_eval = max(1, int(round(args.eval_fraction * data.n)))
+        if data.n - n_eval < 1:
+            raise ValueError(f"--eval-fraction {args.eval_fraction} leaves none of the {data.n:,} rows of {args.data} "
+                             "to train on; hold out less")
+        return data.take(np.sort(order[n_eval:])), data.take(np.sort(order[:n_eval]))
+    return data, None
