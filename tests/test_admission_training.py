@@ -125,3 +125,30 @@ def test_cli_min_count_resumes_exactly(tmp_path):
     np.testing.assert_array_equal(rows[0][0], rows[1][0])
     np.testing.assert_allclose(rows[0][1], rows[1][1], rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(rows[0][2], rows[1][2])
+
+
+def test_evaluating_during_training_changes_nothing_and_leaves_training_mode(tmp_path):
+    """An evaluation between segments used to leave the model in eval mode, so the next segment's
+    first prepare (in the host thread, before any compute) did not count admission."""
+    from damo_hybrid.data.synthetic import SyntheticCriteo
+    from damo_hybrid.nn.models import DeepFM, model_tables
+    from damo_hybrid.pipeline.trainer import Trainer
+
+    data = SyntheticCriteo(64, seed=3, vocab_min=100, vocab_max=2000)
+    held = SyntheticCriteo(64, seed=4, vocab_min=100, vocab_max=2000, split=1)
+    out, evals = [], []
+    for every in (0, 2):
+        torch.manual_seed(0)
+        tables = [TableConfig(t.name, t.dim, initializer=t.initializer, optimizer=t.optimizer, linear_column=True,
+                              admission=AdmissionConfig(min_count=2))
+                  for t in model_tables("deepfm", 4, OptimizerConfig.adagrad(0.05), InitializerConfig.normal(std=0.1))]
+        with EmbeddingStore(tmp_path / f"s{every}", tables) as st:
+            m = DeepFM(st, data.sparse_fields, len(data.dense_fields), hidden=(8,), backend="cpu")
+            tr = Trainer(m, torch.optim.Adam(m.parameters(), lr=1e-2), data.batch, held.batch)
+            tr.fit(6, eval_every=every, on_eval=lambda s, a, ll: evals.append(s))
+            assert m.training
+            keys = np.concatenate([k for k, _ in st.scan("emb")])
+            out.append((keys, st.lookup("emb", keys), st.table("emb").filter.counters.copy()))
+    assert evals == [2, 4, 6]
+    for a, b in zip(out[0], out[1]):
+        np.testing.assert_array_equal(a, b)

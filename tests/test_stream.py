@@ -218,3 +218,30 @@ def test_stream_source_ends_after_its_epochs_and_rereads_on_demand(tmp_path):
     with pytest.raises(EndOfData):
         src(6)
     np.testing.assert_array_equal(src(1).label, labels[1])  # asked again: read from the epoch's top
+
+
+def test_a_hashed_holdout_splits_the_rows_once_and_resumes(tmp_path):
+    from damo_hybrid.data.stream import Holdout
+
+    for i in range(2):
+        (tmp_path / f"p{i}.tsv").write_text("\n".join(_criteo_lines(900, seed=10 + i)) + "\n")
+    whole = _all(DelimitedStream(tmp_path, CRITEO, 128, block_mb=0.02))[0]["C1"]
+    sides = [DelimitedStream(tmp_path, CRITEO, 128, block_mb=0.02, holdout=Holdout(0.2, held, seed=3))
+             for held in (False, True)]
+    train, held = (_all(s)[0]["C1"] for s in sides)
+    assert len(train) + len(held) == len(whole) == 1800 and 0.15 < len(held) / 1800 < 0.25
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, held])), np.sort(whole))  # a partition
+    batches = _all(sides[0])[3]
+    for k in (0, 4, 9):  # resuming mid-file keeps the ordinals the split hashes
+        rest = [b.sparse["C1"] for b, _ in sides[0].batches(batches[k][1])]
+        np.testing.assert_array_equal(np.concatenate(rest), np.concatenate([b.sparse["C1"] for b, _ in batches[k + 1:]]))
+
+
+def test_a_short_epoch_is_noted_with_a_batch_size_to_use(tmp_path, capsys):
+    from damo_hybrid.cli.data import short_epoch_note
+
+    short_epoch_note(8000, 4096, "train.tsv")
+    out = capsys.readouterr().out
+    assert "2 step(s) at --batch-size 4096" in out and "--batch-size 128 gives 63 steps" in out
+    short_epoch_note(8000, 128, "train.tsv")
+    assert capsys.readouterr().out == ""

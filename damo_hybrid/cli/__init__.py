@@ -217,7 +217,8 @@ def _train(args: argparse.Namespace) -> int:
 
             summary = trainer.fit(remaining, eval_batches=args.eval_batches, progress=progress,
                                   prefetch=not args.no_prefetch, checkpoint_every=args.checkpoint_every,
-                                  checkpoint_dir=ckpt_root)
+                                  checkpoint_dir=ckpt_root, eval_every=args.eval_every if held_out else 0,
+                                  on_eval=lambda st, a, ll: bar.write(f"step {st}: eval AUC {a:.4f} logloss {ll:.4f}"))
             bar.close()
     finally:
         if tmp is not None:
@@ -325,6 +326,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     t.add_argument("--vocab-min", type=int_in(1), default=10**6)
     t.add_argument("--vocab-max", type=int_in(1), default=10**7)
     t.add_argument("--eval-batches", type=int_in(0), default=5, help="held-out batches (with --eval-data: 0 = all)")
+    t.add_argument("--eval-every", type=int_in(0), default=0, help="also evaluate every N steps (on at most 20 held-out batches)")
     t.add_argument("--threads", type=int_in(1), default=None,
                    help="torch threads (default: all cores, or all but one when prefetching)")
     t.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..data.readers import FORMATS, Schema
-from ..data.stream import DelimitedStream, StreamSource
+from ..data.stream import DelimitedStream, Holdout, StreamSource
 
 NO_END = 2**62  # steps or eval batches "until the data ends"
 
@@ -23,15 +23,17 @@ def stream_data(args: argparse.Namespace) -> tuple[StreamSource, StreamSource | 
         raise ValueError(f"--stream reads delimited text (criteo, avazu, movielens, csv); {args.format} is not streamed yet")
     if schema is None:
         raise ValueError(f"format {args.format!r} needs a schema (columns, label, dense, sparse): give one in the config file")
-    if args.eval_fraction:
-        raise ValueError("--eval-fraction is not available with --stream yet: hold out a file with --eval-data")
     until_end = args.steps is None
-    data = StreamSource(DelimitedStream(args.data, schema, args.batch_size), epochs=args.epochs if until_end else None)
+    split = Holdout(args.eval_fraction, False, args.seed) if args.eval_fraction and not args.eval_data else None
+    data = StreamSource(DelimitedStream(args.data, schema, args.batch_size, holdout=split),
+                        epochs=args.epochs if until_end else None)
     if until_end:
         args.steps = NO_END
     held_out = None
-    if args.eval_data:
-        held_out = StreamSource(DelimitedStream(args.eval_data, schema, args.batch_size), epochs=1)
+    if args.eval_data or split is not None:
+        src = args.eval_data or args.data  # --eval-fraction: the other side of the same split
+        held = Holdout(split.fraction, True, split.seed) if split is not None else None
+        held_out = StreamSource(DelimitedStream(src, schema, args.batch_size, holdout=held), epochs=1)
         args.eval_batches = args.eval_batches or NO_END
     else:
         args.eval_batches = 0
@@ -49,6 +51,7 @@ def file_data(args: argparse.Namespace) -> tuple[Any, Any]:
     data = read_dataset(args.data, args.format, args.batch_size, schema)
     if data.skipped:
         print(f"{args.data}: {data.skipped:,} malformed lines skipped")
+    short_epoch_note(data.n, args.batch_size, args.data)
     if args.eval_data:
         return data, read_dataset(args.eval_data, args.format, args.batch_size, schema)
     if args.eval_fraction:
@@ -59,3 +62,13 @@ def file_data(args: argparse.Namespace) -> tuple[Any, Any]:
                              "to train on; hold out less")
         return data.take(np.sort(order[n_eval:])), data.take(np.sort(order[:n_eval]))
     return data, None
+
+
+def short_epoch_note(rows: int, batch_size: int, path: object, min_steps: int = 50) -> None:
+    """Warn when an epoch is too few steps to train a model (the default batch of 4,096 on an
+    8k-row file is 2 steps), and suggest a batch size that gives ``min_steps``."""
+    steps = -(-rows // batch_size)
+    if steps < min_steps:
+        suggest = max(16, 1 << max(0, (rows // min_steps).bit_length() - 1))
+        print(f"note: an epoch of {path} ({rows:,} rows) is {steps} step(s) at --batch-size {batch_size}: too few to "
+              f"train a model well; --batch-size {suggest} gives {-(-rows // suggest)} steps per epoch")

@@ -36,11 +36,11 @@ from typing import TypeVar
 
 import numpy as np
 
-from ..keys.hashing import hash_feature, hash_packed
+from ..keys.hashing import hash_feature, hash_packed, mix64
 from .readers import DenseMode, Schema, _buckets, delimited_lines
 from .synthetic import Batch
 
-__all__ = ["DelimitedStream", "Position", "StreamSource", "EndOfData", "expand_paths"]
+__all__ = ["DelimitedStream", "Position", "Holdout", "StreamSource", "EndOfData", "expand_paths"]
 
 _BOM = b"\xef\xbb\xbf"
 T = TypeVar("T")
@@ -48,15 +48,38 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Position:
-    """Where a stream resumes: ``row`` rows into the block at byte ``offset`` (line ``line``) of file ``file``."""
+    """Where a stream resumes: ``row`` rows into the block at byte ``offset`` (line ``line``) of
+    file ``file``, whose earlier blocks held ``rows`` rows (the ordinal the held-out split hashes)."""
 
     file: int = 0
     offset: int = 0
     line: int = 1
     row: int = 0
+    rows: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"file": self.file, "offset": self.offset, "line": self.line, "row": self.row}
+        return {"file": self.file, "offset": self.offset, "line": self.line, "row": self.row, "rows": self.rows}
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """A held-out share of a stream's rows, picked by a stable hash of (seed, file, row ordinal):
+    no second pass, and the training side (``held_out=False``) never sees a held-out row."""
+
+    fraction: float
+    held_out: bool
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"the held-out fraction must be in (0, 1), got {self.fraction}")
+
+    def keep(self, file: int, first: int, n: int) -> np.ndarray:
+        """bool (n,): which of rows ``first .. first + n - 1`` of file ``file`` this side keeps."""
+        ordinal = (np.uint64(file) << np.uint64(40)) + np.arange(first, first + n, dtype=np.uint64)
+        h = mix64(ordinal ^ mix64(np.uint64(self.seed))[0])
+        held = (h >> np.uint64(11)).astype(np.float64) * 2.0**-53 < self.fraction
+        return held if self.held_out else ~held
 
 
 def expand_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -104,10 +127,11 @@ class DelimitedStream:
         schema: the files' columns (all files share it).
         batch_size: samples per batch; the stream's last batch may be smaller.
         block_mb: bytes read and parsed at a time (the memory the reader holds, about 3x this).
+        holdout: read only one side of a held-out split (see :class:`Holdout`).
     """
 
     def __init__(self, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], schema: Schema,
-                 batch_size: int = 4096, block_mb: float = 8.0) -> None:
+                 batch_size: int = 4096, block_mb: float = 8.0, holdout: Holdout | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not block_mb > 0:
@@ -116,6 +140,7 @@ class DelimitedStream:
         self.schema = schema
         self.batch_size = batch_size
         self.block_bytes = max(1 << 12, int(block_mb * 2**20))
+        self.holdout = holdout
         self.skipped = 0
         s = schema
         self.dense_fields = list(s.dense) if s.dense_mode in (DenseMode.LOG1P, DenseMode.BOTH) else []
@@ -144,17 +169,25 @@ class DelimitedStream:
     def _blocks(self, start: Position) -> Iterator[tuple[_Block, object]]:
         """``(block, rows used -> Position after them)`` from ``start`` on. A thread reads and
         parses (pyarrow, without the GIL) the next blocks while this one is converted."""
+        rows = 0
         for fi, off, ln, raw, nlines, table in _ahead(self._tables(start), depth=2):
             block = self._convert_table(self.paths[fi], raw, ln, off == 0, table)
-            skip = start.row if (fi, off) == (start.file, start.offset) else 0
+            at_start = (fi, off) == (start.file, start.offset)
+            if at_start or off == 0:
+                rows = start.rows if at_start else 0
+            first, rows = rows, rows + len(block)
+            if self.holdout is not None:
+                block = block.take(self.holdout.keep(fi, first, len(block)))
+            skip = start.row if at_start else 0
             if skip:
                 block = block.take(slice(skip, None))
 
             def after(used: int, fi: int = fi, off: int = off, ln: int = ln, n: int = len(block) + skip,
-                      base: int = skip, raw_len: int = len(raw), nl: int = nlines) -> Position:
+                      base: int = skip, raw_len: int = len(raw), nl: int = nlines, first: int = first,
+                      rows: int = rows) -> Position:
                 if used + base >= n:  # the block is used up: the next one starts after it
-                    return Position(fi, off + raw_len, ln + nl, 0)
-                return Position(fi, off, ln, used + base)
+                    return Position(fi, off + raw_len, ln + nl, 0, rows)
+                return Position(fi, off, ln, used + base, first)
             yield block, after
 
     def _tables(self, start: Position) -> Iterator[tuple[int, int, int, bytes, int, object]]:

@@ -212,17 +212,21 @@ class Trainer:
         return path
 
     def _run(self, steps: int, prefetch: bool, progress: Callable[[int, float], None] | None,
-             losses: list[float], checkpoint_every: int = 0, checkpoint_dir: str | os.PathLike[str] | None = None) -> None:
+             losses: list[float], checkpoint_every: int = 0, checkpoint_dir: str | os.PathLike[str] | None = None,
+             eval_every: int = 0, on_eval: Callable[[int, float, float], None] | None = None) -> None:
         end = self.step + steps
         while self.step < end:
-            # checkpoints fall between pipeline runs: no stage is in flight while one is written
+            # checkpoints and evaluations fall between pipeline runs: no stage is in flight then
             seg = end - self.step
-            if checkpoint_every:
-                seg = min(seg, checkpoint_every - self.step % checkpoint_every)
+            for every in (checkpoint_every, eval_every):
+                if every:
+                    seg = min(seg, every - self.step % every)
             before = self.step
             self._run_segment(seg, prefetch, progress, losses)
             if checkpoint_every and checkpoint_dir is not None and self.step % checkpoint_every == 0:
                 self.checkpoint(checkpoint_dir)
+            if eval_every and on_eval is not None and self.step % eval_every == 0 and self.step > before:
+                on_eval(self.step, *self.evaluate(self.EVAL_EVERY_BATCHES))
             if self.step < before + seg:  # the data ran out (its epochs are done)
                 return
 
@@ -253,26 +257,35 @@ class Trainer:
         """AUC and logloss over ``n_batches`` held-out batches (no updates)."""
         if self.eval_batch is None or n_batches <= 0:
             raise ValueError("no eval data")
+        was = self.model.training
         self.model.eval()
         labels, probs = [], []
-        for i in range(n_batches):
-            try:
-                b = self.eval_batch(i)
-            except EndOfData:  # a streamed eval set read to its end
-                break
-            prepared = self.model.prepare(b.sparse)
-            try:
-                p = torch.sigmoid(self.model(prepared, self._to_device(b.dense))).cpu().numpy()
-            finally:
-                self.model.sparse.release(prepared)
-            labels.append(b.label)
-            probs.append(p)
+        try:
+            for i in range(n_batches):
+                try:
+                    b = self.eval_batch(i)
+                except EndOfData:  # a streamed eval set read to its end
+                    break
+                prepared = self.model.prepare(b.sparse)
+                try:
+                    p = torch.sigmoid(self.model(prepared, self._to_device(b.dense))).cpu().numpy()
+                finally:
+                    self.model.sparse.release(prepared)
+                labels.append(b.label)
+                probs.append(p)
+        finally:
+            # training goes on in training mode: the next segment's first prepare (admission
+            # counting) runs in the host thread before any compute sets it
+            self.model.train(was)
         y, p = np.concatenate(labels), np.concatenate(probs)
         return auc(y, p), logloss(y, p)
 
+    EVAL_EVERY_BATCHES = 20  # held-out batches of each evaluation during training (eval_every)
+
     def fit(self, steps: int, eval_batches: int = 0, progress: Callable[[int, float], None] | None = None,
             prefetch: bool = True, checkpoint_every: int = 0,
-            checkpoint_dir: str | os.PathLike[str] | None = None) -> TrainSummary:
+            checkpoint_dir: str | os.PathLike[str] | None = None, eval_every: int = 0,
+            on_eval: Callable[[int, float, float], None] | None = None) -> TrainSummary:
         """Train ``steps`` steps, then evaluate.
 
         Args:
@@ -284,12 +297,14 @@ class Trainer:
                 reference loop. Both give the same weights.
             checkpoint_every: write a checkpoint whenever the global step is a multiple of this.
             checkpoint_dir: where (``step-<N>`` directories; the two newest are kept).
+            eval_every: evaluate on at most :attr:`EVAL_EVERY_BATCHES` held-out batches whenever
+                the global step is a multiple of this, calling ``on_eval(step, auc, logloss)``.
         """
         t0 = time.perf_counter()
         samples0, step0 = self.samples, self.step
         losses: list[float] = []
         try:
-            self._run(steps, prefetch, progress, losses, checkpoint_every, checkpoint_dir)
+            self._run(steps, prefetch, progress, losses, checkpoint_every, checkpoint_dir, eval_every, on_eval)
         except BaseException:
             # Ctrl-C or a failed stage: keep the work of the steps that completed
             try:
