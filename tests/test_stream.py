@@ -208,7 +208,7 @@ def test_train_stream_resumes_from_its_checkpointed_position(tmp_path):
 
 
 def test_stream_source_ends_after_its_epochs_and_rereads_on_demand(tmp_path):
-    from damo_hybrid.data.stream import EndOfData, StreamSource
+    from damo_hybrid.data.source import EndOfData, StreamSource
 
     (tmp_path / "a.tsv").write_text("\n".join(_criteo_lines(500, seed=3)) + "\n")
     src = StreamSource(DelimitedStream(tmp_path / "a.tsv", CRITEO, 200), epochs=2)
@@ -245,3 +245,38 @@ def test_a_short_epoch_is_noted_with_a_batch_size_to_use(tmp_path, capsys):
     assert "2 step(s) at --batch-size 4096" in out and "--batch-size 128 gives 63 steps" in out
     short_epoch_note(8000, 128, "train.tsv")
     assert capsys.readouterr().out == ""
+
+
+def test_a_shuffle_buffer_permutes_windows_reproducibly_and_resumes(tmp_path):
+    for i in range(2):
+        (tmp_path / f"p{i}.tsv").write_text("\n".join(_criteo_lines(650, seed=20 + i)) + "\n")
+    plain = _all(DelimitedStream(tmp_path, CRITEO, 100, block_mb=0.02))[0]["C2"]
+
+    def shuffled(seed):
+        return DelimitedStream(tmp_path, CRITEO, 100, block_mb=0.02, shuffle_buffer=300, seed=seed)
+
+    a, b, c = (_all(shuffled(s))[0]["C2"] for s in (5, 5, 6))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and not np.array_equal(a, plain)
+    for w in range(0, 1300, 300):  # each window of 300 rows is a permutation of the same rows in file order
+        np.testing.assert_array_equal(np.sort(a[w:w + 300]), np.sort(plain[w:w + 300]))
+    batches = _all(shuffled(5))[3]
+    for k in (0, 2, 5, 8, len(batches) - 2):
+        rest = [x.sparse["C2"] for x, _ in shuffled(5).batches(batches[k][1])]
+        np.testing.assert_array_equal(np.concatenate(rest),
+                                      np.concatenate([x.sparse["C2"] for x, _ in batches[k + 1:]]))
+
+
+def test_resuming_with_another_shuffle_is_refused(tmp_path, capsys):
+    from damo_hybrid.cli import main
+
+    (tmp_path / "a.tsv").write_text("\n".join(_criteo_lines(600, seed=1)) + "\n")
+    args = ["train", "--data", str(tmp_path / "a.tsv"), "--batch-size", "128", "--dim", "4", "--quiet",
+            "--threads", "1", "--eval-batches", "0", "--store", str(tmp_path / "s")]
+    assert main([*args, "--shuffle-buffer", "256"]) == 2
+    assert "add --stream" in capsys.readouterr().err
+    assert main([*args, "--stream", "--shuffle-buffer", "256", "--steps", "4", "--checkpoint-every", "2"]) == 0
+    assert main([*args, "--stream", "--shuffle-buffer", "512", "--steps", "6", "--resume"]) == 2
+    assert "same --shuffle-buffer and --seed" in capsys.readouterr().err
+    with __import__("damo_hybrid").EmbeddingStore(tmp_path / "s", read_only=True) as st:  # refused before the store changed
+        assert st.step("emb") == 4

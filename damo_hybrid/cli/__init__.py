@@ -165,6 +165,8 @@ def _train(args: argparse.Namespace) -> int:
         if found is not None:
             ck, state = found
             check_model_class(state, MODELS[args.model].__name__)  # before the store is touched
+            if state.get("data") is not None and hasattr(data, "load_state"):
+                data.load_state(state["data"])  # a stream read another way is refused here too
             # the store may hold work done after the checkpoint: restart from the checkpoint's copy,
             # built beside the store and swapped in by renames, so a kill never leaves a half store
             staging = store_dir.with_name(f".{store_dir.name}.restoring")
@@ -302,6 +304,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     t.add_argument("--data", help="training file (.gz is read on the fly); default: built-in synthetic data")
     t.add_argument("--stream", action="store_true", help="read --data (a file, glob or directory) and --eval-data "
                    "in blocks, in flat memory, instead of loading them whole")
+    t.add_argument("--shuffle-buffer", type=int_in(0), default=0, metavar="N",
+                   help="with --stream: shuffle rows within windows of N rows, reproducibly from --seed")
     t.add_argument("--eval-data", help="held-out file in the same format")
     t.add_argument("--eval-fraction", type=float_in(0.0, 1.0, lo_open=False), default=0.0,
                    help="without --eval-data: hold out this random fraction of --data (seeded by --seed)")

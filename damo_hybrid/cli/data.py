@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from ..data.readers import FORMATS, Schema
-from ..data.stream import DelimitedStream, Holdout, StreamSource
+from ..data.source import StreamSource
+from ..data.stream import DelimitedStream, Holdout
 
 NO_END = 2**62  # steps or eval batches "until the data ends"
 
@@ -25,7 +26,8 @@ def stream_data(args: argparse.Namespace) -> tuple[StreamSource, StreamSource | 
         raise ValueError(f"format {args.format!r} needs a schema (columns, label, dense, sparse): give one in the config file")
     until_end = args.steps is None
     split = Holdout(args.eval_fraction, False, args.seed) if args.eval_fraction and not args.eval_data else None
-    data = StreamSource(DelimitedStream(args.data, schema, args.batch_size, holdout=split),
+    data = StreamSource(DelimitedStream(args.data, schema, args.batch_size, holdout=split,
+                                        shuffle_buffer=args.shuffle_buffer, seed=args.seed),
                         epochs=args.epochs if until_end else None)
     if until_end:
         args.steps = NO_END
@@ -43,6 +45,9 @@ def stream_data(args: argparse.Namespace) -> tuple[StreamSource, StreamSource | 
 def file_data(args: argparse.Namespace) -> tuple[Any, Any]:
     """The training file and held-out data: ``--eval-data``, or an ``--eval-fraction`` split."""
     from ..data.readers import Schema, read_dataset
+
+    if args.shuffle_buffer:
+        raise ValueError("--shuffle-buffer shuffles a stream: add --stream")
 
     schema = Schema.from_dict(args.schema) if getattr(args, "schema", None) else None
     for opt, path in (("--data", args.data), ("--eval-data", args.eval_data)):

@@ -10,7 +10,8 @@ Pure data; a reader runs in the loader thread.
 
 from .metrics import auc, logloss
 from .readers import FORMATS, OnError, Schema, TabularData, read_dataset
-from .stream import DelimitedStream, EndOfData, Position, StreamSource
+from .source import EndOfData, StreamSource
+from .stream import DelimitedStream, Position
 from .synthetic import Batch, SyntheticCriteo
 
 __all__ = ["FORMATS", "Batch", "DelimitedStream", "EndOfData", "OnError", "Position", "Schema", "StreamSource",

@@ -30,9 +30,9 @@ import queue
 import threading
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -40,7 +40,7 @@ from ..keys.hashing import hash_feature, hash_packed, mix64
 from .readers import DenseMode, Schema, _buckets, delimited_lines
 from .synthetic import Batch
 
-__all__ = ["DelimitedStream", "Position", "Holdout", "StreamSource", "EndOfData", "expand_paths"]
+__all__ = ["DelimitedStream", "Position", "Holdout", "expand_paths"]
 
 _BOM = b"\xef\xbb\xbf"
 T = TypeVar("T")
@@ -56,9 +56,12 @@ class Position:
     line: int = 1
     row: int = 0
     rows: int = 0
+    window: int = 0  # with a shuffle buffer: the window that starts here, and its rows already used
+    taken: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"file": self.file, "offset": self.offset, "line": self.line, "row": self.row, "rows": self.rows}
+        return {"file": self.file, "offset": self.offset, "line": self.line, "row": self.row, "rows": self.rows,
+                "window": self.window, "taken": self.taken}
 
 
 @dataclass(frozen=True)
@@ -115,8 +118,15 @@ class _Block:
     def __len__(self) -> int:
         return len(self.label)
 
-    def take(self, sl: slice) -> _Block:
+    def take(self, sl: slice | np.ndarray) -> _Block:
         return _Block({f: k[sl] for f, k in self.sparse.items()}, self.dense[sl], self.label[sl])
+
+    @staticmethod
+    def concat(parts: list[_Block]) -> _Block:
+        if len(parts) == 1:
+            return parts[0]
+        return _Block({f: np.concatenate([p.sparse[f] for p in parts]) for f in parts[0].sparse},
+                      np.concatenate([p.dense for p in parts]), np.concatenate([p.label for p in parts]))
 
 
 class DelimitedStream:
@@ -128,10 +138,14 @@ class DelimitedStream:
         batch_size: samples per batch; the stream's last batch may be smaller.
         block_mb: bytes read and parsed at a time (the memory the reader holds, about 3x this).
         holdout: read only one side of a held-out split (see :class:`Holdout`).
+        shuffle_buffer: shuffle rows within consecutive windows of this many rows, each by a
+            permutation drawn from ``(seed, window number)``: reproducible, and resumable from a
+            :class:`Position` (0: file order).
     """
 
     def __init__(self, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], schema: Schema,
-                 batch_size: int = 4096, block_mb: float = 8.0, holdout: Holdout | None = None) -> None:
+                 batch_size: int = 4096, block_mb: float = 8.0, holdout: Holdout | None = None,
+                 shuffle_buffer: int = 0, seed: int = 0) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not block_mb > 0:
@@ -141,6 +155,9 @@ class DelimitedStream:
         self.batch_size = batch_size
         self.block_bytes = max(1 << 12, int(block_mb * 2**20))
         self.holdout = holdout
+        if not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be an int >= 0, got {shuffle_buffer!r}")
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.skipped = 0
         s = schema
         self.dense_fields = list(s.dense) if s.dense_mode in (DenseMode.LOG1P, DenseMode.BOTH) else []
@@ -152,7 +169,7 @@ class DelimitedStream:
         """Every batch from ``start`` to the end of the last file, each with the position after it."""
         parts: list[_Block] = []
         have = 0
-        for block, pos_after_rows in self._blocks(start):
+        for block, pos_after_rows in (self._windows(start) if self.shuffle_buffer else self._blocks(start)):
             used = 0
             while have + len(block) - used >= self.batch_size:
                 take = self.batch_size - have
@@ -165,6 +182,47 @@ class DelimitedStream:
                 have += len(block) - used
         if have:
             yield _concat(parts), Position(len(self.paths), 0, 1, 0)
+
+    def _windows(self, start: Position) -> Iterator[tuple[_Block, object]]:
+        """Shuffled windows of ``shuffle_buffer`` rows, with ``rows used -> Position after them``
+        (the window's start, its number and the rows of it used)."""
+        n = self.shuffle_buffer
+        w, skip = start.window, start.taken
+        w_pos = replace(start, window=0, taken=0)
+        blocks = self._blocks(w_pos)
+        carry: tuple[_Block, Any, int] | None = None
+        while True:
+            parts: list[_Block] = []
+            have, last = 0, None
+            while have < n:
+                if carry is not None:
+                    block, after, used = carry
+                    carry = None
+                else:
+                    nxt = next(blocks, None)
+                    if nxt is None:
+                        break
+                    (block, after), used = nxt, 0
+                take = min(n - have, len(block) - used)
+                parts.append(block.take(slice(used, used + take)))
+                have, used = have + take, used + take
+                last = (after, used)
+                if used < len(block):
+                    carry = (block, after, used)
+            if not have:
+                return
+            assert last is not None
+            window = _Block.concat(parts).take(np.random.default_rng([self.seed, w]).permutation(have))
+            nxt_pos = replace(last[0](last[1]), window=w + 1, taken=0)
+            base, skip = skip, 0
+            if base:
+                window = window.take(slice(base, None))
+
+            def at(used: int, w: int = w, w_pos: Position = w_pos, base: int = base, n_rows: int = have,
+                   nxt_pos: Position = nxt_pos) -> Position:
+                return nxt_pos if used + base >= n_rows else replace(w_pos, window=w, taken=used + base)
+            yield window, at
+            w, w_pos = w + 1, replace(nxt_pos, window=0, taken=0)
 
     def _blocks(self, start: Position) -> Iterator[tuple[_Block, object]]:
         """``(block, rows used -> Position after them)`` from ``start`` on. A thread reads and
@@ -402,79 +460,3 @@ def _skip(f: io.BufferedIOBase, n: int) -> None:
         if not got:
             return
         n -= len(got)
-
-
-class EndOfData(Exception):
-    """A data source has no batch at this index: its epochs are done (the trainer stops there)."""
-
-
-class StreamSource:
-    """Batch ``i`` of a stream read epoch after epoch: the ``train_batch``/``eval_batch`` of a
-    :class:`~damo_hybrid.pipeline.trainer.Trainer`.
-
-    Batches are read in order; asking for another index re-reads from the start of its epoch
-    (or from a position given to :meth:`load_state`). Past the last epoch it raises
-    :class:`EndOfData`.
-
-    Args:
-        stream: the stream.
-        epochs: passes over it (None: no end).
-    """
-
-    def __init__(self, stream: DelimitedStream, epochs: int | None = None) -> None:
-        if epochs is not None and epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {epochs}")
-        self.stream, self.epochs = stream, epochs
-        self.sparse_fields, self.dense_fields = stream.sparse_fields, stream.dense_fields
-        self._it: Iterator[tuple[Batch, Position]] | None = None
-        self._next = 0  # the index the iterator yields next
-        self._epoch = 0
-        self._known: dict[int, tuple[int, Position]] = {0: (0, Position())}  # index -> (epoch, where it starts)
-
-    def __call__(self, i: int) -> Batch:
-        if i != self._next or self._it is None:
-            if i not in self._known:
-                if i < self._next or self._it is None:  # restart from the first batch and read up to it
-                    self._open(0, 0, Position())
-                while self._next < i:
-                    self(self._next)
-            else:
-                epoch, pos = self._known[i]
-                self._open(i, epoch, pos)
-        while True:
-            if self.epochs is not None and self._epoch >= self.epochs:
-                raise EndOfData(f"batch {i} is past the last of {self.epochs} epoch(s)")
-            assert self._it is not None
-            nxt = next(self._it, None)
-            if nxt is not None:
-                break
-            if self._next == self._epoch_start and self._opened_at_top:
-                raise EndOfData("the stream holds no rows")
-            self._open(self._next, self._epoch + 1, Position())  # the next epoch starts at the top
-        b, after = nxt
-        self._next = i + 1
-        self._known[self._next] = (self._epoch, after)
-        self._known.pop(i - 64, None)  # the pipeline reads a few batches ahead; older ones are not asked again
-        return b
-
-    def _open(self, i: int, epoch: int, pos: Position) -> None:
-        if self._it is not None:
-            self._it.close()  # type: ignore[attr-defined]
-        self._it, self._next, self._epoch = self.stream.batches(pos), i, epoch
-        self._epoch_start, self._opened_at_top = i, pos == Position()
-        self._known[i] = (epoch, pos)
-
-    def state(self, i: int) -> dict[str, object]:
-        """Where batch ``i`` starts (for a checkpoint taken before it)."""
-        if i not in self._known:
-            raise KeyError(f"batch {i} was not reached")
-        epoch, pos = self._known[i]
-        return {"index": i, "epoch": epoch, "position": pos.as_dict()}
-
-    def load_state(self, d: dict[str, object]) -> None:
-        """Resume at the batch :meth:`state` described, without reading up to it."""
-        pos = Position(**d["position"])  # type: ignore[arg-type]
-        self._known = {int(d["index"]): (int(d["epoch"]), pos)}  # type: ignore[arg-type]
-        if self._it is not None:
-            self._it.close()  # type: ignore[attr-defined]
-        self._it = None

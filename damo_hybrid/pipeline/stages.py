@@ -29,7 +29,7 @@ from typing import Any, Generic, TypeVar
 
 from torch.profiler import record_function
 
-from ..data.stream import EndOfData
+from ..data.source import EndOfData
 from ..errors import PipelineError
 
 __all__ = ["worker_threads", "Pipeline", "PipelineStats"]

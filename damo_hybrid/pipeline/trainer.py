@@ -23,7 +23,7 @@ from torch.profiler import record_function
 
 from ..cache.host import CacheStats
 from ..data.metrics import auc, logloss
-from ..data.stream import EndOfData
+from ..data.source import EndOfData
 from ..data.synthetic import Batch
 from ..errors import NonFiniteGradientError
 from ..nn.collection import PreparedBatch
