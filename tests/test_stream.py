@@ -157,7 +157,7 @@ def test_loader_benchmark_reads_every_row_it_wrote(tmp_path):
     from damo_hybrid.bench.loader import run_loader_bench
 
     res = run_loader_bench(rows=3000, repeats=1, root=str(tmp_path), log=lambda _: None)
-    for fmt in ("tsv", "tsv.gz"):
+    for fmt in ("tsv", "tsv.gz", "parquet"):
         r = res["formats"][fmt]
         assert r["rows_per_s"] > 0 and r["rss_peak_mb"] >= r["rss_at_10pct_mb"] > 0
     assert not list(tmp_path.iterdir())  # its files are gone
@@ -280,3 +280,38 @@ def test_resuming_with_another_shuffle_is_refused(tmp_path, capsys):
     assert "same --shuffle-buffer and --seed" in capsys.readouterr().err
     with __import__("damo_hybrid").EmbeddingStore(tmp_path / "s", read_only=True) as st:  # refused before the store changed
         assert st.step("emb") == 4
+
+
+def _parquet(path, lines, row_group, bad_label_at=None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = [ln.split("\t") for ln in lines]
+    cols = {"label": pa.array([int(p[0]) for p in parts], pa.int8())}
+    if bad_label_at is not None:
+        cols["label"] = pa.array([2 if i == bad_label_at else int(p[0]) for i, p in enumerate(parts)], pa.int8())
+    for j in range(13):
+        cols[f"I{j + 1}"] = pa.array([int(p[1 + j]) if p[1 + j] else None for p in parts], pa.int32())
+    for j in range(26):
+        cols[f"C{j + 1}"] = pa.array([p[14 + j] or None for p in parts], pa.string())
+    cols["uid"] = pa.array(np.arange(len(parts), dtype=np.int64) * 7919)
+    pq.write_table(pa.table(cols), path, row_group_size=row_group)
+
+
+PQ_SCHEMA = Schema((), "label", CRITEO.dense, (*CRITEO.sparse, "uid"))
+
+
+def test_parquet_streams_by_row_group_with_the_loaded_readers_keys_and_resumes(tmp_path):
+    from damo_hybrid.data.parquet_stream import ParquetStream
+
+    _parquet(tmp_path / "a.parquet", _criteo_lines(1000, seed=4), row_group=170)
+    stream = ParquetStream(tmp_path / "a.parquet", PQ_SCHEMA, 128)
+    _same(stream, read_dataset(tmp_path / "a.parquet", "parquet", 128, PQ_SCHEMA))
+    batches = _all(stream)[3]
+    for k in (0, 3, 6):
+        rest = [x.sparse["uid"] for x, _ in stream.batches(batches[k][1])]
+        np.testing.assert_array_equal(np.concatenate(rest), np.concatenate([x.sparse["uid"] for x, _ in batches[k + 1:]]))
+    _parquet(tmp_path / "bad.parquet", _criteo_lines(400, seed=4), row_group=100, bad_label_at=250)
+    want = _err(lambda: read_dataset(tmp_path / "bad.parquet", "parquet", 128, PQ_SCHEMA))
+    assert want is not None and ":251:" in want
+    assert _err(lambda: _all(ParquetStream(tmp_path / "bad.parquet", PQ_SCHEMA, 128))) == want

@@ -2,8 +2,9 @@
 
 The benchmark writes its own Criteo-format file (``rows`` lines: a label, 13 counts with 20%
 missing, 26 hex ids of 1-8 characters with 10% missing; a block of distinct lines repeated, which
-changes nothing for a parser), plain and gzip, then streams each through
-:class:`~damo_hybrid.data.stream.DelimitedStream` into batches of ``batch`` rows. It reports rows/s
+changes nothing for a parser), plain, gzip and parquet (row groups of 2^20 rows), then streams
+each through :class:`~damo_hybrid.data.stream.DelimitedStream` (or
+:class:`~damo_hybrid.data.parquet_stream.ParquetStream`) into batches of ``batch`` rows. It reports rows/s
 (median of ``repeats`` passes) and the process's resident memory sampled every 2% of the file, so
 that a flat curve shows memory does not grow with the file; from rows/s it projects the full
 Criteo Kaggle set (45,840,617 rows).
@@ -19,11 +20,13 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..data.parquet_stream import ParquetStream
 from ..data.readers import FORMATS
 from ..data.stream import DelimitedStream
 from . import machine
@@ -74,13 +77,35 @@ def write_criteo_file(path: Path, rows: int, distinct: int = 100_000, seed: int 
     return written
 
 
+def write_parquet(tsv: Path, path: Path, row_group: int = 1 << 20) -> None:
+    """The Criteo TSV as parquet (label and counts as numbers, ids as strings), row groups of ``row_group`` rows."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    s = FORMATS["criteo"]
+    assert s is not None
+    types = {s.label: pa.int8(), **{c: pa.int32() for c in s.dense}, **{c: pa.string() for c in s.sparse}}
+    reader = pacsv.open_csv(tsv, read_options=pacsv.ReadOptions(column_names=list(s.columns), block_size=1 << 26),
+                            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+                            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True))
+    with pq.ParquetWriter(path, reader.schema) as w:
+        for batch in reader:
+            w.write_table(pa.Table.from_batches([batch]), row_group_size=row_group)
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _pass(path: Path, batch: int, block_mb: float, rows: int, sample: bool) -> tuple[float, list[tuple[float, float]]]:
-    stream = DelimitedStream(path, FORMATS["criteo"], batch_size=batch, block_mb=block_mb)
+    s = FORMATS["criteo"]
+    assert s is not None
+    if path.suffix == ".parquet":
+        stream: DelimitedStream = ParquetStream(path, replace(s, columns=()), batch_size=batch)
+    else:
+        stream = DelimitedStream(path, s, batch_size=batch, block_mb=block_mb)
     curve: list[tuple[float, float]] = []
     step = max(1, rows // batch // 50)
     n = 0
@@ -101,12 +126,17 @@ def run_loader_bench(rows: int = 10_000_000, batch: int = 4096, block_mb: float 
     res: dict[str, Any] = {"rows": rows, "batch": batch, "block_mb": block_mb, "machine": machine(), "formats": {}}
     d = Path(tempfile.mkdtemp(prefix="damo-loader-", dir=root))
     try:
-        for fmt in ("tsv", "tsv.gz"):
+        for fmt in ("tsv", "tsv.gz", "parquet"):
             path = d / f"criteo.{fmt}"
             t0 = time.perf_counter()
-            text_bytes = write_criteo_file(path, rows)
+            if fmt == "parquet":  # from the plain file, kept until here
+                write_parquet(d / "criteo.tsv", path)
+                (d / "criteo.tsv").unlink()
+                text_bytes = 0
+            else:
+                text_bytes = write_criteo_file(path, rows)
             log(f"wrote {path.name}: {rows:,} rows, {path.stat().st_size / 2**20:,.0f} MiB on disk "
-                f"({text_bytes / 2**20:,.0f} MiB of text) in {time.perf_counter() - t0:.0f} s")
+                + (f"({text_bytes / 2**20:,.0f} MiB of text) " if text_bytes else "") + f"in {time.perf_counter() - t0:.0f} s")
             rss0 = _rss_mb()
             rates, curve = [], []
             for r in range(repeats):
@@ -122,7 +152,8 @@ def run_loader_bench(rows: int = 10_000_000, batch: int = 4096, block_mb: float 
             log(f"{fmt}: {med:,.0f} rows/s (median of {repeats}), RSS {rss0:,.0f} MiB before, {first:,.0f} at 10% "
                 f"of the file, peak {peak:,.0f} (growth {peak - first:+,.0f} MiB from 10% to the end); "
                 f"the Criteo Kaggle set's {KAGGLE_ROWS:,} rows would take {KAGGLE_ROWS / med / 60:,.1f} min")
-            path.unlink()
+            if fmt != "tsv":
+                path.unlink()
     finally:
         shutil.rmtree(d, ignore_errors=True)
     return res

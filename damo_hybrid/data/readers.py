@@ -455,6 +455,15 @@ def _read_parquet(path: Path, batch_size: int, s: Schema) -> TabularData:
         table = pq.read_table(path, columns=want)
     except Exception as e:  # pyarrow raises several types for a bad file or missing column
         raise ValueError(f"{path}: cannot read columns {want} as parquet: {e}") from e
+    return parquet_table(path, table, batch_size, s)
+
+
+def parquet_table(path: Path, table: Any, batch_size: int, s: Schema, allow_empty: bool = False,
+                  first_row: int = 0) -> TabularData:
+    """Convert an Arrow table of a parquet file's schema columns (the whole file, or one row group
+    of a stream, whose first row is row ``first_row + 1`` of the file in errors): integer id
+    columns without nulls are hashed as ints, others as strings."""
+    want = [s.label, *s.dense, *s.sparse]
     cols: dict[str, Any] = {}
     ints: set[str] = set()
     for c in want:
@@ -466,7 +475,9 @@ def _read_parquet(path: Path, batch_size: int, s: Schema) -> TabularData:
         else:
             cols[c] = col.to_pylist()
     schema = replace(s, int_sparse=tuple(c for c in s.sparse if c in ints or c in s.int_sparse))
-    return _assemble(path, batch_size, schema, cols, _Rows(path, s.on_error))
+    rows = _Rows(path, s.on_error)
+    rows.lines = list(range(first_row + 1, first_row + table.num_rows + 1))
+    return _assemble(path, batch_size, schema, cols, rows, allow_empty)
 
 
 def _is_int_type(t: Any) -> bool:

@@ -230,15 +230,7 @@ class DelimitedStream:
         rows = 0
         for fi, off, ln, raw, nlines, table in _ahead(self._tables(start), depth=2):
             block = self._convert_table(self.paths[fi], raw, ln, off == 0, table)
-            at_start = (fi, off) == (start.file, start.offset)
-            if at_start or off == 0:
-                rows = start.rows if at_start else 0
-            first, rows = rows, rows + len(block)
-            if self.holdout is not None:
-                block = block.take(self.holdout.keep(fi, first, len(block)))
-            skip = start.row if at_start else 0
-            if skip:
-                block = block.take(slice(skip, None))
+            block, skip, first, rows = self._frame(start, fi, off, block, rows)
 
             def after(used: int, fi: int = fi, off: int = off, ln: int = ln, n: int = len(block) + skip,
                       base: int = skip, raw_len: int = len(raw), nl: int = nlines, first: int = first,
@@ -247,6 +239,26 @@ class DelimitedStream:
                     return Position(fi, off + raw_len, ln + nl, 0, rows)
                 return Position(fi, off, ln, used + base, first)
             yield block, after
+
+    def _frame(self, start: Position, fi: int, off: int, block: _Block, rows: int) -> tuple[_Block, int, int, int]:
+        """A block at ``(file, offset)`` with the held-out split and the resume skip applied.
+
+        Args:
+            rows: rows of the file before the block (its first row's ordinal, for the split);
+                restarts at each file's first block (``offset`` 0) and at ``start``.
+        Returns:
+            ``(block, rows skipped, its first row's ordinal, rows of the file after it)``.
+        """
+        at_start = (fi, off) == (start.file, start.offset)
+        if at_start or off == 0:
+            rows = start.rows if at_start else 0
+        first, rows = rows, rows + len(block)
+        if self.holdout is not None:
+            block = block.take(self.holdout.keep(fi, first, len(block)))
+        skip = start.row if at_start else 0
+        if skip:
+            block = block.take(slice(skip, None))
+        return block, skip, first, rows
 
     def _tables(self, start: Position) -> Iterator[tuple[int, int, int, bytes, int, object]]:
         """``(file, offset, line, raw bytes, newlines, Arrow table or None)`` of each block."""
@@ -327,10 +339,10 @@ class DelimitedStream:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError):
             return None
 
-    def _fast(self, t: object) -> _Block | None:
+    def _fast(self, t: object, schema: Schema | None = None) -> _Block | None:
         """A parsed block's keys, dense features and labels, or None if any row needs the line
-        reader's judgement."""
-        s = self.schema
+        reader's judgement (``schema``: the stream's, or one naming other int id columns)."""
+        s = schema or self.schema
         if not t.num_columns:  # type: ignore[attr-defined]
             return _Block({f: np.zeros(0, np.uint64) for f in self.sparse_fields},
                           np.zeros((0, len(self.dense_fields)), np.float32), np.zeros(0, np.float32))
