@@ -2,10 +2,8 @@
 
 :class:`EmbeddingStore` is the facade users hold. It owns, per store:
 
-- the storage (RocksDB, or the in-memory reference) and its row I/O
-  (:mod:`damo_hybrid.storage`);
-- the table registry: one :class:`~damo_hybrid.rows.table.Table` per table, which owns that
-  table's global step and learning-rate schedule;
+- the storage (RocksDB, or the in-memory reference) and its row I/O (:mod:`damo_hybrid.storage`);
+- the table registry: one :class:`~damo_hybrid.rows.table.Table` per table (its global step);
 - at most one :class:`~damo_hybrid.cache.tiers.TableTiers` per table (host tier, optional
   device tier, writer), created by :meth:`EmbeddingStore.cache` and shared by every
   collection, model and trainer over the table.
@@ -19,15 +17,15 @@ Layout of a store directory::
 
     meta.json          tables (id, config, global step, row count), format, TTL mode
     admission/<id>.npy counting-Bloom counters of tables with admission
+    keyfilter/         each table's record of stored keys (saved at close and in checkpoints)
     db/                the RocksDB database (rows)
 
-RocksDB's own LOCK file makes a second writer fail with
-:class:`~damo_hybrid.errors.StoreLockedError`. A crash loses at most the updates still in
-the cache tiers, the global steps, row counts and admission counts since the last
-``flush()``/``checkpoint()``; rows written to RocksDB are in its write-ahead log.
+RocksDB's own LOCK file makes a second writer fail with :class:`~damo_hybrid.errors.StoreLockedError`.
+A crash loses at most the updates still in the cache tiers, the global steps, row counts and
+admission counts since the last ``flush()``/``checkpoint()``; rows in RocksDB are in its WAL.
 
-Thread safety: one store may be shared between threads; every public method takes the
-store's lock, and each table's tiers have their own (see :mod:`damo_hybrid.cache.tiers`).
+Thread safety: one store may be shared between threads; every public method takes the store's
+lock, and each table's tiers have their own (:mod:`damo_hybrid.cache.tiers`).
 """
 
 from __future__ import annotations
@@ -66,6 +64,7 @@ from .storage.meta import (
     load_tables,
     open_filters,
     read_meta,
+    recount_rows,
     write_meta,
 )
 from .storage.rocksdb import RocksDBStorage
@@ -168,7 +167,7 @@ class EmbeddingStore(StoreMaintenance):
                 check_ttl(meta, self.root, config.ttl_seconds)
             self._tables, self._next_id, _ = load_tables(meta, tables, self.root, config.allow_config_change)
             self._filters = open_filters(self._storage, self._tables.values(), meta, self.root,
-                                         config.key_filter_mb << 20, read_only)
+                                         config.key_filter_mb << 20, read_only, trust_saved=storage is None)
             if not read_only:
                 self._write_meta()  # marks the store live until close()
         except BaseException:
@@ -246,9 +245,10 @@ class EmbeddingStore(StoreMaintenance):
                 self._tables[config.name] = Table(old.id, config, old.step, old.rows,
                                                   old.filter.counters if old.filter and config.admission else None)
             else:
-                self._tables[config.name] = Table(self._next_id, config)
-                if self.config.key_filter_mb:  # a new table: nothing stored yet
-                    self._filters[self._next_id] = StoredKeyFilter(self.config.key_filter_mb << 20)
+                t = self._tables[config.name] = Table(self._next_id, config)
+                if self.config.key_filter_mb:  # rows may sit under this id (a storage handed in): scan it
+                    self._filters[t.id] = StoredKeyFilter(self.config.key_filter_mb << 20)
+                    recount_rows(self._storage, [t], self._filters)
                 self._next_id += 1
             self._write_meta()
 
@@ -273,7 +273,7 @@ class EmbeddingStore(StoreMaintenance):
             name -> :class:`~damo_hybrid.cache.tiers.TableTiers`.
         Raises:
             ConfigConflictError: a table is cached already on another device (or without one).
-            ValueError: a table with admission (not cached yet), or a bad budget.
+            ValueError: a bad budget.
         """
         with self._lock:
             self._check_open()

@@ -152,3 +152,40 @@ def test_evaluating_during_training_changes_nothing_and_leaves_training_mode(tmp
     assert evals == [2, 4, 6]
     for a, b in zip(out[0], out[1]):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_stored_row_is_admitted_whatever_its_count(tmp_path, cached):
+    """Review finding: turning admission on later (or counters rolled back by a crash) left stored
+    rows out of training while lookup served them."""
+    keys = np.array([1, 2, 3], np.uint64)
+    plain = TableConfig("t", 4, optimizer=OptimizerConfig.sgd(0.1))
+    with EmbeddingStore(tmp_path / "s", [plain]) as st:
+        st.apply_gradients("t", keys, np.ones((3, 4), np.float32))
+    adm = TableConfig("t", 4, optimizer=OptimizerConfig.sgd(0.1), admission=AdmissionConfig(min_count=3))
+    with EmbeddingStore(tmp_path / "s", [adm], StoreConfig(allow_config_change=True)) as st:
+        before = st.lookup("t", keys)
+        if cached:
+            coll = EmbeddingCollection(st, [Feature("f", "t")], backend="cpu")
+            out = coll({"f": keys})["f"]
+            np.testing.assert_array_equal(out.detach().numpy(), before)  # trained on what is served
+            out.sum().backward()
+            coll.apply_gradients()
+        else:
+            st.apply_gradients("t", keys, np.ones((3, 4), np.float32))
+        np.testing.assert_allclose(st.lookup("t", keys), before - 0.1)
+        assert st.stats().dropped_unadmitted == 0
+
+
+def test_no_grad_forwards_and_eval_batches_do_not_admit(tmp_path):
+    with EmbeddingStore(tmp_path / "s", [_table("zeros")]) as st:
+        coll = EmbeddingCollection(st, [Feature("f", "t")], backend="cpu")
+        k = {"f": np.array([9, 9, 9, 9], np.uint64)}  # min_count 3 reached within the batch itself
+        with torch.no_grad():
+            assert not coll(k)["f"].any()  # inference in training mode: asked, not counted, zeros
+        coll.eval()
+        assert not coll(k)["f"].any()
+        coll.train()
+        assert st.table("t").filter.count(np.array([9], np.uint64))[0] == 0
+        assert coll(k)["f"].all()  # a training batch with 4 occurrences admits it
+        coll.release()

@@ -174,3 +174,28 @@ def test_a_storage_handed_in_with_rows_is_scanned():
 def test_key_filter_mb_is_validated():
     with pytest.raises(ValueError, match="key_filter_mb"):
         StoreConfig(key_filter_mb=-1)
+
+
+def test_a_table_added_later_over_stored_rows_finds_them():
+    """Review finding: add_table gave a new table an empty filter, hiding rows its id already held."""
+    storage = MemoryStorage()
+    a, b = TableConfig("a", 4), TableConfig("b", 4)
+    keys = np.arange(5, dtype=np.uint64)
+    with EmbeddingStore(None, [a, b], StoreConfig(key_filter_mb=0), storage=storage) as s:
+        s.apply_gradients("b", keys, np.ones((5, 4), np.float32))
+        want = s.lookup("b", keys)
+    storage._closed = False
+    with EmbeddingStore(None, [a], storage=storage) as s:
+        s.add_table(b)
+        np.testing.assert_array_equal(s.lookup("b", keys), want)
+        assert s.count_rows("b") == 5
+
+
+def test_an_unreadable_filter_file_is_rebuilt_not_fatal(tmp_path):
+    keys = np.arange(10, dtype=np.uint64)
+    with EmbeddingStore(tmp_path / "s", [T]) as s:
+        s.apply_gradients("emb", keys, np.ones((10, 4), np.float32))
+    for p in (tmp_path / "s" / FILTER_DIR).iterdir():
+        p.write_bytes(b"")
+    with EmbeddingStore(tmp_path / "s", [T]) as s:
+        np.testing.assert_array_equal(s.lookup("emb", keys), _weights_after_one_step(keys))

@@ -128,13 +128,22 @@ class TableTiers:
             seen = None
             if t.filter is not None:  # admission: counted once the step is stored, as without a cache
                 seen = ukeys, np.bincount(inv, minlength=len(ukeys))
-                admitted = t.admit(*seen, count=False)
+                admitted = self.admitted(ukeys, t.admit(*seen, count=False))
                 ukeys, g = ukeys[admitted], g[admitted]
             kept = self._step_unique(ukeys, g, lr, check)
             if seen is not None:
                 t.filter.add(*seen)
                 t.counters.dropped_unadmitted += len(seen[0]) - len(ukeys)
             return kept
+
+    def admitted(self, keys: np.ndarray, by_count: np.ndarray) -> np.ndarray:
+        """``by_count`` (bool, the counting filter's verdict on ``keys``) with every key that holds a
+        stored or updated row let in too: a row that exists is trained and served alike, whatever
+        its count (after a crash rolled counters back, or admission was turned on later)."""
+        out = by_count.copy()
+        if not out.all():
+            out[~out] = self.read_rows(keys[~out])[1]
+        return out
 
     def _step_unique(self, ukeys: np.ndarray, g: np.ndarray, lr: float, check: Callable) -> list[np.ndarray | None]:
         """:meth:`step_rows` of distinct keys, under both locks."""

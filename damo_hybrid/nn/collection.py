@@ -46,7 +46,6 @@ from ..cache.tiers import TableTiers
 from ..errors import DamoHybridError, StoreClosedError
 from ..keys.hashing import as_keys
 from ..ops import Backend, resolve_backend
-from ..rows.table import Table
 from ..store import EmbeddingStore
 from ..timing import CLOCK
 from .gather import TableOutput, split_gather
@@ -212,6 +211,9 @@ class EmbeddingCollection(torch.nn.Module):
             per_table.setdefault(f.table, []).append((f, keys, offs))
         tables: dict[str, _TableBatch] = {}
         dedup: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+        # admission counts a training batch (not an eval or no-grad forward: grad mode is per thread)
+        counting = self.training and torch.is_grad_enabled()
+        counts: list[tuple[TableTiers, tuple[np.ndarray, np.ndarray]]] = []
         try:
             for t, items in per_table.items():
                 # tables fed by the very same key arrays (DeepFM's emb and lin) share one de-duplication
@@ -235,7 +237,9 @@ class EmbeddingCollection(torch.nn.Module):
                 with tiers.lock:
                     if tiers.closed:
                         raise StoreClosedError(f"the store holding table {t!r} is closed")
-                    admitted, side = self._admit(tiers.table, ukeys, inv)
+                    admitted, side, seen = self._admit(tiers, ukeys, inv, counting)
+                    if seen is not None:
+                        counts.append((tiers, seen))
                     res = ukeys if admitted is None else ukeys[admitted]
                     if tiers.device is not None:
                         db = tiers.device.prepare(res, arrays)
@@ -257,23 +261,33 @@ class EmbeddingCollection(torch.nn.Module):
             for tb in tables.values():
                 self._unpin(tb)
             raise
+        for tiers, (keys, occ) in counts:  # counted once every table of the batch is resident
+            with tiers.lock:
+                tiers.table.filter.add(keys, occ)  # type: ignore[union-attr]
         return PreparedBatch(int(batch_size or 0), tables)
 
-    def _admit(self, table: Table, ukeys: np.ndarray, inv: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Admission of a batch's distinct keys, counted in batch order (prepare's order, the same
-        pipelined or not) for a training batch, only asked for in eval.
+    @staticmethod
+    def _admit(tiers: TableTiers, ukeys: np.ndarray, inv: np.ndarray, counting: bool
+               ) -> tuple[np.ndarray | None, np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
+        """Admission of a batch's distinct keys: a training batch's own occurrences count (added
+        by :meth:`prepare` once the batch is resident, in batch order, so a pipelined run counts
+        as the sequential one); an eval batch only asks. A key with a stored row is in.
 
         Returns:
-            ``(admitted bool (U,), rows of the others)``, or ``(None, None)`` when every key is in.
+            ``(admitted bool (U,), rows of the others, (keys, occurrences) to count)``; the first
+            two are None when every key is in.
         """
+        table = tiers.table
         if table.filter is None:
-            return None, None
-        admitted = table.admit(ukeys, np.bincount(inv, minlength=len(ukeys)), count=self.training)
-        if admitted is None or admitted.all():
-            return None, None
+            return None, None, None
+        occ = np.bincount(inv, minlength=len(ukeys)) if counting else np.zeros(len(ukeys), np.int64)
+        admitted = tiers.admitted(ukeys, table.admit(ukeys, occ, count=False))  # type: ignore[arg-type]
+        seen = (ukeys, occ) if counting else None
+        if admitted.all():
+            return None, None, seen
         out = ukeys[~admitted]
         side = np.zeros((len(out), table.dim), np.float32) if table.unadmitted_zeros else table.init(out)
-        return admitted, side
+        return admitted, side, seen
 
     # -------------------------------------------------------------- stage 3
     def forward(self, batch: PreparedBatch | Mapping[str, FeatureInput]) -> dict[str, torch.Tensor]:

@@ -300,6 +300,7 @@ class Trainer:
             eval_every: evaluate on at most :attr:`EVAL_EVERY_BATCHES` held-out batches whenever
                 the global step is a multiple of this, calling ``on_eval(step, auc, logloss)``.
         """
+        self.model.train()  # before the host thread's first prepare (admission counts training batches)
         t0 = time.perf_counter()
         samples0, step0 = self.samples, self.step
         losses: list[float] = []

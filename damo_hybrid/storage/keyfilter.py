@@ -135,7 +135,7 @@ class StoredKeyFilter:
         try:
             words = np.load(path, allow_pickle=False)
             return cls(max_bytes, words)
-        except (OSError, ValueError, DamoHybridError):
+        except Exception:  # missing, empty, truncated or foreign: rebuilt from a scan
             return None
 
 

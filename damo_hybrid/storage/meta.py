@@ -232,21 +232,22 @@ def recount_rows(storage: Storage, tables: Iterable[Table], filters: dict[int, S
 
 
 def open_filters(storage: Storage, tables: Iterable[Table], meta: dict[str, Any] | None, root: Path | None,
-                 max_bytes: int, read_only: bool) -> dict[int, StoredKeyFilter]:
+                 max_bytes: int, read_only: bool, trust_saved: bool = True) -> dict[int, StoredKeyFilter]:
     """Bring the registry up to date with the storage at open: the row counts after an unclean
     shutdown, and each table's stored-key filter (see :mod:`~damo_hybrid.storage.keyfilter`).
 
     A filter saved with a clean registry is loaded; any other (a crash, a store or checkpoint
     written before filters, a storage handed in) is rebuilt from a scan of the table's keys. A
     reader (``read_only``) does without the filters it cannot load rather than scan, and
-    ``max_bytes`` 0 turns them off.
+    ``max_bytes`` 0 turns them off. ``trust_saved`` False (a storage handed in, whose rows the
+    saved files may not describe) always rebuilds.
 
     Returns:
         table id -> its filter.
     """
     tables = list(tables)
     live = meta is not None and bool(meta.get("live"))
-    token = meta.get("key_filter") if meta is not None and not live else None
+    token = meta.get("key_filter") if meta is not None and not live and trust_saved else None
     filters: dict[int, StoredKeyFilter] = {}
     rebuild: list[Table] = []
     for t in tables:

@@ -152,6 +152,8 @@ class RowIO:
         if t.filter is not None:
             occurrences = np.bincount(inv, minlength=len(ukeys))
             admitted = t.filter.count(ukeys) + occurrences >= t.min_count
+            if not admitted.all():  # a key whose row is stored is in, whatever its count says
+                admitted[~admitted] = self.read(t, ukeys[~admitted])[1]
             if not admitted.all():
                 unadmitted = int(np.count_nonzero(~admitted))
                 wkeys, g = ukeys[admitted], g[admitted]
