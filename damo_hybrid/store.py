@@ -432,13 +432,13 @@ class EmbeddingStore(StoreMaintenance):
                 return
             if not self.read_only:
                 self._caches.flush()  # on failure: still open, rows still in memory
+            self._caches.seal()  # nothing changes a row after this: the key filters saved next hold
             try:
                 if not self.read_only:
                     self._storage.flush()
                     self._write_meta(live=False)
             except BaseException:
-                # the first error is the one to report; the handle is released either way
-                # (rows written to RocksDB are in its write-ahead log)
+                # the first error is the one to report; the handle is released either way (rows are in the WAL)
                 self._closed = True
                 try:
                     self._storage.close()

@@ -199,3 +199,27 @@ def test_an_unreadable_filter_file_is_rebuilt_not_fatal(tmp_path):
         p.write_bytes(b"")
     with EmbeddingStore(tmp_path / "s", [T]) as s:
         np.testing.assert_array_equal(s.lookup("emb", keys), _weights_after_one_step(keys))
+
+
+def test_nothing_prepares_once_close_has_flushed(tmp_path, monkeypatch):
+    """Review finding: close() saved the key filters while another thread could still prepare a
+    batch (and a later write-back could put a row the saved filter does not hold)."""
+    from damo_hybrid.errors import StoreClosedError
+    from damo_hybrid.nn import EmbeddingCollection, Feature
+
+    s = EmbeddingStore(tmp_path / "s", [T])
+    coll = EmbeddingCollection(s, [Feature("f", "emb")], backend="cpu")
+    seen = []
+    real = s._storage.flush
+
+    def late_prepare():  # another thread's host manager, at the worst moment of close()
+        try:
+            coll.prepare({"f": np.array([1, 2], np.uint64)})
+            seen.append("prepared")
+        except StoreClosedError:
+            seen.append("refused")
+        real()
+
+    monkeypatch.setattr(s._storage, "flush", late_prepare)
+    s.close()
+    assert seen == ["refused"]

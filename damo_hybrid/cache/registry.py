@@ -141,6 +141,14 @@ class TierRegistry:
     def stats(self) -> dict[str, tuple[CacheStats, CacheStats | None]]:
         return {n: tr.stats() for n, tr in self._tiers.items()}
 
+    def seal(self) -> None:
+        """Mark every tier closed under its locks (at close, once flushed, before the registry and
+        the key filters are saved): a batch still being prepared or committed in another thread
+        then fails loudly instead of changing rows after the last save."""
+        for tiers in self._tiers.values():
+            with tiers.lock, tiers.step_lock:
+                tiers.closed = True
+
     def clear(self) -> None:
         """Close and forget every tier (after a successful flush, at close): a collection that
         still holds one gets StoreClosedError instead of training rows nobody will write."""

@@ -397,6 +397,9 @@ class EmbeddingCollection(torch.nn.Module):
                       if tb.leaf is not None and tb.leaf.grad is not None]
             for t, kept, commit in staged:
                 with self.tiers[t].step_lock:
+                    if self.tiers[t].closed:  # closed while this batch was staged: say so, store nothing
+                        raise StoreClosedError(f"the store holding table {t!r} was closed during this step: "
+                                               "its updates were not stored")
                     commit()
                 table = self.tiers[t].table
                 table.count_dropped(*kept)
