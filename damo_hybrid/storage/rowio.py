@@ -146,24 +146,24 @@ class RowIO:
             NonFiniteUpdateError: a stepped row overflowed under the ``raise`` policy; nothing changed.
         """
         ukeys, inv, g = sum_by_key(keys, grads)
-        occurrences = None
-        wkeys = ukeys
-        unadmitted = 0
+        occurrences = by_count = None
         if t.filter is not None:
             occurrences = np.bincount(inv, minlength=len(ukeys))
-            admitted = t.filter.count(ukeys) + occurrences >= t.min_count
-            if not admitted.all():  # a key whose row is stored is in, whatever its count says
-                admitted[~admitted] = self.read(t, ukeys[~admitted])[1]
-            if not admitted.all():
-                unadmitted = int(np.count_nonzero(~admitted))
-                wkeys, g = ukeys[admitted], g[admitted]
+            by_count = t.filter.count(ukeys) + occurrences >= t.min_count
         keep = None
+        unadmitted = 0
         with self.lock:
+            now = int(time.time())
+            stored, found = self.read(t, ukeys)  # one read: the rows, and which keys are stored
+            rows = Rows.empty(len(ukeys), t.dim, t.width)
+            rows.put(found, stored)
+            wkeys = ukeys
+            if by_count is not None:
+                admitted = by_count | found  # a key whose row is stored is in, whatever its count says
+                if not admitted.all():
+                    unadmitted = int(np.count_nonzero(~admitted))
+                    wkeys, g, rows, found = ukeys[admitted], g[admitted], rows.take(admitted), found[admitted]
             if len(wkeys):
-                now = int(time.time())
-                stored, found = self.read(t, wkeys)
-                rows = Rows.empty(len(wkeys), t.dim, t.width)
-                rows.put(found, stored)
                 t.new_rows(rows, wkeys, ~found, now)
                 t.step_rows(rows, g, lr, now)
                 keep = t.check_results(wkeys, rows.weights, rows.state)
@@ -174,7 +174,6 @@ class RowIO:
                 assert occurrences is not None
                 t.filter.add(ukeys, occurrences)
                 t.counters.dropped_unadmitted += unadmitted
-                t.counters.misses += unadmitted
         return keep
 
     def bind(self, t: Table) -> TableIO:
