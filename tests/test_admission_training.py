@@ -189,3 +189,12 @@ def test_no_grad_forwards_and_eval_batches_do_not_admit(tmp_path):
         assert st.table("t").filter.count(np.array([9], np.uint64))[0] == 0
         assert coll(k)["f"].all()  # a training batch with 4 occurrences admits it
         coll.release()
+
+
+def test_a_refused_key_is_read_once_and_counted_as_one_miss(tmp_path):
+    """The bare store's step read the keys its count refused a second time (to see if they are
+    stored), counting each one's miss twice."""
+    with EmbeddingStore(tmp_path / "s", [_table()]) as st:
+        st.apply_gradients("t", np.arange(10, dtype=np.uint64), np.ones((10, 4), np.float32))
+        s = st.stats()
+        assert (s.misses, s.hits, s.dropped_unadmitted) == (10, 0, 10)
