@@ -166,3 +166,34 @@ def test_sigterm_stops_flushes_and_exits_143(tmp_path, with_store):
             assert s.count_rows("emb") > 0 and s.step("emb") > 0
     else:
         assert not list(tmp_path.glob("damo-train-*")), "the temporary store was not removed"
+
+
+def test_a_run_cut_off_before_its_first_checkpoint_resumes_from_its_start(tmp_path, monkeypatch, capsys):
+    """Killed after the first checkpoint had flushed rows into the store but before it was complete,
+    a run left a store changed by its first steps and no checkpoint: resume used to start from step
+    0 on those rows (every row of the first batches stepped twice). A run with checkpoints now saves
+    its starting state first, and resume restores it."""
+    import damo_hybrid.pipeline.trainer as trainer_mod
+    from damo_hybrid.cli import main
+
+    ref, victim = tmp_path / "ref", tmp_path / "victim"
+    argv = list(ARGS)
+    assert main(argv + ["--store", str(ref)]) == 0
+    real = trainer_mod.save_training_checkpoint
+
+    def cut_off(root, step, store, state):
+        if step == 5:  # the caches are flushed into the store; then the process dies
+            raise KeyboardInterrupt
+        return real(root, step, store, state)
+
+    monkeypatch.setattr(trainer_mod, "save_training_checkpoint", cut_off)
+    assert main(argv + ["--store", str(victim)]) == 130  # "interrupted"
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(argv + ["--store", str(victim), "--resume"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    a, b = _rows(ref), _rows(victim)
+    for t in a:
+        np.testing.assert_array_equal(a[t][0], b[t][0])
+        np.testing.assert_allclose(a[t][1].weights, b[t][1].weights, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(a[t][1].count, b[t][1].count)

@@ -28,7 +28,7 @@ from ..data.synthetic import Batch
 from ..errors import NonFiniteGradientError
 from ..nn.collection import PreparedBatch
 from ..timing import CLOCK
-from .checkpoint import prune_checkpoints, save_training_checkpoint
+from .checkpoint import latest_checkpoint, prune_checkpoints, save_training_checkpoint
 from .stages import Pipeline, PipelineStats
 
 __all__ = ["Trainer", "StageTimes", "TrainSummary"]
@@ -215,6 +215,10 @@ class Trainer:
              losses: list[float], checkpoint_every: int = 0, checkpoint_dir: str | os.PathLike[str] | None = None,
              eval_every: int = 0, on_eval: Callable[[int, float, float], None] | None = None) -> None:
         end = self.step + steps
+        if checkpoint_every and checkpoint_dir is not None and latest_checkpoint(checkpoint_dir) is None:
+            # the starting state first: a run killed before its first periodic checkpoint was
+            # complete may have changed the store (that checkpoint's flush), so resuming needs it
+            self.checkpoint(checkpoint_dir)
         while self.step < end:
             # checkpoints and evaluations fall between pipeline runs: no stage is in flight then
             seg = end - self.step
@@ -296,7 +300,8 @@ class Trainer:
                 (:class:`~damo_hybrid.pipeline.Pipeline`); ``False`` is the sequential
                 reference loop. Both give the same weights.
             checkpoint_every: write a checkpoint whenever the global step is a multiple of this.
-            checkpoint_dir: where (``step-<N>`` directories; the two newest are kept).
+            checkpoint_dir: where (``step-<N>`` directories; the two newest are kept). Where it
+                holds no complete checkpoint yet, the starting state is saved first.
             eval_every: evaluate on at most :attr:`EVAL_EVERY_BATCHES` held-out batches whenever
                 the global step is a multiple of this, calling ``on_eval(step, auc, logloss)``.
         """
