@@ -17,11 +17,15 @@ Example:
 from __future__ import annotations
 
 import enum
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .checks import finite as _finite
+from .checks import non_negative as _non_negative
+from .checks import positive as _positive
+from .checks import unit_interval as _unit_interval
 
 __all__ = [
     "InitializerKind",
@@ -38,29 +42,6 @@ __all__ = [
 ]
 
 _TABLE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
-
-
-def _finite(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-
-
-def _positive(name: str, value: float) -> None:
-    _finite(name, value)
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-
-
-def _non_negative(name: str, value: float) -> None:
-    _finite(name, value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-
-
-def _unit_interval(name: str, value: float) -> None:
-    _finite(name, value)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 
 class InitializerKind(str, enum.Enum):
@@ -414,7 +395,13 @@ class StoreConfig:
         bloom_bits_per_key: RocksDB bloom filter bits, making "is this key on
             disk at all?" cheap for never-seen keys.
         background_jobs: RocksDB flush/compaction threads.
-        sync_writes: fsync the write-ahead log on every write (slow, safest).
+        sync_writes: fsync the write-ahead log on every write (slow, safest); implies
+            ``write_ahead_log``.
+        write_ahead_log: also log the caches' write-backs (evicted dirty rows) in RocksDB's
+            write-ahead log. Off (the default), they reach disk when the memtable fills
+            and at every flush, checkpoint and close; a crash loses the ones since, as it
+            loses the dirty rows still cached, and only a checkpoint restores a consistent
+            state either way. Writes that bypass the caches are always logged.
         mmap_reads: read SST files through mmap (no copy per block read;
             about 2x faster random lookups when the files sit in the page cache).
         read_threads: threads that split a large multi-get (rocksdict releases
@@ -445,6 +432,7 @@ class StoreConfig:
     bloom_bits_per_key: int = 10
     background_jobs: int = 2
     sync_writes: bool = False
+    write_ahead_log: bool = False
     mmap_reads: bool = True
     read_threads: int = 0
     cache_mb: float = 256.0
@@ -457,23 +445,16 @@ class StoreConfig:
         _positive("cache_mb", self.cache_mb)
         if self.device_cache_mb is not None:
             _positive("device_cache_mb", self.device_cache_mb)
-        if not isinstance(self.min_cache_rows, int) or isinstance(self.min_cache_rows, bool) or self.min_cache_rows < 1:
-            raise ValueError(f"min_cache_rows must be an int >= 1, got {self.min_cache_rows!r}")
-        if not isinstance(self.read_threads, int) or self.read_threads < 0:
-            raise ValueError(f"read_threads must be an int >= 0, got {self.read_threads!r}")
         if self.ttl_seconds is not None and (not isinstance(self.ttl_seconds, int) or self.ttl_seconds < 1):
             raise ValueError(f"ttl_seconds must be None or an int >= 1, got {self.ttl_seconds!r}")
-        for n in ("sync_writes", "mmap_reads", "allow_config_change"):
+        for n in ("sync_writes", "write_ahead_log", "mmap_reads", "allow_config_change"):
             if not isinstance(getattr(self, n), bool):
                 raise TypeError(f"{n} must be a bool, got {getattr(self, n)!r}")
-        for n in ("block_cache_mb", "write_buffer_mb", "background_jobs"):
+        for n, lo in (("min_cache_rows", 1), ("block_cache_mb", 1), ("write_buffer_mb", 1), ("background_jobs", 1),
+                      ("read_threads", 0), ("key_filter_mb", 0), ("bloom_bits_per_key", 0)):
             v = getattr(self, n)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{n} must be an int >= 1, got {v!r}")
-        if not isinstance(self.key_filter_mb, int) or isinstance(self.key_filter_mb, bool) or self.key_filter_mb < 0:
-            raise ValueError(f"key_filter_mb must be an int >= 0, got {self.key_filter_mb!r}")
-        if not isinstance(self.bloom_bits_per_key, int) or self.bloom_bits_per_key < 0:
-            raise ValueError(f"bloom_bits_per_key must be an int >= 0, got {self.bloom_bits_per_key!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{n} must be an int >= {lo}, got {v!r}")
 
 
 def _enums_to_str(obj: Any) -> Any:

@@ -173,7 +173,7 @@ class EmbeddingStore(StoreMaintenance):
         except BaseException:
             self._storage.close()
             raise
-        self._io = RowIO(self._storage, self._filters)
+        self._io = RowIO(self._storage, self._filters, config.write_ahead_log or config.sync_writes)
         self._caches = TierRegistry(self._io, config)
 
     # --------------------------------------------------------------- registry

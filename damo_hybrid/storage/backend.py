@@ -50,8 +50,9 @@ class Storage(Protocol):
         """Values of ``keys`` (uint64 (N,)); ``None`` where absent."""
         ...
 
-    def put(self, table_id: int, keys: np.ndarray, values: list[bytes]) -> None:
-        """Write N values atomically (all or nothing)."""
+    def put(self, table_id: int, keys: np.ndarray, values: list[bytes], log: bool = True) -> None:
+        """Write N values atomically (all or nothing). ``log=False``: the write may skip the
+        write-ahead log, so that it is durable only from the next :meth:`flush` on."""
         ...
 
     def delete(self, table_id: int, keys: np.ndarray) -> None:
@@ -117,7 +118,7 @@ class MemoryStorage:
             t = self._t(table_id)
             return [t.get(k) for k in keys.tolist()]
 
-    def put(self, table_id: int, keys: np.ndarray, values: list[bytes]) -> None:
+    def put(self, table_id: int, keys: np.ndarray, values: list[bytes], log: bool = True) -> None:
         with self._lock:
             self._t(table_id).update(zip(keys.tolist(), values))
 

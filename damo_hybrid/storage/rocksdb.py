@@ -93,6 +93,11 @@ class RocksDBStorage:
             raise _translate(e, path, "open") from e
         self._wopt = rocksdict.WriteOptions()
         self._wopt.sync = config.sync_writes
+        # write-backs the caches hold anyway until a flush: RocksDB's memtable, not its log too
+        self._wopt_unlogged = self._wopt
+        if not (config.write_ahead_log or config.sync_writes):
+            self._wopt_unlogged = rocksdict.WriteOptions()
+            self._wopt_unlogged.disable_wal = True
         self._closed = False
         threads = config.read_threads or min(4, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="damo-read") if threads > 1 else None
@@ -122,14 +127,14 @@ class RocksDBStorage:
         except Exception as e:
             raise _translate(e, self.path, "read") from e
 
-    def put(self, table_id: int, keys: np.ndarray, values: list[bytes]) -> None:
+    def put(self, table_id: int, keys: np.ndarray, values: list[bytes], log: bool = True) -> None:
         db = self.db
         wb = rocksdict.WriteBatch(raw_mode=True)
         # map() keeps the per-row loop in C
         for _ in map(wb.put, encode_keys(table_id, keys), values):
             pass
         try:
-            db.write(wb, self._wopt)
+            db.write(wb, self._wopt if log else self._wopt_unlogged)
         except Exception as e:
             raise _translate(e, self.path, "write") from e
 

@@ -38,10 +38,14 @@ class RowIO:
     Args:
         storage: the backend.
         stored: table id -> the keys it may have stored (a table without one reads every key).
+        log_write_backs: the caches' write-backs go through the storage's write-ahead log too
+            (``StoreConfig.write_ahead_log``); direct writes always do.
     """
 
-    def __init__(self, storage: Storage, stored: dict[int, StoredKeyFilter] | None = None) -> None:
+    def __init__(self, storage: Storage, stored: dict[int, StoredKeyFilter] | None = None,
+                 log_write_backs: bool = True) -> None:
         self.storage = storage
+        self.log_write_backs = log_write_backs
         self.lock = threading.RLock()
         self.stored = stored if stored is not None else {}
 
@@ -75,13 +79,14 @@ class RowIO:
             t.counters.misses += len(keys) - nf
         return rows, found
 
-    def write(self, t: Table, keys: np.ndarray, rows: Rows, new: np.ndarray) -> None:
+    def write(self, t: Table, keys: np.ndarray, rows: Rows, new: np.ndarray, log: bool = True) -> None:
         """Store full rows in one atomic batch.
 
         Args:
             keys: uint64 (N,) distinct.
             rows: their N rows.
             new: bool (N,) rows known not to be stored yet (keeps the row count exact).
+            log: through the write-ahead log (see :meth:`Storage.put`).
         """
         if not len(keys):
             return
@@ -91,7 +96,7 @@ class RowIO:
         if kf is not None:  # before the write: a key on disk is always in the filter
             kf.add(keys, t.rows + int(np.count_nonzero(new)))
         with CLOCK("rocksdb_write"):
-            self.storage.put(t.id, keys, values)
+            self.storage.put(t.id, keys, values, log)
         CLOCK.count("rocksdb_write", len(keys))
         with self.lock:
             t.counters.writes += len(keys)
@@ -193,5 +198,5 @@ class TableIO:
         return self._io.read(self.table, keys)
 
     def write(self, keys: np.ndarray, rows: Rows, new: np.ndarray) -> None:
-        """See :meth:`RowIO.write`."""
-        self._io.write(self.table, keys, rows, new)
+        """A cache's write-back; see :meth:`RowIO.write`."""
+        self._io.write(self.table, keys, rows, new, self._io.log_write_backs)
