@@ -80,5 +80,7 @@ def test_training_and_host_benchmarks_report_steady_state_breakdowns(tmp_path):
     assert "error" not in d and d["timed_steps"] == 3 and d["steady_after_steps"] <= 2
     assert set(d["per_step_ms"]) == set(STAGES) and d["per_step_ms"]["forward"] > 0
     assert d["per_step_keys"]["unique"] > 0 and d["ratio_to_torch"] > 0 and "cores" in r["machine"]
+    assert len(r["torch_runs"]) == 2  # torch again after the damo run: the ratio is against their mean
+    assert d["ratio_to_torch"] == d["samples_per_s"] / (sum(r["torch_runs"]) / 2)
     h = bench_host(tmp_path, threads=2, vocab=20_000, fraction=0.25, batch=4000, batches=3)
     assert h["filled"] and h["unique_keys_per_s"] > 0 and h["per_core"] <= h["unique_keys_per_s"]
