@@ -14,6 +14,7 @@ from .config import (
     TableConfig,
 )
 from .errors import DamoHybridError
+from .keys.compression import CompressionConfig
 from .keys.hashing import hash_feature
 from .storage.backend import MemoryStorage
 from .store import EmbeddingStore, StoreStats
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdmissionConfig",
+    "CompressionConfig",
     "DamoHybridError",
     "EmbeddingStore",
     "ExpiryConfig",

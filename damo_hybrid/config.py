@@ -26,6 +26,7 @@ from .checks import finite as _finite
 from .checks import non_negative as _non_negative
 from .checks import positive as _positive
 from .checks import unit_interval as _unit_interval
+from .keys.compression import CompressionConfig
 
 __all__ = [
     "InitializerKind",
@@ -317,6 +318,9 @@ class TableConfig:
             zero, the first ``dim - 1`` the embedding (``initializer``). DeepFM and Wide&Deep
             read both from one row per key: one lookup, one cache slot and one stored value
             instead of two tables fed by the same keys.
+        compression: store fewer rows than ids (quotient-remainder, binary code, hashing
+            trick): see :class:`~damo_hybrid.keys.compression.CompressionConfig`. ``dim`` is
+            then the width of a stored row. Fixed for the table's life.
     """
 
     name: str
@@ -327,8 +331,13 @@ class TableConfig:
     expiry: ExpiryConfig | None = None
     nonfinite: NonFinitePolicy = NonFinitePolicy.RAISE
     linear_column: bool = False
+    compression: CompressionConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.compression, dict):
+            object.__setattr__(self, "compression", CompressionConfig(**self.compression))
+        if self.compression is not None and not isinstance(self.compression, CompressionConfig):
+            raise TypeError(f"compression must be a CompressionConfig or None, got {type(self.compression).__name__}")
         if not isinstance(self.name, str) or not _TABLE_NAME.match(self.name):
             raise ValueError(
                 f"table name must be 1-128 characters of letters, digits or '_.:-', got {self.name!r}"

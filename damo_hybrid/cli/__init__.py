@@ -18,7 +18,6 @@ import numpy as np
 
 from .. import __version__
 from ..config import (
-    AdmissionConfig,
     InitializerConfig,
     OptimizerConfig,
     OptimizerKind,
@@ -29,9 +28,18 @@ from ..data.readers import FORMATS
 from ..errors import DamoHybridError
 from ..ops import Backend, resolve_backend
 from ..store import EmbeddingStore
-from .args import Parser, check_writable, float_in, int_in, load_config, store_config
+from .args import (
+    Parser,
+    check_writable,
+    compression_arg,
+    float_in,
+    int_in,
+    load_config,
+    store_config,
+)
 from .data import NO_END, file_data, stream_data
 from .signals import Terminated, sigterm_as_interrupt
+from .tables import model_tables_of
 
 __all__ = ["main"]
 
@@ -84,28 +92,6 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_tables(args: argparse.Namespace, opt: OptimizerConfig) -> list[TableConfig]:
-    """The tables of ``--model``: DeepFM and Wide&Deep keep each key's first-order weight in the
-    last column of its embedding row (one row per key); a store written with a separate ``lin``
-    table (an earlier layout) keeps it."""
-    from ..nn.models import model_tables
-
-    init = InitializerConfig.truncated_normal(std=0.01, seed=args.seed)
-    legacy = False
-    if args.store and (Path(args.store) / "meta.json").exists():
-        with EmbeddingStore(args.store, read_only=True) as existing:
-            emb = existing.tables.get("emb")
-            legacy = "lin" in existing.tables and not (emb is not None and emb.linear_column)
-    if legacy:
-        tables = [TableConfig("emb", args.dim, initializer=init, optimizer=opt),
-                  TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
-    else:
-        tables = model_tables(args.model, args.dim, opt, init)
-    if args.min_count > 1:
-        tables = [dataclasses.replace(t, admission=AdmissionConfig(min_count=args.min_count)) for t in tables]
-    return tables
-
-
 def _train(args: argparse.Namespace) -> int:
     """A CTR model (DeepFM by default) on synthetic or Criteo TSV data, sparse rows in RocksDB."""
     import torch
@@ -142,7 +128,7 @@ def _train(args: argparse.Namespace) -> int:
             args.steps = 150
     kind = OptimizerKind(args.optimizer)
     opt = OptimizerConfig(kind=kind, lr=args.lr)
-    tables = _model_tables(args, opt)
+    tables = model_tables_of(args, opt)
     store_cfg = store_config(getattr(args, "store_config", None))
     if args.allow_config_change:
         store_cfg = dataclasses.replace(store_cfg, allow_config_change=True)
@@ -256,8 +242,10 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"store {out['store']}  disk {st.disk_bytes / 2**20:.1f} MiB  tables {len(out['tables'])}")
     for n, t in out["tables"].items():
         c = t["config"]
+        comp = TableConfig.from_dict(c).compression
         print(f"  {n:24s} dim {c['dim']:4d}  rows {t['rows']:>12,}  step {t['step']:>9,}  "
-              f"optimizer {c['optimizer']['kind']} lr {c['optimizer']['lr']}  init {c['initializer']['kind']}")
+              f"optimizer {c['optimizer']['kind']} lr {c['optimizer']['lr']}  init {c['initializer']['kind']}"
+              + (f"  compression {comp.describe()}" if comp is not None else ""))
     return 0
 
 
@@ -317,6 +305,10 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     t.add_argument("--steps", type=int_in(1), default=None, help="default: 150 on synthetic data (about a minute), else --epochs passes")
     t.add_argument("--batch-size", type=int_in(1), default=4096)
     t.add_argument("--dim", type=int_in(1, 65535), default=16)
+    t.add_argument("--table-compression", type=compression_arg, default=None, metavar="KIND:NAME=V,...",
+                   help="store fewer rows than ids: qr:rows=R,m=M[,op=mult|add|concat][,partitions=K], "
+                        "binary_code:rows=R,bits_per_block=B[,op=sum|mean|concat] or hashing:rows=R "
+                        "(see docs/compression.md)")
     t.add_argument("--optimizer", default="adagrad", choices=[k.value for k in OptimizerKind])
     t.add_argument("--lr", type=float_in(0.0), default=0.05, help="sparse learning rate")
     t.add_argument("--dense-lr", type=float_in(0.0), default=1e-3, help="Adam learning rate of the dense layers")

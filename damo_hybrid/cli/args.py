@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..config import StoreConfig, reject_unknown
+from ..keys.compression import CompressionConfig
 
-__all__ = ["Parser", "int_in", "float_in", "check_writable", "store_config", "load_config"]
+__all__ = ["Parser", "int_in", "float_in", "compression_arg", "check_writable", "store_config", "load_config"]
 
 
 def store_config(d: dict[str, Any] | None) -> StoreConfig:
@@ -79,6 +80,14 @@ def float_in(lo: float, hi: float | None = None, lo_open: bool = True, hi_open: 
             raise argparse.ArgumentTypeError(f"must lie in {rng}, got {text}")
         return v
     return conv
+
+
+def compression_arg(text: str) -> CompressionConfig:
+    """An argparse type: a :meth:`CompressionConfig.parse` spec."""
+    try:
+        return CompressionConfig.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def check_writable(option: str, path: str | None) -> None:

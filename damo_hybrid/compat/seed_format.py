@@ -81,6 +81,10 @@ def dump_seed_format(
     if layout not in ("1.0", "1.2"):
         raise ValueError(f"layout must be '1.0' or '1.2', got {layout!r}")
     names = list(store.tables) if tables is None else list(tables)
+    comp = [n for n in names if n in store.tables and store.tables[n].compression is not None]
+    if comp:
+        raise ValueError(f"the seed's format has one row per id; tables {comp} store compressed rows (one per "
+                         "partition key) that it cannot represent: leave them out (--table) or use export")
     groups = group_of_tables(names)
     now, age = dump_window(min_count, expire_days, now)
     dims = np.zeros(GROUPS, "<i4")

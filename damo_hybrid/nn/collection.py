@@ -43,12 +43,14 @@ from ..cache.device import DeviceBatch, DeviceCache
 from ..cache.host import CacheStats, HostCache
 from ..cache.registry import DEFAULT_DEVICE_CACHE_MB
 from ..cache.tiers import TableTiers
+from ..config import TableConfig
 from ..errors import DamoHybridError, StoreClosedError
 from ..keys.hashing import as_keys
 from ..ops import Backend, resolve_backend
 from ..store import EmbeddingStore
 from ..timing import CLOCK
-from .gather import TableOutput, split_gather
+from .gather import TableOutput, combine_parts, split_gather
+from .step import stage_rows
 
 __all__ = ["Feature", "EmbeddingCollection", "PreparedBatch", "TableOutput", "DEFAULT_DEVICE_CACHE_MB"]
 
@@ -103,6 +105,11 @@ class PreparedBatch:
     applied: bool = False
 
 
+def _out_dim(cfg: TableConfig) -> int:
+    """Width of a feature's output from a table (a compressed table's combined row)."""
+    return cfg.dim if cfg.compression is None else cfg.compression.out_dim(cfg.dim, cfg.linear_column)
+
+
 class EmbeddingCollection(torch.nn.Module):
     """Disk-backed embeddings for many features.
 
@@ -150,7 +157,9 @@ class EmbeddingCollection(torch.nn.Module):
         self.tiers: dict[str, TableTiers] = store.cache(
             sorted({f.table for f in features}), cache_mb=cache_mb, device_cache_mb=device_cache_mb,
             device=tier_device, min_cache_rows=min_cache_rows)
-        self.dims = {f.name: self.tiers[f.table].table.dim for f in features}
+        # compressed tables (quotient-remainder, binary code, ...): raw keys -> partition keys
+        self._comp = {t: tr.table.cfg.compression for t, tr in self.tiers.items()}
+        self.dims = {f.name: _out_dim(self.tiers[f.table].table.cfg) for f in features}
         self._pooling = {f.name: f.pooling for f in features}
         self._by_table: dict[str, list[str]] = {}  # table -> its features, in order (as prepare stacks them)
         for f in features:
@@ -204,6 +213,9 @@ class EmbeddingCollection(torch.nn.Module):
                 if offs.ndim != 1 or len(offs) < 1 or offs[0] != 0 or offs[-1] != len(keys) or (np.diff(offs) < 0).any():
                     raise ValueError(f"offsets of {f.name!r} must rise from 0 to len(values) = {len(keys)}")
                 b = len(offs) - 1
+            comp = self._comp[f.table]
+            if comp is not None:  # the P partition keys of each key, key-major
+                keys = comp.subkeys(keys).reshape(-1)
             if batch_size is None:
                 batch_size = b
             elif b != batch_size:
@@ -225,7 +237,9 @@ class EmbeddingCollection(torch.nn.Module):
                 arrays: dict[str, np.ndarray] = {}
                 single = all(offs is None for _, _, offs in items)
                 if single:  # one gather for the whole table: its features' inverses, sample-major
-                    arrays[_STACKED] = np.ascontiguousarray(inv.reshape(len(items), -1).T).reshape(-1)
+                    parts = self._comp[t].parts if self._comp[t] is not None else 1
+                    arrays[_STACKED] = np.ascontiguousarray(
+                        inv.reshape(len(items), -1, parts).transpose(1, 0, 2)).reshape(-1)
                 else:
                     start = 0
                     for f, k, offs in items:
@@ -354,9 +368,16 @@ class EmbeddingCollection(torch.nn.Module):
                     rows = full
                 leaf = rows.requires_grad_(train)
                 tb.leaf = leaf if train else None
+                comp, cfg = self._comp[t], tiers.table.cfg
                 if tb.stacked is not None:
                     shape = (batch.batch_size, len(self._by_table[t]))
-                    if split and tiers.table.cfg.linear_column:
+                    if comp is not None:
+                        e, w = combine_parts(leaf, tb.stacked, comp.parts, comp.op, cfg.linear_column)
+                        if split:
+                            stacked[t] = TableOutput(e.view(*shape, -1), None if w is None else w.view(shape))
+                        else:
+                            stacked[t] = (e if w is None else torch.cat([e, w[:, None]], 1)).view(*shape, -1)
+                    elif split and cfg.linear_column:
                         e, w = split_gather(leaf, tb.stacked, leaf.shape[1] - 1)
                         stacked[t] = TableOutput(e.view(*shape, -1), w.view(shape))
                     else:
@@ -364,10 +385,15 @@ class EmbeddingCollection(torch.nn.Module):
                         stacked[t] = TableOutput(x, None) if split else x
                     continue
                 for name, idx in tb.inverse.items():
+                    src = leaf
+                    if comp is not None:  # each value's combined row first, then its bag's pooling
+                        e, w = combine_parts(leaf, idx, comp.parts, comp.op, cfg.linear_column)
+                        src = e if w is None else torch.cat([e, w[:, None]], 1)
+                        idx = torch.arange(len(src), device=src.device)
                     if name in tb.offsets:
-                        out[name] = torch.nn.functional.embedding_bag(idx, leaf, tb.offsets[name], mode=self._pooling[name])
+                        out[name] = torch.nn.functional.embedding_bag(idx, src, tb.offsets[name], mode=self._pooling[name])
                     else:
-                        out[name] = leaf.index_select(0, idx)
+                        out[name] = src if comp is not None else src.index_select(0, idx)
         except BaseException:
             self.release(batch)
             raise
@@ -426,7 +452,7 @@ class EmbeddingCollection(torch.nn.Module):
         if tb.admitted is not None:  # the gradients of keys not admitted are dropped (counted on commit)
             keys = keys[tb.admitted]
             grad = grad[torch.from_numpy(np.flatnonzero(tb.admitted)).to(grad.device)]
-        commit = self._stage_rows(tiers, tb, keys, grad, lr)
+        commit = stage_rows(tiers, tb.slots, tb.device, keys, grad, lr)
         if tb.admitted is None:
             return t, commit[0], commit[1]
         dropped = int(np.count_nonzero(~tb.admitted))
@@ -435,36 +461,6 @@ class EmbeddingCollection(torch.nn.Module):
             commit[1]()
             table.counters.dropped_unadmitted += dropped
         return t, commit[0], store_and_count
-
-    @staticmethod
-    def _stage_rows(tiers: TableTiers, tb: _TableBatch, keys: np.ndarray, grad: torch.Tensor,
-                    lr: float) -> tuple[list[np.ndarray | None], Callable[[], None]]:
-        """:meth:`_stage` of the resident rows (``keys``, in slot order, and their gradients)."""
-        table = tiers.table
-        if tb.device is not None:
-            dev = tiers.device
-            assert dev is not None
-            g = grad.to(torch.float32)
-            w, st, cnt = dev.stage(tb.device, g, lr)
-            finite = torch.isfinite(g).all() & torch.isfinite(w).all() & torch.isfinite(st).all()
-            if bool(finite):  # the step's one host sync
-                return [], lambda: dev.commit(tb.device, w, st, cnt)
-            # rare path: the table's NaN/Inf policy (raise, or drop and count) on host copies
-            _, _, keep_g = table.check_gradients(keys, g.cpu().numpy())
-            keep = np.ones(len(keys), bool) if keep_g is None else keep_g.copy()
-            k = torch.from_numpy(keep).to(w.device)
-            keep_r = table.check_results(keys[keep], w[k].cpu().numpy(), st[k].cpu().numpy())
-            if keep_r is not None:
-                keep[np.nonzero(keep)[0][~keep_r]] = False
-            return [keep_g, keep_r], lambda: dev.commit(tb.device, w, st, cnt, keep)
-        host = tiers.host
-        _, g2, keep_g = table.check_gradients(keys, np.ascontiguousarray(grad.numpy(), dtype=np.float32))
-        slots = tb.slots
-        if keep_g is not None:
-            slots, keys, g2 = slots[keep_g], keys[keep_g], g2[keep_g]
-        w, st, cnt = host.stage_slots(slots, g2, lr)
-        keep_r = table.check_results(keys, w, st)
-        return [keep_g, keep_r], lambda: host.commit_slots(slots, w, st, cnt, keep_r)
 
     def release(self, batch: PreparedBatch | None = None) -> None:
         """Unpin a batch's rows without applying anything."""

@@ -3,7 +3,8 @@
 :class:`TableOutput` is what :meth:`EmbeddingCollection.forward_tables
 <damo_hybrid.nn.collection.EmbeddingCollection.forward_tables>` returns per table; for a table
 with ``linear_column``, :func:`split_gather` reads the embedding and the first-order weight with
-one autograd function.
+one autograd function. :func:`combine_parts` builds a compressed table's rows from the rows of its
+partitions (:mod:`damo_hybrid.keys.compression`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["TableOutput", "split_gather"]
+__all__ = ["TableOutput", "combine_parts", "split_gather"]
 
 
 class TableOutput(NamedTuple):
@@ -20,7 +21,8 @@ class TableOutput(NamedTuple):
 
     Attributes:
         emb: float32 (B, F_t, D): each feature's embedding, in feature order; D is the table's
-            dim, less one for a table with ``linear_column``.
+            dim (``P`` times it for a compressed table that concatenates ``P`` partitions), less
+            one for a table with ``linear_column``.
         linear: float32 (B, F_t): each feature's first-order weight (the row's last column) for a
             table with ``linear_column``, else None.
     """
@@ -65,3 +67,36 @@ def split_gather(leaf: torch.Tensor, idx: torch.Tensor, d: int) -> tuple[torch.T
         float32 (N, d) and float32 (N,).
     """
     return _SplitGather.apply(leaf, idx, d)
+
+
+def combine_parts(leaf: torch.Tensor, idx: torch.Tensor, parts: int, op: str,
+                  linear_column: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each key's row of a compressed table, from the rows of its ``P`` partitions.
+
+    Args:
+        leaf: float32 (U, W) the batch's unique stored rows.
+        idx: int64 (N * P,) rows to read, key-major (key ``n``'s partition ``p`` at ``n * P + p``).
+        parts: ``P``.
+        op: ``mult``, ``add``/``sum``, ``mean`` or ``concat`` (over the partitions).
+        linear_column: the rows' last column is a first-order weight: it is summed over the
+            partitions whatever ``op`` (a product of weights that start at zero would never move).
+    Returns:
+        ``(emb, linear)``: float32 (N, D') with D' the embedding columns (``P`` times them by
+        ``concat``), and float32 (N,) or None.
+    """
+    x = leaf.index_select(0, idx).view(-1, parts, leaf.shape[1])
+    lin = None
+    if linear_column:
+        lin = x[..., -1].sum(1)
+        x = x[..., :-1]
+    if op == "mult":
+        emb = x.prod(1)
+    elif op in ("add", "sum"):
+        emb = x.sum(1)
+    elif op == "mean":
+        emb = x.mean(1)
+    elif op == "concat":
+        emb = x.reshape(x.shape[0], -1)
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    return emb, lin

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config import InitializerConfig, OptimizerConfig, TableConfig
+from ..keys.compression import CompressionConfig
 from ..store import EmbeddingStore
 from .collection import EmbeddingCollection, Feature
 
@@ -213,15 +214,25 @@ MODELS = {"deepfm": DeepFM, "wide_deep": WideAndDeep, "dcn": DCNv2, "dlrm": DLRM
 
 
 def model_tables(model: str, dim: int, optimizer: OptimizerConfig, initializer: InitializerConfig,
-                 name: str = "emb") -> list[TableConfig]:
+                 name: str = "emb", compression: CompressionConfig | None = None) -> list[TableConfig]:
     """The table a model of :data:`MODELS` reads, in the recommended layout: one row per key,
     ``dim`` wide, plus (DeepFM, Wide&Deep) a last column for the first-order weight
     (``linear_column``).
 
     Args:
         model: a key of :data:`MODELS`.
-        dim: embedding width D.
+        dim: embedding width D (of the combined rows, with ``compression``: a ``concat`` of
+            ``P`` partitions stores rows of ``D / P``).
+        compression: optional; see :class:`~damo_hybrid.keys.compression.CompressionConfig`.
+    Raises:
+        ValueError: ``dim`` is not a multiple of the partitions a ``concat`` joins.
     """
     first_order = issubclass(MODELS[model], WideAndDeep)  # DeepFM is one
-    return [TableConfig(name, dim + first_order, initializer=initializer, optimizer=optimizer,
-                        linear_column=first_order)]
+    width = dim
+    if compression is not None and compression.op == "concat":
+        if dim % compression.parts:
+            raise ValueError(f"dim {dim} must be a multiple of the {compression.parts} partitions that "
+                             f"{compression.kind.value} concatenates")
+        width = dim // compression.parts
+    return [TableConfig(name, width + first_order, initializer=initializer, optimizer=optimizer,
+                        linear_column=first_order, compression=compression)]

@@ -106,11 +106,16 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike[str], opset: int = 
     Returns:
         ``out_dir``.
     Raises:
-        ValueError: the model serves its rows from another module (nothing to export).
+        ValueError: the model serves its rows from another module (nothing to export), or a
+            table is compressed.
     """
     sparse = getattr(model, "sparse", None)
     if sparse is None:
         raise ValueError("export_onnx exports a model whose rows live in the store (built with a store)")
+    comp = {t: tr.table.cfg.compression for t, tr in sparse.tiers.items() if tr.table.cfg.compression is not None}
+    if comp:
+        raise ValueError(f"export_onnx cannot export compressed tables yet ({', '.join(sorted(comp))}); "
+                         "export their rows with store.export (keyed by partition key) instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     store = sparse.store

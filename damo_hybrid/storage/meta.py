@@ -86,6 +86,13 @@ def check_compatible(stored: TableConfig, cfg: TableConfig) -> None:
             f"table {cfg.name!r} is stored with linear_column={stored.linear_column}, opened with "
             f"{cfg.linear_column}: the meaning of its last column cannot change; use a new table name"
         )
+    if stored.compression != cfg.compression:
+        def name(c: Any) -> str:
+            return "none" if c is None else c.describe()
+        raise ConfigConflictError(
+            f"table {cfg.name!r} is stored with compression {name(stored.compression)}, opened with "
+            f"{name(cfg.compression)}: its rows are addressed by that mapping; use a new table name"
+        )
     sa, ca = stored.admission, cfg.admission
     if sa is not None and ca is not None and (sa.capacity, sa.fpr) != (ca.capacity, ca.fpr):
         raise ConfigConflictError(

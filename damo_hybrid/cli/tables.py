@@ -1,0 +1,36 @@
+"""The tables a ``train`` run opens: the model's layout, its options (compression, admission),
+and the layout of a store written earlier."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from ..config import AdmissionConfig, InitializerConfig, OptimizerConfig, TableConfig
+from ..nn.models import model_tables
+from ..store import EmbeddingStore
+
+__all__ = ["model_tables_of"]
+
+
+def model_tables_of(args: argparse.Namespace, opt: OptimizerConfig) -> list[TableConfig]:
+    """The tables of ``--model``: DeepFM and Wide&Deep keep each key's first-order weight in the
+    last column of its embedding row (one row per key); a store written with a separate ``lin``
+    table (an earlier layout) keeps it."""
+    init = InitializerConfig.truncated_normal(std=0.01, seed=args.seed)
+    legacy = False
+    if args.store and (Path(args.store) / "meta.json").exists():
+        with EmbeddingStore(args.store, read_only=True) as existing:
+            emb = existing.tables.get("emb")
+            legacy = "lin" in existing.tables and not (emb is not None and emb.linear_column)
+    if legacy and args.table_compression is not None:
+        raise ValueError(f"--table-compression needs the one-row layout; {args.store} holds a separate lin table")
+    if legacy:
+        tables = [TableConfig("emb", args.dim, initializer=init, optimizer=opt),
+                  TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
+    else:
+        tables = model_tables(args.model, args.dim, opt, init, compression=args.table_compression)
+    if args.min_count > 1:
+        tables = [dataclasses.replace(t, admission=AdmissionConfig(min_count=args.min_count)) for t in tables]
+    return tables

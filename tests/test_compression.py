@@ -1,0 +1,211 @@
+"""Compressed tables (quotient-remainder, binary code, hashing trick): the key transforms against
+bit-by-bit references, the combined rows and their training against a dense implementation of
+each paper's formula, and the pipeline, checkpoints and config checks unchanged by them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from damo_hybrid import (
+    CompressionConfig,
+    EmbeddingStore,
+    InitializerConfig,
+    OptimizerConfig,
+    TableConfig,
+)
+from damo_hybrid.errors import ConfigConflictError
+from damo_hybrid.keys.compression import PART_SHIFT
+from damo_hybrid.nn import EmbeddingCollection, Feature
+
+RNG = np.random.default_rng(0)
+
+
+def test_qr_partitions_are_the_mixed_radix_digits_and_complementary():
+    for rows, m, k in [(1000, 40, 2), (1000, 7, 3), (97, 10, 2), (5000, 9, 4)]:
+        c = CompressionConfig.qr(rows, m, partitions=k)
+        ids = np.arange(rows, dtype=np.uint64)
+        sub = c.subkeys(ids + np.uint64(rows) * np.uint64(3))  # raw keys reduce mod rows first
+        assert sub.shape == (rows, k) and sub.dtype == np.uint64
+        parts = (sub >> np.uint64(PART_SHIFT)).astype(int)
+        idx = (sub & np.uint64((1 << PART_SHIFT) - 1)).astype(int)
+        assert (parts == np.arange(k)).all()
+        for i in (0, 1, rows // 2, rows - 1):  # the digits, written out one by one
+            want, x = [], i
+            for _ in range(k - 1):
+                want.append(x % m)
+                x //= m
+            want.append(x)
+            assert idx[i].tolist() == want
+        assert (idx < np.array(c.sizes)).all()  # every index inside its partition
+        assert len({tuple(r) for r in idx.tolist()}) == rows  # complementary: a unique combination per id
+        assert c.stored_rows == sum(c.sizes) < rows
+
+
+def test_binary_code_blocks_match_a_bit_by_bit_reference():
+    c = CompressionConfig.binary_code(10**6, 3)
+    assert c.code_bits == 20 and c.parts == 7 and c.sizes == (8,) * 6 + (4,)
+    keys = RNG.integers(0, 2**63, 500, dtype=np.uint64)
+    sub = c.subkeys(keys)
+    for key, row in zip(keys.tolist(), sub.tolist()):
+        bits = [(key % 10**6 >> b) & 1 for b in range(20)]  # least significant first
+        for p, s in enumerate(row):
+            block = bits[3 * p:3 * p + 3]
+            assert s >> PART_SHIFT == p
+            assert s & ((1 << PART_SHIFT) - 1) == sum(bit << j for j, bit in enumerate(block))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: CompressionConfig.qr(1000, 40, op="concat2"), "combines its partitions"),
+    (lambda: CompressionConfig.qr(1000, 40, partitions=1), "partitions >= 2"),
+    (lambda: CompressionConfig.qr(1000, 32, partitions=3), "m\\*\\*\\(partitions - 1\\) < rows"),
+    (lambda: CompressionConfig.binary_code(1000, 11), "bits_per_block"),
+    (lambda: CompressionConfig.hashing(1), "rows must be in"),
+    (lambda: CompressionConfig("hashing", 100, m=3), "hashing takes only rows"),
+])
+def test_bad_compression_configs_say_what_is_wrong(bad, match):
+    with pytest.raises(ValueError, match=match):
+        bad()
+
+
+CASES = [CompressionConfig.qr(600, 25, "mult"), CompressionConfig.qr(600, 25, "add"),
+         CompressionConfig.qr(600, 9, "concat", partitions=3), CompressionConfig.binary_code(600, 3, "sum"),
+         CompressionConfig.binary_code(600, 4, "mean"), CompressionConfig.binary_code(600, 5, "concat"),
+         CompressionConfig.hashing(100)]
+
+
+def _reference(c: CompressionConfig, tables: list[torch.Tensor], ids: np.ndarray, linear: bool) -> torch.Tensor:
+    """The paper's formula on dense per-partition tables (written without the store's transform)."""
+    i = torch.from_numpy((ids % np.uint64(c.rows)).astype(np.int64))
+    vecs = []
+    for p, t in enumerate(tables):
+        if c.kind.value == "qr":
+            j = i // c.m ** p if p == len(tables) - 1 else (i // c.m ** p) % c.m
+        elif c.kind.value == "binary_code":
+            j = (i >> (p * c.bits_per_block)) & ((1 << c.bits_per_block) - 1)
+        else:
+            j = i
+        vecs.append(t[j])
+    x = torch.stack(vecs, 1)  # (N, P, W)
+    lin = x[..., -1].sum(1, keepdim=True) if linear else None
+    e = x[..., :-1] if linear else x
+    out = {"mult": lambda: e.prod(1), "add": lambda: e.sum(1), "sum": lambda: e.sum(1), "mean": lambda: e.mean(1),
+           "concat": lambda: e.reshape(len(e), -1)}[c.op]()
+    return out if lin is None else torch.cat([out, lin], 1)
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["plain", "linear_column"])
+@pytest.mark.parametrize("c", CASES, ids=lambda c: f"{c.kind.value}-{c.op}")
+def test_combined_rows_and_their_training_equal_the_dense_formula(tmp_path, c, linear):
+    dim, lr = 5, 0.1
+    cfg = TableConfig("t", dim, initializer=InitializerConfig.normal(std=0.5, seed=3), optimizer=OptimizerConfig.sgd(lr),
+                      linear_column=linear, compression=c)
+    ids = RNG.integers(0, 2**63, 64, dtype=np.uint64)
+    bag_vals = RNG.integers(0, 2**63, 150, dtype=np.uint64)
+    bag_offs = np.concatenate([[0], np.sort(RNG.integers(0, 150, 63)), [150]])  # 64 bags, some empty
+    with EmbeddingStore(tmp_path / "s", [cfg]) as st:
+        # the dense reference starts from the store's initial rows of every partition
+        dense = [torch.from_numpy(st.lookup("t", np.arange(n, dtype=np.uint64) | np.uint64(p << PART_SHIFT))).clone()
+                 .requires_grad_(True) for p, n in enumerate(c.sizes)]
+        coll = EmbeddingCollection(st, [Feature("f", "t"), Feature("g", "t", pooling="mean")], backend="cpu")
+        assert coll.dims["f"] == c.out_dim(dim, linear)
+        for step in range(3):
+            out = coll({"f": ids, "g": (bag_vals, bag_offs)})
+            ref_f = _reference(c, dense, ids, linear)
+            vals = _reference(c, dense, bag_vals, linear)
+            ref_g = torch.stack([vals[a:b].mean(0) if b > a else vals.new_zeros(vals.shape[1])
+                                 for a, b in zip(bag_offs[:-1], bag_offs[1:])])
+            torch.testing.assert_close(out["f"], ref_f, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out["g"], ref_g, rtol=1e-5, atol=1e-6)
+            w = torch.linspace(-1, 1, ref_f.shape[1])
+            loss = ((out["f"] * w).sum(1) ** 2).mean() + (out["g"] * w).sum()
+            ref_loss = ((ref_f * w).sum(1) ** 2).mean() + (ref_g * w).sum()
+            loss.backward()
+            coll.apply_gradients()
+            opt = torch.optim.SGD(dense, lr=lr)
+            opt.zero_grad()
+            ref_loss.backward()
+            opt.step()
+        for p, n in enumerate(c.sizes):  # every partition's rows after three steps
+            got = st.lookup("t", np.arange(n, dtype=np.uint64) | np.uint64(p << PART_SHIFT))
+            np.testing.assert_allclose(got, dense[p].detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_pipelined_equals_sequential_with_a_compressed_table_and_evictions(tmp_path):
+    from damo_hybrid.data.synthetic import SyntheticCriteo
+    from damo_hybrid.models import DeepFM
+    from damo_hybrid.trainer import Trainer
+
+    def run(path, prefetch):
+        torch.manual_seed(0)
+        data = SyntheticCriteo(64, seed=1, vocab_min=200, vocab_max=2000, n_sparse=6, n_dense=3)
+        cfg = TableConfig("emb", 9, initializer=InitializerConfig.normal(std=0.3, seed=2),
+                          optimizer=OptimizerConfig.adagrad(0.05), linear_column=True,
+                          compression=CompressionConfig.qr(10**7, 3000))
+        store = EmbeddingStore(path, [cfg])
+        model = DeepFM(store, data.sparse_fields, 3, hidden=(16,), cache_mb=1e-9, min_cache_rows=2000, backend="cpu")
+        Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), data.batch).fit(25, prefetch=prefetch)
+        return store, model
+
+    (s1, m1), (s2, m2) = run(tmp_path / "seq", False), run(tmp_path / "pipe", True)
+    try:
+        assert sum(c.stats.evictions for c in m2.sparse.caches.values()) > 0, "the test must force evictions"
+        for (n1, p1), (n2, p2) in zip(m1.state_dict().items(), m2.state_dict().items()):
+            np.testing.assert_array_equal(p1.numpy(), p2.numpy(), err_msg=n1)
+        k1, k2 = (np.concatenate([k for k, _ in s.scan("emb")]) for s in (s1, s2))
+        np.testing.assert_array_equal(k1, k2)
+        assert (k1 >> np.uint64(PART_SHIFT)).max() == 1 and len(k1) <= 3000 + 3334  # partition keys only
+        r1, r2 = s1.read_rows("emb", k1)[0], s2.read_rows("emb", k2)[0]
+        np.testing.assert_array_equal(r1.weights, r2.weights)
+        np.testing.assert_array_equal(r1.state, r2.state)
+    finally:
+        s1.close()
+        s2.close()
+
+
+def test_compression_is_stored_checkpointed_and_fixed(tmp_path):
+    c = CompressionConfig.binary_code(10**5, 4)
+    cfg = TableConfig("t", 4, compression=c)
+    with EmbeddingStore(tmp_path / "s", [cfg]) as st:
+        coll = EmbeddingCollection(st, [Feature("f", "t")], backend="cpu")
+        keys = RNG.integers(0, 2**63, 32, dtype=np.uint64)
+        coll({"f": keys})["f"].sum().backward()
+        coll.apply_gradients()
+        st.checkpoint(tmp_path / "ck")
+        want = coll.eval()({"f": keys})["f"]
+    with EmbeddingStore.from_checkpoint(tmp_path / "ck", tmp_path / "r") as r:  # the stored config, compression included
+        assert r.tables["t"].compression == c
+        got = EmbeddingCollection(r, [Feature("f", "t")], backend="cpu").eval()({"f": keys})["f"]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    other = TableConfig("t", 4, compression=CompressionConfig.binary_code(10**5, 5))
+    for changed in (other, TableConfig("t", 4)):
+        with pytest.raises(ConfigConflictError, match="compression"):
+            EmbeddingStore(tmp_path / "s", [changed])
+
+
+def test_train_inspect_and_refusals_from_the_command_line(tmp_path, capsys):
+    from damo_hybrid.cli import main
+
+    store = tmp_path / "s"
+    argv = ["train", "--steps", "6", "--batch-size", "128", "--dim", "8", "--vocab-min", "300", "--vocab-max", "3000",
+            "--eval-batches", "0", "--quiet", "--store", str(store), "--checkpoint-every", "3"]
+    assert main(argv + ["--table-compression", "qr:rows=1000000,m=1000,op=concat,partitions=2"]) == 0
+    with EmbeddingStore(store, read_only=True) as st:
+        cfg = st.tables["emb"]
+        assert cfg.compression == CompressionConfig.qr(10**6, 1000, "concat") and cfg.dim == 8 // 2 + 1
+        keys = np.concatenate([k for k, _ in st.scan("emb")])
+        assert len(keys) > 0 and set((keys >> np.uint64(PART_SHIFT)).tolist()) == {0, 1}
+    capsys.readouterr()
+    assert main(["inspect", "--store", str(store)]) == 0
+    assert "compression qr(m=1000, partitions=2, op=concat) of 1,000,000 ids" in capsys.readouterr().out
+    for bad, msg in [("qr:rows=1000000", "lacks m="), ("qr:rows=10,m=x", "must be an integer"),
+                     ("lsh:rows=10", "unknown compression 'lsh'"), ("qr:rows=1000000,m=100,op=concat,partitions=3",
+                                                                   "multiple of the 3 partitions")]:
+        assert main(argv[:-4] + ["--store", str(tmp_path / "bad"), "--table-compression", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+    assert main(["dump", "--store", str(store), "--out", str(tmp_path / "d.bin"), "--format", "seed"]) == 2
+    assert "cannot represent" in capsys.readouterr().err
+    assert main(["export", "--store", str(store), "--onnx", str(tmp_path / "onnx")]) == 2
+    assert "cannot export compressed tables yet" in capsys.readouterr().err
