@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from damo_hybrid import EmbeddingStore, InitializerConfig, OptimizerConfig, TableConfig
+from damo_hybrid import (
+    CompressionConfig,
+    EmbeddingStore,
+    InitializerConfig,
+    OptimizerConfig,
+    TableConfig,
+)
 from damo_hybrid.data.synthetic import SyntheticCriteo
 from damo_hybrid.nn.models import MODELS, model_tables
 from damo_hybrid.pipeline.trainer import Trainer
@@ -18,14 +24,22 @@ from damo_hybrid.serving import Predictor  # noqa: E402
 OPT, INIT = OptimizerConfig.adagrad(0.05), InitializerConfig.normal(std=0.1)
 
 
+COMPRESSED = {"qr mult": CompressionConfig.qr(10**6, 1000), "qr add 3": CompressionConfig.qr(10**6, 100, "add", 3),
+              "binary code concat": CompressionConfig.binary_code(2**16, 4, "concat")}
+
+
 def _tables(model: str, layout: str) -> list[TableConfig]:
     if layout == "one row per key":
         return model_tables(model, 4, OPT, INIT)
+    if layout in COMPRESSED:
+        return model_tables(model, 4, OPT, INIT, compression=COMPRESSED[layout])
     return [TableConfig("emb", 4, initializer=INIT, optimizer=OPT), TableConfig("lin", 1, optimizer=OPT)]
 
 
 @pytest.mark.parametrize("model, layout", [("deepfm", "one row per key"), ("wide_deep", "two tables"),
-                                           ("dcn", "one row per key"), ("dlrm", "one row per key")])
+                                           ("dcn", "one row per key"), ("dlrm", "one row per key"),
+                                           ("deepfm", "qr mult"), ("dcn", "qr add 3"),
+                                           ("wide_deep", "binary code concat")])
 def test_predictions_equal_the_trained_models_eval_output(tmp_path, model, layout):
     torch.manual_seed(0)
     data = SyntheticCriteo(64, seed=1, vocab_min=50, vocab_max=400)

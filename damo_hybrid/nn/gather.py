@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["TableOutput", "combine_parts", "split_gather"]
+__all__ = ["TableOutput", "combine", "combine_parts", "split_gather"]
 
 
 class TableOutput(NamedTuple):
@@ -69,34 +69,42 @@ def split_gather(leaf: torch.Tensor, idx: torch.Tensor, d: int) -> tuple[torch.T
     return _SplitGather.apply(leaf, idx, d)
 
 
-def combine_parts(leaf: torch.Tensor, idx: torch.Tensor, parts: int, op: str,
-                  linear_column: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each key's row of a compressed table, from the rows of its ``P`` partitions.
+def combine(x: torch.Tensor, op: str, linear_column: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Combine each key's ``P`` partition rows (a compressed table's rows; also what its ONNX
+    export computes).
 
     Args:
-        leaf: float32 (U, W) the batch's unique stored rows.
-        idx: int64 (N * P,) rows to read, key-major (key ``n``'s partition ``p`` at ``n * P + p``).
-        parts: ``P``.
+        x: float32 (..., P, W) the partition rows of each key.
         op: ``mult``, ``add``/``sum``, ``mean`` or ``concat`` (over the partitions).
         linear_column: the rows' last column is a first-order weight: it is summed over the
             partitions whatever ``op`` (a product of weights that start at zero would never move).
     Returns:
-        ``(emb, linear)``: float32 (N, D') with D' the embedding columns (``P`` times them by
-        ``concat``), and float32 (N,) or None.
+        ``(emb, linear)``: float32 (..., D') with D' the embedding columns (``P`` times them by
+        ``concat``), and float32 (...) or None.
     """
-    x = leaf.index_select(0, idx).view(-1, parts, leaf.shape[1])
     lin = None
     if linear_column:
-        lin = x[..., -1].sum(1)
+        lin = x[..., -1].sum(-1)
         x = x[..., :-1]
     if op == "mult":
-        emb = x.prod(1)
+        emb = x.prod(-2)
     elif op in ("add", "sum"):
-        emb = x.sum(1)
+        emb = x.sum(-2)
     elif op == "mean":
-        emb = x.mean(1)
+        emb = x.mean(-2)
     elif op == "concat":
-        emb = x.reshape(x.shape[0], -1)
+        emb = x.flatten(-2)
     else:
         raise ValueError(f"unknown op {op!r}")
     return emb, lin
+
+
+def combine_parts(leaf: torch.Tensor, idx: torch.Tensor, parts: int, op: str,
+                  linear_column: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`combine` of the rows ``idx`` reads: int64 (N * P,), key-major (key ``n``'s
+    partition ``p`` at ``n * P + p``), from the batch's unique rows ``leaf`` float32 (U, W).
+
+    Returns:
+        float32 (N, D') and float32 (N,) or None.
+    """
+    return combine(leaf.index_select(0, idx).view(-1, parts, leaf.shape[1]), op, linear_column)

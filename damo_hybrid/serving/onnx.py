@@ -10,7 +10,9 @@ export splits the lookup in two, as the seed's inference export does:
 - ``keys_<table>.npy``: the table's stored keys, sorted (uint64, 8 bytes per key: a compact
   binary map; key ``keys[i]`` is row ``i + 1``). :class:`~damo_hybrid.serving.predictor.Predictor`
   maps raw keys with one ``searchsorted`` per table.
-- ``export.json``: fields, tables, widths, the number of dense features, the format version.
+- ``export.json``: fields, tables, widths, the number of dense features, the format version,
+  and a compressed table's mapping: its ``index`` is then (B, F * P), the rows of each field's
+  ``P`` partition keys (:mod:`damo_hybrid.keys.compression`), combined in the graph as in training.
 
 The graph is traced from the trained model itself: its embedding lookups are swapped for
 :class:`IndexedRows` for the duration of the export, so every model of
@@ -31,9 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["export_onnx", "IndexedRows", "onnx_export", "EXPORT_FORMAT"]
+from ..nn.gather import combine
+
+__all__ = ["export_onnx", "IndexedRows", "onnx_export", "EXPORT_FORMAT", "EXPORT_FORMAT_COMPRESSED"]
 
 EXPORT_FORMAT = 1
+EXPORT_FORMAT_COMPRESSED = 2  # ``compression`` in export.json: a reader of format 1 only refuses it
 
 
 class IndexedRows(nn.Module):
@@ -45,19 +50,30 @@ class IndexedRows(nn.Module):
             weight (a ``linear_column`` table).
         lin: float32 (R' + 1, 1) rows of a separate first-order table (the older two-table
             layout), indexed by ``lin_index`` (B, F) given after ``index``.
+        compression: the table's, if compressed: ``index`` is then (B, F * P), each field's
+            ``P`` partition rows, combined as in training.
+        linear_column: whether the last column is the first-order weight (default: inferred
+            from the widths of an uncompressed table).
     """
 
-    def __init__(self, emb: np.ndarray, dim: int, lin: np.ndarray | None = None) -> None:
+    def __init__(self, emb: np.ndarray, dim: int, lin: np.ndarray | None = None, compression: Any = None,
+                 linear_column: bool | None = None) -> None:
         super().__init__()
         self.dim = dim
         self.emb = nn.Embedding.from_pretrained(torch.from_numpy(emb), freeze=True)
         self.lin = nn.Embedding.from_pretrained(torch.from_numpy(lin), freeze=True) if lin is not None else None
-        self.column = emb.shape[1] == dim + 1
+        self.column = emb.shape[1] == dim + 1 if linear_column is None else linear_column
+        self.parts = compression.parts if compression is not None else 1
+        self.op = compression.op if compression is not None else None
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(e (B, F, D), first-order sum (B,) or None)`` of row indices."""
         index, lin_index = batch if isinstance(batch, tuple) else (batch, None)
         rows = self.emb(index)
+        if self.op is not None:
+            x = rows.reshape(rows.shape[0], -1, self.parts, rows.shape[-1])
+            e, w = combine(x, self.op, self.column)
+            return e, (w.sum(1) if w is not None else None)
         if self.column:
             return rows[..., :self.dim], rows[..., self.dim].sum(1)
         if self.lin is not None:
@@ -106,16 +122,17 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike[str], opset: int = 
     Returns:
         ``out_dir``.
     Raises:
-        ValueError: the model serves its rows from another module (nothing to export), or a
-            table is compressed.
+        ValueError: the model serves its rows from another module (nothing to export), or its
+            separate first-order table is compressed.
     """
     sparse = getattr(model, "sparse", None)
     if sparse is None:
         raise ValueError("export_onnx exports a model whose rows live in the store (built with a store)")
-    comp = {t: tr.table.cfg.compression for t, tr in sparse.tiers.items() if tr.table.cfg.compression is not None}
-    if comp:
-        raise ValueError(f"export_onnx cannot export compressed tables yet ({', '.join(sorted(comp))}); "
-                         "export their rows with store.export (keyed by partition key) instead")
+    cfg = sparse.tiers[model.emb_table].table.cfg
+    if model.lin_table is not None and sparse.tiers[model.lin_table].table.cfg.compression is not None:
+        raise ValueError(f"export_onnx exports a compressed first-order table only as the embedding row's last "
+                         f"column (linear_column); {model.lin_table!r} is a separate compressed table")
+    comp = cfg.compression
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     store = sparse.store
@@ -128,9 +145,9 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike[str], opset: int = 
         lkeys, lin = _stored(store, model.lin_table)
         np.save(out / f"keys_{model.lin_table}.npy", lkeys)
         tables[model.lin_table] = 1
-    rows = IndexedRows(emb, model.dim, lin)
+    rows = IndexedRows(emb, model.dim, lin, compression=comp, linear_column=cfg.linear_column)
     f = len(model.fields)
-    index = torch.zeros(2, f, dtype=torch.int64)
+    index = torch.zeros(2, f * rows.parts, dtype=torch.int64)
     batch: Any = (index, torch.zeros(2, f, dtype=torch.int64)) if lin is not None else index
     dense = (torch.zeros(2, model.n_dense),) if model.n_dense else ()
     names = ["index", *(["lin_index"] if lin is not None else []), *(["dense"] if dense else [])]
@@ -144,9 +161,10 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike[str], opset: int = 
                         opset_version=opset)
     finally:
         model.train(was)
-    meta = {"format": EXPORT_FORMAT, "model": type(model).__name__, "fields": list(model.fields),
+    meta = {"format": EXPORT_FORMAT if comp is None else EXPORT_FORMAT_COMPRESSED, "model": type(model).__name__, "fields": list(model.fields),
             "n_dense": int(model.n_dense), "dim": int(model.dim), "emb_table": model.emb_table,
-            "lin_table": model.lin_table, "tables": tables}
+            "lin_table": model.lin_table, "tables": tables,
+            "compression": comp.to_dict() if comp is not None else None}
     (out / "export.json").write_text(json.dumps(meta, indent=1))
     return out
 

@@ -2,7 +2,8 @@
 
 :class:`Predictor` maps raw uint64 keys to rows with one ``searchsorted`` per table over the
 export's sorted key arrays (memory-mapped, so a map of 10^8 keys costs page cache, not a
-Python dict), then runs the graph. A key the table never stored maps to row 0 (zeros), as the
+Python dict), then runs the graph. A compressed table's keys are first turned into their
+partition keys, as in training. A key the table never stored maps to row 0 (zeros), as the
 seed's inference export maps an unknown id.
 
 Needs the ``serve`` extra (onnxruntime).
@@ -18,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DamoHybridError
+from ..keys.compression import CompressionConfig
 from ..keys.hashing import as_keys
-from .onnx import EXPORT_FORMAT
+from .onnx import EXPORT_FORMAT, EXPORT_FORMAT_COMPRESSED
 
 __all__ = ["Predictor"]
 
@@ -51,8 +53,11 @@ class Predictor:
         if not meta_path.is_file():
             raise DamoHybridError(f"{d} is not a damo_hybrid export (no export.json)")
         self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != EXPORT_FORMAT:
-            raise DamoHybridError(f"{d} holds export format {self.meta.get('format')}, this version reads {EXPORT_FORMAT}")
+        if self.meta.get("format") not in (EXPORT_FORMAT, EXPORT_FORMAT_COMPRESSED):
+            raise DamoHybridError(f"{d} holds export format {self.meta.get('format')}, this version reads "
+                                  f"{EXPORT_FORMAT} and {EXPORT_FORMAT_COMPRESSED}")
+        comp = self.meta.get("compression")
+        self._comp = CompressionConfig(**comp) if comp else None
         self.fields: list[str] = self.meta["fields"]
         self.n_dense = int(self.meta["n_dense"])
         self._keys = {t: np.load(d / f"keys_{t}.npy", mmap_mode="r") for t in self.meta["tables"]}
@@ -78,7 +83,8 @@ class Predictor:
                 raise KeyError(f"sparse input lacks fields {missing}")
             cols = [as_keys(sparse[f], f) for f in self.fields]
         keys = np.stack(cols, 1)
-        feeds = {"index": _rows(keys.ravel(), self._keys[self.meta["emb_table"]]).reshape(keys.shape)}
+        parts = keys if self._comp is None else self._comp.subkeys(keys.ravel()).reshape(len(keys), -1)
+        feeds = {"index": _rows(parts.ravel(), self._keys[self.meta["emb_table"]]).reshape(parts.shape)}
         if self.meta.get("lin_table"):
             feeds["lin_index"] = _rows(keys.ravel(), self._keys[self.meta["lin_table"]]).reshape(keys.shape)
         if self.n_dense:
