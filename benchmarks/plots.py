@@ -2,6 +2,7 @@
 
     python benchmarks/plots.py --train bench_out/train_sweep.json --soak bench_out/soak.json
 
+``--compression``: ``damo-hybrid bench --compression --json FILE``: AUC against bytes per dataset.
 ``--gpu``: ``damo-hybrid bench --gpu --json FILE``: samples/s of the three sides and the stage
 timeline of a device-cache run.
 ``--train``: ``damo-hybrid bench --train --fractions ... --json FILE``: throughput and hit rate
@@ -151,11 +152,36 @@ def gpu_plots(res: dict, out: Path, machine: str) -> list[Path]:
     return made
 
 
+def compression_plot(res: dict, out: Path, machine: str) -> list[Path]:
+    """AUC against bytes of embedding state (log x), one panel per dataset, one line per method."""
+    plt = _plt()
+    names = list(res["datasets"])
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.6), squeeze=False)
+    styles = {"hashing": "o--", "qr_mult": "s-", "qr_concat": "^-", "binary_code": "d-"}
+    for ax, name in zip(axes[0], names):
+        runs = res["datasets"][name]["runs"]
+        full = next(r for r in runs if r["method"] == "full")
+        ax.axhline(full["auc"], color="grey", ls=":", label="full table")
+        ax.plot([full["bytes"]], [full["auc"]], "k*", ms=9)
+        for m, st in styles.items():
+            pts = sorted((r["bytes"], r["auc"]) for r in runs if r["method"] == m)
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], st, label=m, ms=4)
+        ax.set_xscale("log")
+        ax.set_title(f"{name} ({res['datasets'][name]['vocab']:,} ids)", fontsize=9)
+        ax.set_xlabel("bytes of embedding state")
+    axes[0][0].set_ylabel("held-out AUC (mean of seeds)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Compressed tables: quality against bytes (DeepFM, dim 16)\n{machine}", fontsize=9)
+    return [_save(plt, fig, out / "compression.png")]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", help="JSON of damo-hybrid bench --train --json")
     p.add_argument("--soak", help="JSON of benchmarks/soak.py --out")
     p.add_argument("--gpu", help="JSON of damo-hybrid bench --gpu --json")
+    p.add_argument("--compression", help="JSON of damo-hybrid bench --compression --json")
     p.add_argument("--machine", default="2 CPUs, 24 GiB RAM, local disk, no GPU")
     p.add_argument("--out", default=str(HERE))
     a = p.parse_args(argv)
@@ -168,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         made += soak_plots(json.loads(Path(a.soak).read_text()), out, a.machine)
     if a.gpu:
         made += gpu_plots(json.loads(Path(a.gpu).read_text()), out, a.machine)
+    if a.compression:
+        made += compression_plot(json.loads(Path(a.compression).read_text()), out, a.machine)
     for m in made:
         print(f"wrote {m}")
     return 0

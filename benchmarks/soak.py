@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from damo_hybrid import EmbeddingStore, TableConfig
-from damo_hybrid.config import InitializerConfig, OptimizerConfig, StoreConfig
-from damo_hybrid.keys.hashing import mix64
 from damo_hybrid.cache.host import HostCache
+from damo_hybrid.config import InitializerConfig, OptimizerConfig, StoreConfig
 from damo_hybrid.data.synthetic import zipf_ranks
+from damo_hybrid.keys.hashing import mix64
 
 
 def rss_mb() -> dict[str, float]:

@@ -211,3 +211,25 @@ def test_train_inspect_and_refusals_from_the_command_line(tmp_path, capsys):
     assert "cannot represent" in capsys.readouterr().err
     assert main(["export", "--store", str(store), "--onnx", str(tmp_path / "onnx")]) == 0  # checked in test_serving
     assert json.loads((tmp_path / "onnx" / "export.json").read_text())["compression"]["op"] == "concat"
+
+
+def test_the_study_picks_the_most_rows_within_each_ratio_and_reports_the_goals():
+    from damo_hybrid.bench.compression import pick_config, run_compression_study
+
+    for method in ("qr_mult", "qr_concat", "binary_code"):
+        for ratio in (10, 100, 1000):
+            c = pick_config(method, 100_000, ratio, 16)
+            assert c is not None and c.stored_rows <= 100_000 / ratio
+            assert c.stored_rows >= 0.5 * 100_000 / ratio  # not far below: a fair comparison at that size
+            assert c.op != "concat" or 16 % c.parts == 0
+    assert pick_config("hashing", 100_000, 100, 16) == CompressionConfig.hashing(1000)
+    assert pick_config("qr_mult", 3000, 1000, 16) is None  # 3 rows: no two partitions fit
+    res = run_compression_study("unused", datasets=("synthetic",), seeds=(0,), ratios=(10,),
+                                methods=("hashing", "qr_mult"), hidden=(16,), synthetic_batches=6,
+                                synthetic_batch_size=256, log_fn=lambda s: None)
+    d = res["datasets"]["synthetic"]
+    full, hashing, qr = d["runs"]
+    assert (full["method"], hashing["method"], qr["method"]) == ("full", "hashing", "qr_mult")
+    assert full["rows"] == d["vocab"] and 0 < qr["rows"] <= d["vocab"] / 10 and 0 < hashing["rows"] <= d["vocab"] / 10
+    assert 0 < qr["auc"] < 1 and full["bytes"] == full["rows"] * 4 * 2 * 17  # weights + Adagrad, dim 16 + 1
+    assert set(d["goals"]) == {"best_at_10x", "beats_hashing"} and "qr_mult@10x" in d["goals"]["beats_hashing"]

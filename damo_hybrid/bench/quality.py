@@ -38,7 +38,7 @@ from ..rows.initializers import RowInitializer
 from ..store import EmbeddingStore
 from .baseline import InMemoryEmbeddings, train_in_memory, vocab_index
 
-__all__ = ["DATASETS", "DatasetSpec", "run_quality", "load_split"]
+__all__ = ["DATASETS", "DatasetSpec", "run_quality", "load_split", "train_damo"]
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +108,20 @@ def _evaluate(predict, held: TabularData) -> tuple[float, float]:
 
 
 def train_damo(train: TabularData, held: TabularData, model: str, steps: int, dim: int, lr: float,
-               dense_lr: float, hidden: tuple[int, ...], seed: int, root: Path, cache_mb: float) -> dict[str, float]:
-    """Train through the store, host cache and pipeline; held-out AUC and logloss."""
-    with EmbeddingStore(root / f"store-{seed}", _tables(model, dim, lr, seed)) as store:
+               dense_lr: float, hidden: tuple[int, ...], seed: int, root: Path, cache_mb: float,
+               tables: list[TableConfig] | None = None) -> dict[str, float]:
+    """Train through the store, host cache and pipeline; held-out AUC and logloss, and the rows
+    stored (``tables``: instead of the model's default layout)."""
+    tables = tables or _tables(model, dim, lr, seed)
+    with EmbeddingStore(root / f"store-{seed}-{time.monotonic_ns()}", tables) as store:
         m = _build(model, store, train, hidden, seed, cache_mb)
         trainer = Trainer(m, torch.optim.Adam(m.parameters(), lr=dense_lr), train.batch, held.batch)
         t0 = time.perf_counter()
         trainer.fit(steps, prefetch=True)
         dt = time.perf_counter() - t0
         a, ll = trainer.evaluate(held.batches_per_epoch)
-    return {"auc": a, "logloss": ll, "seconds": dt}
+        rows = store.stats().rows
+    return {"auc": a, "logloss": ll, "seconds": dt, "rows": rows}
 
 
 def train_torch(train: TabularData, held: TabularData, model: str, steps: int, dim: int, lr: float,

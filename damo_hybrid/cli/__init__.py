@@ -397,8 +397,13 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     b.add_argument("--fractions", default="0.25,0.05", help="cache budgets as fractions of the torch table's bytes")
     b.add_argument("--quality", action="store_true",
                    help="instead: AUC/logloss parity with in-memory torch on the real datasets under --data-root")
+    b.add_argument("--compression", action="store_true",
+                   help="instead: quality against bytes of compressed tables (qr, binary code, hashing) per dataset")
+    b.add_argument("--ratios", default="10,100,1000", help="row-compression ratios (for --compression)")
+    b.add_argument("--methods", default="hashing,qr_mult,qr_concat,binary_code")
     b.add_argument("--data-root", default="../shared/data", help="folder holding the datasets (for --quality)")
-    b.add_argument("--datasets", default="criteo,avazu,movielens,frappe")
+    b.add_argument("--datasets", default="criteo,avazu,movielens,frappe",
+                   help="comma-separated; --compression also knows synthetic")
     b.add_argument("--seeds", default="0,1,2")
     b.add_argument("--gpu", action="store_true",
                    help="instead: the GPU tier benchmark: all rows in HBM vs the device cache vs CPU-only (DeepFM, DLRM)")

@@ -14,7 +14,7 @@ def _save(args: argparse.Namespace, res: dict[str, Any]) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int | None:
-    """Run the benchmark ``--quality``, ``--gpu``, ``--train``, ``--host`` or ``--loader`` asks for; None
+    """Run the benchmark ``--quality``, ``--compression``, ``--gpu``, ``--train``, ``--host`` or ``--loader`` asks for; None
     for the store benchmark (the default), which the caller runs."""
     if args.quality:
         from ..bench.quality import DATASETS, run_quality
@@ -33,6 +33,24 @@ def run_bench(args: argparse.Namespace) -> int | None:
                   f"{m['in_memory']['logloss']:.4f} |")
         _save(args, res)
         return 0 if all(r["within_0.005"] for r in res["datasets"].values()) else 1
+    if args.compression:
+        from ..bench.compression import METHODS, run_compression_study
+        from ..bench.quality import DATASETS
+
+        names, methods = tuple(args.datasets.split(",")), tuple(args.methods.split(","))
+        bad = [n for n in names if n not in (*DATASETS, "synthetic")] + [m for m in methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown datasets or methods {bad}; known: {sorted(DATASETS)} and synthetic, {list(METHODS)}")
+        res = run_compression_study(args.data_root, names, tuple(int(x) for x in args.seeds.split(",")),
+                                    tuple(float(x) for x in args.ratios.split(",")), methods, log_fn=print)
+        print("\n| dataset | method | row ratio | rows | MiB | AUC | logloss | samples/s |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for n, d in res["datasets"].items():
+            for r in d["runs"]:
+                print(f"| {n} | {r['method']} | {r['ratio']:g}x | {r['rows']:,.0f} | {r['bytes'] / 2**20:,.2f} | "
+                      f"{r['auc']:.4f} | {r['logloss']:.4f} | {r['samples_per_s']:,.0f} |")
+        _save(args, res)
+        return 0
     if args.gpu:
         from ..bench.gpu import run_gpu_bench
 

@@ -94,7 +94,10 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, dense_optimizer: torch.optim.Optimizer,
                  train_batch: Callable[[int], Batch], eval_batch: Callable[[int], Batch] | None = None) -> None:
         self.model = model
-        self.device = model.sparse.device  # chosen once by the collection's backend
+        # a model whose embeddings are a module of its own (DHE, in-memory tables) has no rows to serve
+        sparse = getattr(model, "sparse", None)
+        self.sparse = sparse if sparse is not None else _NoRows(model)
+        self.device = self.sparse.device  # chosen once by the collection's backend
         model.to(self.device)  # the dense layers; the sparse rows live in the caches
         self.opt = dense_optimizer
         self.train_batch = train_batch
@@ -102,7 +105,7 @@ class Trainer:
         self.step = 0
         # the dense step follows the tables' NaN/Inf decision: skipped (and counted) when every
         # table drops bad rows, else a non-finite dense gradient refuses the whole step
-        self.skip_nonfinite = all(t.table.skip_nonfinite for t in model.sparse.tiers.values())
+        self.skip_nonfinite = all(t.table.skip_nonfinite for t in self.sparse.tiers.values())
         self.skipped_dense_steps = 0
         self.samples = 0
         self.times = StageTimes()
@@ -135,13 +138,13 @@ class Trainer:
                 with CLOCK("backward"):
                     loss.backward()
         except BaseException:
-            self.model.sparse.release(prepared)  # a failed forward or backward keeps no rows pinned
+            self.sparse.release(prepared)  # a failed forward or backward keeps no rows pinned
             raise
         t3 = time.perf_counter()
         with record_function("damo.apply"):
             dense_finite = self._dense_finite()
             if not dense_finite and not self.skip_nonfinite:
-                self.model.sparse.release(prepared)
+                self.sparse.release(prepared)
                 raise NonFiniteGradientError(
                     f"the dense gradients hold NaN or Inf at step {self.step}; nothing was written. Lower "
                     "the learning rate or clip gradients, or give every table nonfinite='skip' to skip such steps.")
@@ -206,8 +209,11 @@ class Trainer:
 
     def checkpoint(self, root: str | os.PathLike[str], keep: int = 2) -> Path:
         """Flush the caches and write ``root/step-<step>`` atomically; keep the ``keep`` newest."""
-        self.model.sparse.flush()
-        path = save_training_checkpoint(root, self.step, self.model.sparse.store, self.state())
+        if self.sparse.store is None:
+            raise ValueError("this model's embeddings are a module of its own, not rows in a store: save "
+                             "model.state_dict() (and the optimizer's) instead of a training checkpoint")
+        self.sparse.flush()
+        path = save_training_checkpoint(root, self.step, self.sparse.store, self.state())
         prune_checkpoints(root, keep)
         return path
 
@@ -237,7 +243,7 @@ class Trainer:
     def _run_segment(self, steps: int, prefetch: bool, progress: Callable[[int, float], None] | None,
                      losses: list[float]) -> None:
         if prefetch:
-            sparse = self.model.sparse
+            sparse = self.sparse
             with Pipeline(self.train_batch, lambda b: self.model.prepare(b.sparse), sparse.release,
                           self.step, self.step + steps, timeline=self.timeline) as pipe:
                 for _, b, prepared in pipe:
@@ -274,7 +280,7 @@ class Trainer:
                 try:
                     p = torch.sigmoid(self.model(prepared, self._to_device(b.dense))).cpu().numpy()
                 finally:
-                    self.model.sparse.release(prepared)
+                    self.sparse.release(prepared)
                 labels.append(b.label)
                 probs.append(p)
         finally:
@@ -314,17 +320,17 @@ class Trainer:
         except BaseException:
             # Ctrl-C or a failed stage: keep the work of the steps that completed
             try:
-                self.model.sparse.flush()
+                self.sparse.flush()
             except Exception:  # the store itself may be what failed
                 log.exception("could not flush the caches after an error")
             raise
         secs = time.perf_counter() - t0
-        self.model.sparse.flush()
+        self.sparse.flush()
         a = ll = None
         if eval_batches:
             a, ll = self.evaluate(eval_batches)
-        stats = list(self.model.sparse.cache_stats().values())
-        dstats = list(self.model.sparse.device_cache_stats().values())
+        stats = list(self.sparse.cache_stats().values())
+        dstats = list(self.sparse.device_cache_stats().values())
         n = self.samples - samples0
         return TrainSummary(
             steps=self.step - step0, samples=n, seconds=secs, samples_per_s=n / secs if secs else 0.0,
@@ -334,6 +340,30 @@ class Trainer:
             peak_rss_mb=peak_rss_mb(), stages=self.times,
             device_hit_rate=_hit_rate(dstats) if dstats else None,
         )
+
+
+class _NoRows:
+    """What the trainer asks of a model's collection, for a model without one (its embedding
+    module is trained by the dense optimizer): no rows to release, flush or count."""
+
+    store = None
+    tiers: dict = {}
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        p = next(model.parameters(), None)
+        self.device = p.device if p is not None else torch.device("cpu")
+
+    def release(self, prepared: object = None) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def cache_stats(self) -> dict:
+        return {}
+
+    def device_cache_stats(self) -> dict:
+        return {}
 
 
 def _hit_rate(stats: list[CacheStats]) -> float:
