@@ -198,3 +198,19 @@ def test_a_refused_key_is_read_once_and_counted_as_one_miss(tmp_path):
         st.apply_gradients("t", np.arange(10, dtype=np.uint64), np.ones((10, 4), np.float32))
         s = st.stats()
         assert (s.misses, s.hits, s.dropped_unadmitted) == (10, 0, 10)
+
+
+def test_turning_admission_off_drops_its_counters(tmp_path):
+    """Off and on again, admission starts counting afresh: the counters of before were no longer
+    kept up to date while it was off (they used to be reloaded)."""
+    keys = np.arange(5, dtype=np.uint64)
+    with EmbeddingStore(tmp_path / "s", [_table()]) as st:
+        st.apply_gradients("t", np.concatenate([keys, keys]), np.ones((10, 4), np.float32))  # counts 2 each
+        assert (st._tables["t"].filter.count(keys) == 2).all()
+    assert (tmp_path / "s" / "admission").is_dir() and any((tmp_path / "s" / "admission").iterdir())
+    off = TableConfig("t", 4, initializer=InitializerConfig.normal(std=0.1), optimizer=OptimizerConfig.sgd(0.1))
+    with EmbeddingStore(tmp_path / "s", [off], StoreConfig(allow_config_change=True)):
+        pass
+    assert not any((tmp_path / "s" / "admission").iterdir())
+    with EmbeddingStore(tmp_path / "s", [_table()], StoreConfig(allow_config_change=True)) as st:
+        assert (st._tables["t"].filter.count(keys) == 0).all()

@@ -221,6 +221,9 @@ def write_meta(root: Path, tables: Iterable[Table], next_id: int, ttl: bool, liv
         meta["key_filter"] = token
     with atomic_file(root / META) as f:
         f.write(json.dumps(meta, indent=1, sort_keys=True).encode())
+    for t in tables:  # a table whose admission was turned off drops its counters (after meta.json stops naming them)
+        if t.filter is None:
+            (adm / f"{t.id}.npy").unlink(missing_ok=True)
     if filters is not None:
         remove_stale(root, {filter_path(root, tid, token).name for tid in filters} if token else set())
 
