@@ -157,7 +157,7 @@ def compression_plot(res: dict, out: Path, machine: str) -> list[Path]:
     plt = _plt()
     names = list(res["datasets"])
     fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.6), squeeze=False)
-    styles = {"hashing": "o--", "qr_mult": "s-", "qr_concat": "^-", "binary_code": "d-"}
+    styles = {"hashing": "o--", "qr_mult": "s-", "qr_concat": "^-", "binary_code": "d-", "double_hash": "v-", "dhe": "x-"}
     for ax, name in zip(axes[0], names):
         runs = res["datasets"][name]["runs"]
         full = next(r for r in runs if r["method"] == "full")

@@ -356,6 +356,13 @@ class TableConfig:
             raise TypeError(f"linear_column must be a bool, got {self.linear_column!r}")
         if self.linear_column and self.dim < 2:
             raise ValueError(f"a table with linear_column needs dim >= 2 (embedding + first-order weight), got {self.dim}")
+        c = self.compression
+        if c is not None and c.kind.value == "double_hash":  # its admission counters count raw keys
+            if self.admission is None:
+                object.__setattr__(self, "admission", AdmissionConfig(min_count=c.min_count))
+            elif self.admission.min_count != c.min_count:
+                raise ValueError(f"double_hash min_count {c.min_count} and admission min_count "
+                                 f"{self.admission.min_count} must agree (the counters decide which keys are frequent)")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; :meth:`from_dict` inverts it."""

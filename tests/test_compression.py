@@ -134,7 +134,9 @@ def test_combined_rows_and_their_training_equal_the_dense_formula(tmp_path, c, l
             np.testing.assert_allclose(got, dense[p].detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_pipelined_equals_sequential_with_a_compressed_table_and_evictions(tmp_path):
+@pytest.mark.parametrize("c", [CompressionConfig.qr(10**7, 3000), CompressionConfig.double_hash(2000, 2)],
+                         ids=["qr", "double_hash"])
+def test_pipelined_equals_sequential_with_a_compressed_table_and_evictions(tmp_path, c):
     from damo_hybrid.data.synthetic import SyntheticCriteo
     from damo_hybrid.models import DeepFM
     from damo_hybrid.trainer import Trainer
@@ -143,8 +145,7 @@ def test_pipelined_equals_sequential_with_a_compressed_table_and_evictions(tmp_p
         torch.manual_seed(0)
         data = SyntheticCriteo(64, seed=1, vocab_min=200, vocab_max=2000, n_sparse=6, n_dense=3)
         cfg = TableConfig("emb", 9, initializer=InitializerConfig.normal(std=0.3, seed=2),
-                          optimizer=OptimizerConfig.adagrad(0.05), linear_column=True,
-                          compression=CompressionConfig.qr(10**7, 3000))
+                          optimizer=OptimizerConfig.adagrad(0.05), linear_column=True, compression=c)
         store = EmbeddingStore(path, [cfg])
         model = DeepFM(store, data.sparse_fields, 3, hidden=(16,), cache_mb=1e-9, min_cache_rows=2000, backend="cpu")
         Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), data.batch).fit(25, prefetch=prefetch)
@@ -157,7 +158,8 @@ def test_pipelined_equals_sequential_with_a_compressed_table_and_evictions(tmp_p
             np.testing.assert_array_equal(p1.numpy(), p2.numpy(), err_msg=n1)
         k1, k2 = (np.concatenate([k for k, _ in s.scan("emb")]) for s in (s1, s2))
         np.testing.assert_array_equal(k1, k2)
-        assert (k1 >> np.uint64(PART_SHIFT)).max() == 1 and len(k1) <= 3000 + 3334  # partition keys only
+        parts = set((k1 >> np.uint64(PART_SHIFT)).tolist())
+        assert parts == ({0, 1} if c.kind.value == "qr" else {0, 1, 2})  # partition keys only (0: own rows)
         r1, r2 = s1.read_rows("emb", k1)[0], s2.read_rows("emb", k2)[0]
         np.testing.assert_array_equal(r1.weights, r2.weights)
         np.testing.assert_array_equal(r1.state, r2.state)
@@ -201,7 +203,8 @@ def test_train_inspect_and_refusals_from_the_command_line(tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", "--store", str(store)]) == 0
     assert "compression qr(m=1000, partitions=2, op=concat) of 1,000,000 ids" in capsys.readouterr().out
-    for bad, msg in [("qr:rows=1000000", "lacks m="), ("qr:rows=10,m=x", "must be an integer"),
+    assert CompressionConfig.parse("double_hash:rows=5000,min_count=3") == CompressionConfig.double_hash(5000, 3)
+    for bad, msg in [("qr:rows=1000000", "lacks m="), ("double_hash:rows=10", "lacks min_count="), ("qr:rows=10,m=x", "must be an integer"),
                      ("lsh:rows=10", "unknown compression 'lsh'"), ("qr:rows=1000000,m=100,op=concat,partitions=3",
                                                                    "multiple of the 3 partitions")]:
         assert main(argv[:-4] + ["--store", str(tmp_path / "bad"), "--table-compression", bad]) == 2
@@ -225,11 +228,52 @@ def test_the_study_picks_the_most_rows_within_each_ratio_and_reports_the_goals()
     assert pick_config("hashing", 100_000, 100, 16) == CompressionConfig.hashing(1000)
     assert pick_config("qr_mult", 3000, 1000, 16) is None  # 3 rows: no two partitions fit
     res = run_compression_study("unused", datasets=("synthetic",), seeds=(0,), ratios=(10,),
-                                methods=("hashing", "qr_mult"), hidden=(16,), synthetic_batches=6,
+                                methods=("hashing", "qr_mult", "double_hash", "dhe"), hidden=(16,), synthetic_batches=6,
                                 synthetic_batch_size=256, log_fn=lambda s: None)
     d = res["datasets"]["synthetic"]
-    full, hashing, qr = d["runs"]
-    assert (full["method"], hashing["method"], qr["method"]) == ("full", "hashing", "qr_mult")
+    full, hashing, qr, dh, dhe = d["runs"]
+    assert [r["method"] for r in d["runs"]] == ["full", "hashing", "qr_mult", "double_hash", "dhe"]
+    assert dh["config"]["kind"] == "double_hash" and 0 < dh["rows"] < full["rows"]
+    assert dhe["rows"] == 0 and 0.5 * full["bytes"] / 10 < dhe["bytes"] <= 1.1 * full["bytes"] / 10 and 0 < dhe["auc"] < 1
     assert full["rows"] == d["vocab"] and 0 < qr["rows"] <= d["vocab"] / 10 and 0 < hashing["rows"] <= d["vocab"] / 10
     assert 0 < qr["auc"] < 1 and full["bytes"] == full["rows"] * 4 * 2 * 17  # weights + Adagrad, dim 16 + 1
-    assert set(d["goals"]) == {"best_at_10x", "beats_hashing"} and "qr_mult@10x" in d["goals"]["beats_hashing"]
+    assert set(d["goals"]) == {"best_at_10x", "beats_hashing"} and {"qr_mult@10x", "dhe@10x"} <= set(d["goals"]["beats_hashing"])
+
+
+def test_double_hash_gives_frequent_keys_their_own_rows_from_their_min_count_th_occurrence(tmp_path):
+    c = CompressionConfig.double_hash(50, 3)
+    keys = RNG.integers(0, 2**63, 200, dtype=np.uint64)
+    freq = RNG.random(200) < 0.5
+    sub = c.subkeys(keys, freq)
+    own = keys & np.uint64((1 << PART_SHIFT) - 1)
+    assert (sub[freq] == own[freq, None]).all()  # both partitions: the key's own row
+    shared = sub[~freq]
+    assert ((shared >> np.uint64(PART_SHIFT)) == [1, 2]).all()
+    assert ((shared & np.uint64((1 << PART_SHIFT) - 1)) < 50).all() and (shared[:, 0] != shared[:, 1]).any()
+    with pytest.raises(ValueError, match="frequent"):
+        c.subkeys(keys)
+    assert TableConfig("t", 4, compression=c).admission.min_count == 3  # its counters count raw keys
+    with pytest.raises(ValueError, match="must agree"):
+        from damo_hybrid import AdmissionConfig
+        TableConfig("t", 4, compression=c, admission=AdmissionConfig(min_count=2))
+
+    cfg = TableConfig("t", 4, initializer=InitializerConfig.normal(std=0.5, seed=1), optimizer=OptimizerConfig.sgd(0.1),
+                      compression=c)
+    k = np.array([7, 7, 11], dtype=np.uint64)  # key 7 twice a batch, key 11 once
+    own7, own11 = (np.array([x], np.uint64) & np.uint64((1 << PART_SHIFT) - 1) for x in (7, 11))
+    with EmbeddingStore(tmp_path / "s", [cfg]) as st:
+        coll = EmbeddingCollection(st, [Feature("f", "t")], backend="cpu")
+        for step in range(3):
+            eval_out = coll.eval()({"f": k})["f"]  # eval only asks: it counts nothing
+            coll.train()
+            out = coll({"f": k})["f"]
+            if step == 0:  # later, a training batch's own occurrences turn keys frequent that eval's do not
+                torch.testing.assert_close(out, eval_out)
+            seven = c.subkeys(np.array([7], np.uint64), np.array([step >= 1]))[0]
+            want = st.lookup("t", seven).mean(0)
+            torch.testing.assert_close(out[0], torch.from_numpy(want))
+            out.sum().backward()
+            coll.apply_gradients()
+            st.flush()
+            assert st.read_rows("t", own7)[1][0] == (step >= 1)  # 2 + 2 occurrences >= 3 at the 2nd batch
+            assert st.read_rows("t", own11)[1][0] == (step >= 2)  # its 3rd occurrence at the 3rd batch

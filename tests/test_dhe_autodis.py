@@ -82,3 +82,52 @@ def test_autodis_matches_its_formula_and_learns_a_nonlinear_value_map():
         opt.step()
     linear_best = ((ys - ys.mean()) ** 2).mean()  # x is symmetric: the best line is flat
     assert loss.item() < 0.1 * linear_best.item()
+
+
+@pytest.mark.parametrize("name", ["deepfm", "wide_deep", "dcn", "dlrm"])
+def test_every_model_embeds_its_dense_features_with_autodis_and_learns(tmp_path, name):
+    from damo_hybrid import EmbeddingStore, InitializerConfig, OptimizerConfig
+    from damo_hybrid.data.synthetic import SyntheticCriteo
+    from damo_hybrid.models import MODELS
+    from damo_hybrid.nn.models import model_tables
+    from damo_hybrid.trainer import Trainer
+
+    torch.manual_seed(0)
+    data = SyntheticCriteo(512, seed=4, vocab_min=100, vocab_max=1000, n_sparse=8, n_dense=4, signal=2.0)
+    held = SyntheticCriteo(512, seed=4, vocab_min=100, vocab_max=1000, n_sparse=8, n_dense=4, signal=2.0, split=1)
+    tables = model_tables(name, 8, OptimizerConfig.adagrad(0.1), InitializerConfig.normal(std=0.05))
+    with EmbeddingStore(tmp_path / "s", tables) as store:
+        kw = {"top": (16,)} if name == "dlrm" else {"hidden": (16,)}
+        m = MODELS[name](store, data.sparse_fields, 4, cache_mb=1, backend="cpu", dense_mode="autodis", **kw)
+        assert m.autodis is not None and m.n_fields == 12 and m.n_dense_in == 0
+        e, _, dense_in = m.embeddings_and_dense(m.prepare(data.batch(0).sparse), torch.from_numpy(data.batch(0).dense))
+        m.sparse.release()
+        assert e.shape == (512, 12, 8) and dense_in.shape == (512, 0)
+        t = Trainer(m, torch.optim.Adam(m.parameters(), lr=3e-3), data.batch, held.batch)
+        before, _ = t.evaluate(3)
+        t.fit(40)
+        after, _ = t.evaluate(3)
+        assert after > max(0.6, before + 0.05), (before, after)
+        assert m.autodis.meta_emb.grad is not None  # trained by the dense optimizer
+    with pytest.raises(ValueError, match="dense_mode"):
+        MODELS[name](None, data.sparse_fields, 4, dense_mode="bucket", embedding_module=torch.nn.Linear(1, 1))
+
+
+def test_cli_trains_exports_and_resumes_with_autodis(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from damo_hybrid.cli import main
+    from damo_hybrid.data.synthetic import SyntheticCriteo
+    from damo_hybrid.serving import Predictor
+
+    store = tmp_path / "s"
+    argv = ["train", "--steps", "4", "--batch-size", "256", "--dim", "8", "--vocab-min", "300", "--vocab-max", "3000",
+            "--eval-batches", "0", "--quiet", "--store", str(store), "--checkpoint-every", "2", "--dense-mode", "autodis"]
+    assert main(argv) == 0
+    assert main(["export", "--store", str(store), "--onnx", str(tmp_path / "x")]) == 0
+    capsys.readouterr()
+    b = SyntheticCriteo(64, seed=0, vocab_min=300, vocab_max=3000).batch(1)
+    assert np.isfinite(Predictor(tmp_path / "x").predict(b.sparse, b.dense)).all()
+    assert main(argv[:-2] + ["--resume", "--steps", "6"]) == 2  # resumed without AutoDis: refused, in one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--dense-mode autodis" in err[0]
+    assert main(argv + ["--resume", "--steps", "6"]) == 0

@@ -25,7 +25,8 @@ OPT, INIT = OptimizerConfig.adagrad(0.05), InitializerConfig.normal(std=0.1)
 
 
 COMPRESSED = {"qr mult": CompressionConfig.qr(10**6, 1000), "qr add 3": CompressionConfig.qr(10**6, 100, "add", 3),
-              "binary code concat": CompressionConfig.binary_code(2**16, 4, "concat")}
+              "binary code concat": CompressionConfig.binary_code(2**16, 4, "concat"),
+              "double hash": CompressionConfig.double_hash(300, 2)}
 
 
 def _tables(model: str, layout: str) -> list[TableConfig]:
@@ -39,7 +40,7 @@ def _tables(model: str, layout: str) -> list[TableConfig]:
 @pytest.mark.parametrize("model, layout", [("deepfm", "one row per key"), ("wide_deep", "two tables"),
                                            ("dcn", "one row per key"), ("dlrm", "one row per key"),
                                            ("deepfm", "qr mult"), ("dcn", "qr add 3"),
-                                           ("wide_deep", "binary code concat")])
+                                           ("wide_deep", "binary code concat"), ("dlrm", "double hash")])
 def test_predictions_equal_the_trained_models_eval_output(tmp_path, model, layout):
     torch.manual_seed(0)
     data = SyntheticCriteo(64, seed=1, vocab_min=50, vocab_max=400)

@@ -150,7 +150,7 @@ def _train(args: argparse.Namespace) -> int:
         found = load_latest(ckpt_root, log=print) if args.resume else None
         if found is not None:
             ck, state = found
-            check_model_class(state, MODELS[args.model].__name__)  # before the store is touched
+            check_model_class(state, MODELS[args.model].__name__, args.dense_mode)  # before the store is touched
             if state.get("data") is not None and hasattr(data, "load_state"):
                 data.load_state(state["data"])  # a stream read another way is refused here too
             # the store may hold work done after the checkpoint: restart from the checkpoint's copy,
@@ -177,7 +177,8 @@ def _train(args: argparse.Namespace) -> int:
             if args.device_cache_mb is not None and resolve_backend(args.backend) is not Backend.CUDA:
                 raise ValueError("--device-cache-mb needs the cuda backend (a GPU with CuPy); drop it to train on the CPU")
             model = MODELS[args.model](store, data.sparse_fields, len(data.dense_fields), cache_mb=args.cache_mb,
-                                       backend=args.backend, device_cache_mb=args.device_cache_mb)
+                                       backend=args.backend, device_cache_mb=args.device_cache_mb,
+                                       dense_mode=args.dense_mode)
             floor = store_cfg.min_cache_rows
             at_floor = sorted(t for t, c in model.sparse.caches.items() if c.capacity == floor)
             if at_floor:
@@ -305,9 +306,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     t.add_argument("--steps", type=int_in(1), default=None, help="default: 150 on synthetic data (about a minute), else --epochs passes")
     t.add_argument("--batch-size", type=int_in(1), default=4096)
     t.add_argument("--dim", type=int_in(1, 65535), default=16)
+    t.add_argument("--dense-mode", choices=["raw", "autodis"], default="raw",
+                   help="dense features: raw values into the MLP, or AutoDis embeddings beside the categorical ones")
     t.add_argument("--table-compression", type=compression_arg, default=None, metavar="KIND:NAME=V,...",
                    help="store fewer rows than ids: qr:rows=R,m=M[,op=mult|add|concat][,partitions=K], "
-                        "binary_code:rows=R,bits_per_block=B[,op=sum|mean|concat] or hashing:rows=R "
+                        "binary_code:rows=R,bits_per_block=B[,op=sum|mean|concat], hashing:rows=R or "
+                        "double_hash:rows=R,min_count=N "
                         "(see docs/compression.md)")
     t.add_argument("--optimizer", default="adagrad", choices=[k.value for k in OptimizerKind])
     t.add_argument("--lr", type=float_in(0.0), default=0.05, help="sparse learning rate")
@@ -400,7 +404,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     b.add_argument("--compression", action="store_true",
                    help="instead: quality against bytes of compressed tables (qr, binary code, hashing) per dataset")
     b.add_argument("--ratios", default="10,100,1000", help="row-compression ratios (for --compression)")
-    b.add_argument("--methods", default="hashing,qr_mult,qr_concat,binary_code")
+    b.add_argument("--methods", default="hashing,qr_mult,qr_concat,binary_code,double_hash,dhe")
     b.add_argument("--data-root", default="../shared/data", help="folder holding the datasets (for --quality)")
     b.add_argument("--datasets", default="criteo,avazu,movielens,frappe",
                    help="comma-separated; --compression also knows synthetic")

@@ -13,6 +13,10 @@ first reduced to an id ``i = key mod rows`` (the hashing trick; exact where ids 
   ``2**bits_per_block`` rows. Fused by ``sum``, ``mean`` or ``concat``.
 - ``hashing``: the plain hashing trick, one partition of ``rows`` rows (the baseline the others
   are compared against at equal bytes).
+- ``double_hash`` (Zhang et al., RecSys 2020): frequent keys, those seen ``min_count`` times (the
+  table's admission counters count raw keys), keep a row of their own; the others take the mean
+  of two rows of a shared partition of ``rows`` rows, addressed by two independent hashes. Both
+  partition keys of a frequent key are its own row, so the mean is that row exactly.
 
 Partition ``p``'s row for index ``x`` is stored under the key ``p << 56 | x``. Everything after
 this transform (de-duplication, caches, prefetch, write-back, checkpoints) sees ordinary keys.
@@ -29,24 +33,29 @@ from typing import Any
 
 import numpy as np
 
+from .hashing import mix64
+
 __all__ = ["CompressionKind", "CompressionConfig", "PART_SHIFT"]
 
 PART_SHIFT = 56  # a stored key: partition << PART_SHIFT | index within the partition
 _MAX_ROWS = 1 << PART_SHIFT
-_OPS = {"qr": ("mult", "add", "concat"), "binary_code": ("sum", "mean", "concat"), "hashing": ("sum",)}
+_OPS = {"qr": ("mult", "add", "concat"), "binary_code": ("sum", "mean", "concat"), "hashing": ("sum",),
+        "double_hash": ("mean",)}
+_SALT = np.uint64(0x9E3779B97F4A7C15)
 
 
 class CompressionKind(str, enum.Enum):
     QR = "qr"
     BINARY_CODE = "binary_code"
     HASHING = "hashing"
+    DOUBLE_HASH = "double_hash"
 
 
 @dataclass(frozen=True)
 class CompressionConfig:
     """How a table's raw keys map to the fewer rows it stores (see the module doc).
 
-    Build it with :meth:`qr`, :meth:`binary_code` or :meth:`hashing`.
+    Build it with :meth:`qr`, :meth:`binary_code`, :meth:`hashing` or :meth:`double_hash`.
 
     Attributes:
         kind: the method.
@@ -57,6 +66,7 @@ class CompressionConfig:
         m: qr: rows of each partition but the last.
         partitions: qr: the number of complementary partitions ``k`` (2 or more).
         bits_per_block: binary_code: bits of the id each block takes.
+        min_count: double_hash: the occurrences from which a key has a row of its own.
     """
 
     kind: CompressionKind
@@ -65,10 +75,11 @@ class CompressionConfig:
     m: int = 0
     partitions: int = 1
     bits_per_block: int = 0
+    min_count: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", CompressionKind(self.kind))
-        for n in ("rows", "m", "partitions", "bits_per_block"):
+        for n in ("rows", "m", "partitions", "bits_per_block", "min_count"):
             v = getattr(self, n)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"compression {n} must be an int >= 0, got {v!r}")
@@ -88,12 +99,21 @@ class CompressionConfig:
             if not 1 <= self.bits_per_block <= min(bits, 24):
                 raise ValueError(f"binary_code needs 1 <= bits_per_block <= min({bits} code bits, 24), "
                                  f"got {self.bits_per_block}")
-        elif (self.m, self.partitions, self.bits_per_block) != (0, 1, 0):
+        elif self.kind is CompressionKind.DOUBLE_HASH:
+            if not 1 <= self.min_count <= 255 or (self.m, self.partitions, self.bits_per_block) != (0, 1, 0):
+                raise ValueError(f"double_hash takes rows and min_count in [1, 255], got min_count={self.min_count}")
+        elif (self.m, self.partitions, self.bits_per_block, self.min_count) != (0, 1, 0, 0):
             raise ValueError("hashing takes only rows")
         if self.parts > 255:
             raise ValueError(f"at most 255 partitions, got {self.parts}")
 
     # ------------------------------------------------------------------ builders
+    @classmethod
+    def double_hash(cls, rows: int, min_count: int) -> CompressionConfig:
+        """Frequency-based double hashing: keys seen ``min_count`` times keep their own rows, the
+        others share ``rows`` rows through two hashes."""
+        return cls(CompressionKind.DOUBLE_HASH, rows, op="mean", min_count=min_count)
+
     @classmethod
     def qr(cls, rows: int, m: int, op: str = "mult", partitions: int = 2) -> CompressionConfig:
         """Quotient-remainder (``k`` complementary partitions): ``O(k * m + rows / m**(k-1))`` rows."""
@@ -120,7 +140,7 @@ class CompressionConfig:
         """
         kind, _, rest = str(spec).partition(":")
         names = {"qr": ("rows", "m", "op", "partitions"), "binary_code": ("rows", "bits_per_block", "op"),
-                 "hashing": ("rows",)}
+                 "hashing": ("rows",), "double_hash": ("rows", "min_count")}
         if kind not in names:
             raise ValueError(f"unknown compression {kind!r} in {spec!r}; known: {', '.join(names)}")
         given: dict[str, Any] = {}
@@ -138,6 +158,8 @@ class CompressionConfig:
             raise ValueError(f"{spec!r} lacks m= (the rows of the remainder partition)")
         if kind == "binary_code" and "bits_per_block" not in given:
             raise ValueError(f"{spec!r} lacks bits_per_block=")
+        if kind == "double_hash" and "min_count" not in given:
+            raise ValueError(f"{spec!r} lacks min_count= (the occurrences from which a key has its own row)")
         return getattr(cls, kind)(**given)
 
     # ------------------------------------------------------------------ shape
@@ -154,6 +176,8 @@ class CompressionConfig:
         if self.kind is CompressionKind.BINARY_CODE:
             bits, b = self.code_bits, self.bits_per_block
             return tuple(1 << min(b, bits - j) for j in range(0, bits, b))
+        if self.kind is CompressionKind.DOUBLE_HASH:  # the shared partition (frequent keys' own rows come on top)
+            return (0, self.rows, self.rows)
         return (self.rows,)
 
     @property
@@ -163,7 +187,7 @@ class CompressionConfig:
             return self.partitions
         if self.kind is CompressionKind.BINARY_CODE:
             return -(-self.code_bits // self.bits_per_block)
-        return 1
+        return 2 if self.kind is CompressionKind.DOUBLE_HASH else 1
 
     @property
     def stored_rows(self) -> int:
@@ -179,14 +203,19 @@ class CompressionConfig:
         return self.parts * (dim - 1) + 1 if linear_column else self.parts * dim
 
     # ------------------------------------------------------------------ transform
-    def subkeys(self, keys: np.ndarray) -> np.ndarray:
+    def subkeys(self, keys: np.ndarray, frequent: np.ndarray | None = None) -> np.ndarray:
         """The stored keys each raw key combines.
 
         Args:
             keys: uint64 (N,) raw keys.
+            frequent: double_hash only: bool (N,) the keys with rows of their own.
         Returns:
             uint64 (N, P): partition ``p``'s key in column ``p``.
+        Raises:
+            ValueError: double_hash without ``frequent``.
         """
+        if self.kind is CompressionKind.DOUBLE_HASH:
+            return self._double_hash(np.asarray(keys, dtype=np.uint64), frequent)
         i = np.asarray(keys, dtype=np.uint64) % np.uint64(self.rows)
         out = np.empty((len(i), self.parts), np.uint64)
         if self.kind is CompressionKind.QR:
@@ -205,14 +234,32 @@ class CompressionConfig:
         out |= np.arange(self.parts, dtype=np.uint64) << np.uint64(PART_SHIFT)
         return out
 
+    def _double_hash(self, keys: np.ndarray, frequent: np.ndarray | None) -> np.ndarray:
+        """Own rows ``(0 << 56 | key mod 2**56)`` twice, or two shared rows (partitions 1 and 2)."""
+        if frequent is None or len(frequent) != len(keys):
+            raise ValueError("double_hash partition keys depend on which keys are frequent: give frequent, bool (N,)")
+        rows = np.uint64(self.rows)
+        own = self.own_keys(keys)
+        out = np.empty((len(keys), 2), np.uint64)
+        out[:, 0] = mix64(keys) % rows | np.uint64(1 << PART_SHIFT)
+        out[:, 1] = mix64(keys ^ _SALT) % rows | np.uint64(2 << PART_SHIFT)
+        out[frequent] = own[frequent, None]
+        return out
+
+    def own_keys(self, keys: np.ndarray) -> np.ndarray:
+        """double_hash: the key of each raw key's own row (whether or not it has one)."""
+        return np.asarray(keys, dtype=np.uint64) & np.uint64(_MAX_ROWS - 1)
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind.value, "rows": self.rows, "op": self.op, "m": self.m,
-                "partitions": self.partitions, "bits_per_block": self.bits_per_block}
+                "partitions": self.partitions, "bits_per_block": self.bits_per_block, "min_count": self.min_count}
 
     def describe(self) -> str:
         """A one-line summary (``inspect``)."""
         detail = {CompressionKind.QR: f"m={self.m}, partitions={self.partitions}",
                   CompressionKind.BINARY_CODE: f"bits_per_block={self.bits_per_block}",
-                  CompressionKind.HASHING: ""}[self.kind]
+                  CompressionKind.HASHING: "", CompressionKind.DOUBLE_HASH: f"min_count={self.min_count}"}[self.kind]
+        if self.kind is CompressionKind.DOUBLE_HASH:
+            return f"double_hash({detail}, op=mean): own rows of frequent keys + 2 x {self.rows:,} shared rows"
         return (f"{self.kind.value}({detail + ', ' if detail else ''}op={self.op}) of {self.rows:,} ids: "
                 f"{self.parts} x rows of {self.stored_rows:,} ({self.rows / self.stored_rows:,.1f}x fewer)")

@@ -44,7 +44,7 @@ class AutoDis(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings float32 (B, n_fields, D) of values float32 (B, n_fields)."""
-        if x.ndim != 2 or x.shape[1] != self.n_fields:
+        if not torch.jit.is_tracing() and (x.ndim != 2 or x.shape[1] != self.n_fields):  # (the ONNX export traces)
             raise ValueError(f"expected values (B, {self.n_fields}), got {tuple(x.shape)}")
         return torch.einsum("bfh,fhd->bfd", self.assignment(x), self.meta_emb)
 

@@ -49,6 +49,7 @@ from ..keys.hashing import as_keys
 from ..ops import Backend, resolve_backend
 from ..store import EmbeddingStore
 from ..timing import CLOCK
+from .batch_keys import admit, partition_keys
 from .gather import TableOutput, combine_parts, split_gather
 from .step import stage_rows
 
@@ -213,9 +214,6 @@ class EmbeddingCollection(torch.nn.Module):
                 if offs.ndim != 1 or len(offs) < 1 or offs[0] != 0 or offs[-1] != len(keys) or (np.diff(offs) < 0).any():
                     raise ValueError(f"offsets of {f.name!r} must rise from 0 to len(values) = {len(keys)}")
                 b = len(offs) - 1
-            comp = self._comp[f.table]
-            if comp is not None:  # the P partition keys of each key, key-major
-                keys = comp.subkeys(keys).reshape(-1)
             if batch_size is None:
                 batch_size = b
             elif b != batch_size:
@@ -226,6 +224,9 @@ class EmbeddingCollection(torch.nn.Module):
         # admission counts a training batch (not an eval or no-grad forward: grad mode is per thread)
         counting = self.training and torch.is_grad_enabled()
         counts: list[tuple[TableTiers, tuple[np.ndarray, np.ndarray]]] = []
+        for t, items in per_table.items():  # compressed tables: the P partition keys of each key, key-major
+            if self._comp[t] is not None:
+                per_table[t] = partition_keys(self._comp[t], self.tiers[t], items, counting, counts)
         try:
             for t, items in per_table.items():
                 # tables fed by the very same key arrays (DeepFM's emb and lin) share one de-duplication
@@ -251,7 +252,7 @@ class EmbeddingCollection(torch.nn.Module):
                 with tiers.lock:
                     if tiers.closed:
                         raise StoreClosedError(f"the store holding table {t!r} is closed")
-                    admitted, side, seen = self._admit(tiers, ukeys, inv, counting)
+                    admitted, side, seen = admit(tiers, ukeys, inv, counting)
                     if seen is not None:
                         counts.append((tiers, seen))
                     res = ukeys if admitted is None else ukeys[admitted]
@@ -279,29 +280,6 @@ class EmbeddingCollection(torch.nn.Module):
             with tiers.lock:
                 tiers.table.filter.add(keys, occ)  # type: ignore[union-attr]
         return PreparedBatch(int(batch_size or 0), tables)
-
-    @staticmethod
-    def _admit(tiers: TableTiers, ukeys: np.ndarray, inv: np.ndarray, counting: bool
-               ) -> tuple[np.ndarray | None, np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
-        """Admission of a batch's distinct keys: a training batch's own occurrences count (added
-        by :meth:`prepare` once the batch is resident, in batch order, so a pipelined run counts
-        as the sequential one); an eval batch only asks. A key with a stored row is in.
-
-        Returns:
-            ``(admitted bool (U,), rows of the others, (keys, occurrences) to count)``; the first
-            two are None when every key is in.
-        """
-        table = tiers.table
-        if table.filter is None:
-            return None, None, None
-        occ = np.bincount(inv, minlength=len(ukeys)) if counting else np.zeros(len(ukeys), np.int64)
-        admitted = tiers.admitted(ukeys, table.admit(ukeys, occ, count=False))  # type: ignore[arg-type]
-        seen = (ukeys, occ) if counting else None
-        if admitted.all():
-            return None, None, seen
-        out = ukeys[~admitted]
-        side = np.zeros((len(out), table.dim), np.float32) if table.unadmitted_zeros else table.init(out)
-        return admitted, side, seen
 
     # -------------------------------------------------------------- stage 3
     def forward(self, batch: PreparedBatch | Mapping[str, FeatureInput]) -> dict[str, torch.Tensor]:

@@ -76,10 +76,11 @@ class DeepHashEmbedding(nn.Module):
         dist: ``gaussian`` or ``uniform`` code values.
         first_order: also decode a first-order weight per key (for DeepFM and Wide&Deep).
         seed: the hash seeds (fixed for the module's life: it is part of the model).
+        init_std: the spread of the embeddings at the start (a table initializer's std).
     """
 
     def __init__(self, fields: Sequence[str], dim: int, k: int = 256, hidden: Sequence[int] = (256, 256),
-                 dist: str = "gaussian", first_order: bool = True, seed: int = 0) -> None:
+                 dist: str = "gaussian", first_order: bool = True, seed: int = 0, init_std: float = 0.01) -> None:
         super().__init__()
         if dim < 1 or k < 2 or (dist == "gaussian" and k % 2):
             raise ValueError(f"need dim >= 1 and k >= 2 (even for gaussian codes), got dim={dim}, k={k}")
@@ -92,8 +93,12 @@ class DeepHashEmbedding(nn.Module):
         for h in hidden:
             layers += [nn.Linear(width, h), nn.LayerNorm(h), nn.Mish()]
             width = h
-        layers.append(nn.Linear(width, dim + (1 if first_order else 0)))
-        self.decoder = nn.Sequential(*layers)
+        out = nn.Linear(width, dim + (1 if first_order else 0))
+        # embeddings start at a table's spread (``init_std``), not O(1): a model's pairwise terms
+        # (DeepFM's FM, DLRM's dot products) would otherwise start with huge logits
+        nn.init.normal_(out.weight, std=init_std / width ** 0.5)
+        nn.init.zeros_(out.bias)
+        self.decoder = nn.Sequential(*layers, out)
 
     def prepare(self, sparse: Mapping[str, np.ndarray]) -> DHEBatch:
         """De-duplicate and encode a batch's keys (numpy; the host-manager stage).

@@ -2,8 +2,14 @@
 
 Every model takes ``embedding_module``: a module that serves the same per-field embeddings
 from somewhere else (the in-memory ``nn.Embedding`` baseline of the benchmarks,
-:class:`damo_hybrid.bench.baseline.InMemoryEmbeddings`), so a comparison trains the very same
-dense modules on both sides.
+:class:`damo_hybrid.bench.baseline.InMemoryEmbeddings`, or a table-free
+:class:`~damo_hybrid.nn.dhe.DeepHashEmbedding`), so a comparison trains the very same dense
+modules on both sides.
+
+``dense_mode="autodis"`` embeds the dense features with :class:`~damo_hybrid.nn.autodis.AutoDis`:
+they join the categorical fields as ``n_dense`` more embeddings (in DeepFM's FM term, DCN's
+crosses and DLRM's dot products) instead of entering the MLPs as raw values; Wide & Deep's wide
+part keeps its linear term over the raw values.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from torch import nn
 from ..config import InitializerConfig, OptimizerConfig, TableConfig
 from ..keys.compression import CompressionConfig
 from ..store import EmbeddingStore
+from .autodis import AutoDis
 from .collection import EmbeddingCollection, Feature
 
 __all__ = ["DeepFM", "WideAndDeep", "DCNv2", "DLRM", "MODELS", "mlp", "model_tables"]
@@ -45,15 +52,26 @@ class _SparseCTR(nn.Module):
 
     def __init__(self, store: EmbeddingStore | None, fields: Sequence[str], emb_table: str, lin_table: str | None,
                  cache_mb: float | None, min_cache_rows: int | None, backend: str, device_cache_mb: float | None,
-                 embedding_module: nn.Module | None) -> None:
+                 embedding_module: nn.Module | None, n_dense: int = 0, dense_mode: str = "raw") -> None:
         super().__init__()
+        if dense_mode not in ("raw", "autodis"):
+            raise ValueError(f"dense_mode must be 'raw' or 'autodis', got {dense_mode!r}")
         self.fields = list(fields)
         self.lin = lin_table is not None
         self.rows = embedding_module
         self.sparse: EmbeddingCollection | None = None
         if embedding_module is not None:
             self.dim = int(embedding_module.dim)
-            return
+        else:
+            self._collection(store, emb_table, lin_table, cache_mb, min_cache_rows, backend, device_cache_mb)
+        self.dense_mode = dense_mode
+        self.autodis = AutoDis(n_dense, self.dim) if dense_mode == "autodis" and n_dense else None
+        # the embeddings the interaction layers see, and the raw dense values the MLPs take
+        self.n_fields = len(self.fields) + (n_dense if self.autodis is not None else 0)
+        self.n_dense_in = 0 if self.autodis is not None else n_dense
+
+    def _collection(self, store: EmbeddingStore | None, emb_table: str, lin_table: str | None, cache_mb: float | None,
+                    min_cache_rows: int | None, backend: str, device_cache_mb: float | None) -> None:
         if store is None:
             raise ValueError("give a store, or an embedding_module to serve the rows")
         cfg = store.tables.get(emb_table)
@@ -93,6 +111,15 @@ class _SparseCTR(nn.Module):
             first = rows.linear.sum(1) if self.column else x[self.lin_table].emb[..., 0].sum(1)  # type: ignore[index, union-attr]
         return rows.emb, first
 
+    def embeddings_and_dense(self, batch: Any, dense: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(e (B, n_fields, D), first-order sum (B,) or None, dense values for the MLPs (B,
+        n_dense_in))``: with AutoDis the dense features' embeddings follow the categorical ones."""
+        e, first = self.embeddings(batch)
+        if self.autodis is None:
+            return e, first, dense
+        return torch.cat([e, self.autodis(dense)], 1), first, dense[:, :0]
+
     def apply_sparse_gradients(self) -> None:
         """Step the batch's rows (a no-op with an embedding module: its own optimizer steps it)."""
         if self.sparse is not None:
@@ -119,29 +146,32 @@ class WideAndDeep(_SparseCTR):
             :class:`~damo_hybrid.nn.EmbeddingCollection`); the model's dense layers belong on
             ``model.sparse.device``.
         embedding_module: serve the rows from this module instead of the store (see above).
+        dense_mode: ``raw`` (dense values into the MLP) or ``autodis`` (see above); every
+            model takes it.
     """
 
     def __init__(self, store: EmbeddingStore | None, fields: Sequence[str], n_dense: int, hidden: Sequence[int] = (400, 400),
                  emb_table: str = "emb", lin_table: str = "lin", cache_mb: float | None = None,
                  min_cache_rows: int | None = None, backend: str = "auto", device_cache_mb: float | None = None,
-                 embedding_module: nn.Module | None = None) -> None:
+                 embedding_module: nn.Module | None = None, dense_mode: str = "raw") -> None:
         super().__init__(store, fields, emb_table, lin_table, cache_mb, min_cache_rows, backend, device_cache_mb,
-                         embedding_module)
+                         embedding_module, n_dense, dense_mode)
         self.n_dense = n_dense
         # no dense features (Avazu, MovieLens, Frappe): no dense linear term
         self.dense_linear = nn.Linear(n_dense, 1) if n_dense else None
-        self.deep = mlp([len(self.fields) * self.dim + n_dense, *hidden, 1])
+        self.deep = mlp([self.n_fields * self.dim + self.n_dense_in, *hidden, 1])
 
-    def _wide_deep(self, e: torch.Tensor, first: torch.Tensor | None, dense: torch.Tensor) -> torch.Tensor:
+    def _wide_deep(self, e: torch.Tensor, first: torch.Tensor | None, dense: torch.Tensor,
+                   dense_in: torch.Tensor | None = None) -> torch.Tensor:
         assert first is not None
         if self.dense_linear is not None:
             first = first + self.dense_linear(dense).squeeze(1)
-        return first + self.deep(torch.cat([e.flatten(1), dense], 1)).squeeze(1)
+        return first + self.deep(torch.cat([e.flatten(1), dense if dense_in is None else dense_in], 1)).squeeze(1)
 
     def forward(self, batch: Any, dense: torch.Tensor) -> torch.Tensor:
         """Logits, float32 (B,)."""
-        e, first = self.embeddings(batch)
-        return self._wide_deep(e, first, dense)
+        e, first, dense_in = self.embeddings_and_dense(batch, dense)
+        return self._wide_deep(e, first, dense, dense_in)
 
 
 class DeepFM(WideAndDeep):
@@ -150,10 +180,10 @@ class DeepFM(WideAndDeep):
 
     def forward(self, batch: Any, dense: torch.Tensor) -> torch.Tensor:
         """Logits, float32 (B,)."""
-        e, first = self.embeddings(batch)
+        e, first, dense_in = self.embeddings_and_dense(batch, dense)
         s = e.sum(1)
         fm = 0.5 * (s * s - (e * e).sum(1)).sum(1)
-        return self._wide_deep(e, first, dense) + fm
+        return self._wide_deep(e, first, dense, dense_in) + fm
 
 
 class DCNv2(_SparseCTR):
@@ -163,18 +193,18 @@ class DCNv2(_SparseCTR):
     def __init__(self, store: EmbeddingStore | None, fields: Sequence[str], n_dense: int, hidden: Sequence[int] = (400, 400),
                  cross_layers: int = 3, emb_table: str = "emb", cache_mb: float | None = None,
                  min_cache_rows: int | None = None, backend: str = "auto", device_cache_mb: float | None = None,
-                 embedding_module: nn.Module | None = None) -> None:
+                 embedding_module: nn.Module | None = None, dense_mode: str = "raw") -> None:
         super().__init__(store, fields, emb_table, None, cache_mb, min_cache_rows, backend, device_cache_mb,
-                         embedding_module)
+                         embedding_module, n_dense, dense_mode)
         self.n_dense = n_dense
-        d = len(self.fields) * self.dim + n_dense
+        d = self.n_fields * self.dim + self.n_dense_in
         self.cross = nn.ModuleList(nn.Linear(d, d) for _ in range(cross_layers))
         self.deep = mlp([d, *hidden])
         self.head = nn.Linear(d + (hidden[-1] if hidden else d), 1)
 
     def forward(self, batch: Any, dense: torch.Tensor) -> torch.Tensor:
-        e, _ = self.embeddings(batch)
-        x0 = torch.cat([e.flatten(1), dense], 1)
+        e, _, dense_in = self.embeddings_and_dense(batch, dense)
+        x0 = torch.cat([e.flatten(1), dense_in], 1)
         x = x0
         for layer in self.cross:
             x = x0 * layer(x) + x
@@ -189,18 +219,20 @@ class DLRM(_SparseCTR):
     def __init__(self, store: EmbeddingStore | None, fields: Sequence[str], n_dense: int, bottom: Sequence[int] = (64,),
                  top: Sequence[int] = (400, 400), emb_table: str = "emb", cache_mb: float | None = None,
                  min_cache_rows: int | None = None, backend: str = "auto", device_cache_mb: float | None = None,
-                 embedding_module: nn.Module | None = None) -> None:
+                 embedding_module: nn.Module | None = None, dense_mode: str = "raw") -> None:
         super().__init__(store, fields, emb_table, None, cache_mb, min_cache_rows, backend, device_cache_mb,
-                         embedding_module)
+                         embedding_module, n_dense, dense_mode)
         self.n_dense = n_dense
-        # without dense features there is no bottom vector: only the embeddings interact
-        self.bottom = mlp([n_dense, *bottom, self.dim]) if n_dense else None
-        n = len(self.fields) + (1 if n_dense else 0)
+        # without raw dense features (none, or AutoDis embeds them) there is no bottom vector:
+        # only the embeddings interact
+        nd = self.n_dense_in
+        self.bottom = mlp([nd, *bottom, self.dim]) if nd else None
+        n = self.n_fields + (1 if nd else 0)
         self.register_buffer("_iu", torch.triu_indices(n, n, offset=1), persistent=False)
-        self.top = mlp([(self.dim if n_dense else 0) + n * (n - 1) // 2, *top, 1])
+        self.top = mlp([(self.dim if nd else 0) + n * (n - 1) // 2, *top, 1])
 
     def forward(self, batch: Any, dense: torch.Tensor) -> torch.Tensor:
-        e, _ = self.embeddings(batch)
+        e, _, dense = self.embeddings_and_dense(batch, dense)
         if self.bottom is None:
             z = torch.bmm(e, e.transpose(1, 2))[:, self._iu[0], self._iu[1]]
             return self.top(z).squeeze(1)

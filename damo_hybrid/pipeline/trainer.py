@@ -67,12 +67,17 @@ class TrainSummary:
         return d
 
 
-def check_model_class(state: dict[str, Any], model_class: str) -> None:
-    """Raise ValueError where a saved trainer state comes from another model class."""
+def check_model_class(state: dict[str, Any], model_class: str, dense_mode: str = "raw") -> None:
+    """Raise ValueError where a saved trainer state comes from another model class (or the same
+    class with its dense features embedded another way)."""
     saved = state.get("model_class")
     if saved is not None and saved != model_class:
         raise ValueError(f"the checkpoint was written by a {saved} model and this run builds a {model_class}: "
                          f"resume with the model that wrote it, or train the {model_class} in a new store")
+    mode = (state.get("model_spec") or {}).get("dense_mode", "raw")
+    if saved is not None and mode != dense_mode:
+        raise ValueError(f"the checkpoint's {saved} takes its dense features as --dense-mode {mode}, this run as "
+                         f"{dense_mode}: resume with --dense-mode {mode}, or train in a new store")
 
 
 def peak_rss_mb() -> float:
@@ -183,7 +188,8 @@ class Trainer:
                 "model_class": type(self.model).__name__,
                 # what rebuilds a built-in model for export (damo-hybrid export --onnx)
                 "model_spec": {"fields": list(getattr(self.model, "fields", [])),
-                               "n_dense": getattr(self.model, "n_dense", None)},
+                               "n_dense": getattr(self.model, "n_dense", None),
+                               "dense_mode": getattr(self.model, "dense_mode", "raw")},
                 # a streamed input's position at the next batch (resumes without re-reading)
                 "data": self.train_batch.state(self.step) if hasattr(self.train_batch, "state") else None}
 
@@ -193,7 +199,7 @@ class Trainer:
         Raises:
             ValueError: the state was saved from another model class, or dense layers of other shapes.
         """
-        check_model_class(state, type(self.model).__name__)
+        check_model_class(state, type(self.model).__name__, getattr(self.model, "dense_mode", "raw"))
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as e:

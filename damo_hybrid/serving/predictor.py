@@ -83,8 +83,14 @@ class Predictor:
                 raise KeyError(f"sparse input lacks fields {missing}")
             cols = [as_keys(sparse[f], f) for f in self.fields]
         keys = np.stack(cols, 1)
-        parts = keys if self._comp is None else self._comp.subkeys(keys.ravel()).reshape(len(keys), -1)
-        feeds = {"index": _rows(parts.ravel(), self._keys[self.meta["emb_table"]]).reshape(parts.shape)}
+        stored = self._keys[self.meta["emb_table"]]
+        parts = keys
+        if self._comp is not None:
+            flat = keys.ravel()
+            # double_hash: a key was frequent in training exactly where it has a row of its own
+            frequent = _rows(self._comp.own_keys(flat), stored) > 0 if self._comp.kind.value == "double_hash" else None
+            parts = self._comp.subkeys(flat, frequent).reshape(len(keys), -1)
+        feeds = {"index": _rows(parts.ravel(), stored).reshape(parts.shape)}
         if self.meta.get("lin_table"):
             feeds["lin_index"] = _rows(keys.ravel(), self._keys[self.meta["lin_table"]]).reshape(keys.shape)
         if self.n_dense:
