@@ -277,3 +277,17 @@ def test_double_hash_gives_frequent_keys_their_own_rows_from_their_min_count_th_
             st.flush()
             assert st.read_rows("t", own7)[1][0] == (step >= 1)  # 2 + 2 occurrences >= 3 at the 2nd batch
             assert st.read_rows("t", own11)[1][0] == (step >= 2)  # its 3rd occurrence at the 3rd batch
+
+
+def test_the_store_api_does_not_apply_admission_to_a_double_hash_tables_partition_keys(tmp_path):
+    """Its counters count raw keys (for the nn module): the numpy API, given partition keys, used to
+    drop their gradients as not admitted and to count them into those raw-key counters."""
+    cfg = TableConfig("t", 4, optimizer=OptimizerConfig.sgd(0.1), compression=CompressionConfig.double_hash(100, 3))
+    parts = CompressionConfig.double_hash(100, 3).subkeys(np.arange(5, dtype=np.uint64), np.zeros(5, bool)).ravel()
+    with EmbeddingStore(tmp_path / "s", [cfg]) as st:
+        before = st.lookup("t", parts)
+        st.apply_gradients("t", parts, np.ones((len(parts), 4), np.float32))
+        np.testing.assert_allclose(st.lookup("t", parts), before - 0.1 * np.bincount(
+            np.unique(parts, return_inverse=True)[1])[np.unique(parts, return_inverse=True)[1], None], rtol=1e-6)
+        assert st.stats().dropped_unadmitted == 0
+        assert (st._tables["t"].filter.count(parts) == 0).all()

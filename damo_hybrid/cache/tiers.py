@@ -126,13 +126,13 @@ class TableTiers:
         check = t.check_results
         with self.lock, self.step_lock:
             seen = None
-            if t.filter is not None:  # admission: counted once the step is stored, as without a cache
+            if t.admits:  # admission: counted once the step is stored, as without a cache
                 seen = ukeys, np.bincount(inv, minlength=len(ukeys))
                 admitted = self.admitted(ukeys, t.admit(*seen, count=False))
                 ukeys, g = ukeys[admitted], g[admitted]
             kept = self._step_unique(ukeys, g, lr, check)
             if seen is not None:
-                t.filter.add(*seen)
+                t.filter.add(*seen)  # type: ignore[union-attr]
                 t.counters.dropped_unadmitted += len(seen[0]) - len(ukeys)
             return kept
 

@@ -56,8 +56,7 @@ def admit(tiers: TableTiers, ukeys: np.ndarray, inv: np.ndarray, counting: bool
         two are None when every key is in.
     """
     table = tiers.table
-    comp = table.cfg.compression
-    if table.filter is None or (comp is not None and comp.kind is CompressionKind.DOUBLE_HASH):
+    if not table.admits:
         return None, None, None
     occ = np.bincount(inv, minlength=len(ukeys)) if counting else np.zeros(len(ukeys), np.int64)
     admitted = tiers.admitted(ukeys, table.admit(ukeys, occ, count=False))  # type: ignore[arg-type]

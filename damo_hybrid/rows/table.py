@@ -69,7 +69,11 @@ class Table:
         adm = cfg.admission
         self.filter = CountingBloomFilter.from_config(adm, counters) if adm is not None else None
         self.min_count = adm.min_count if adm is not None else 0
-        self.unadmitted_zeros = adm is not None and adm.unadmitted_value == "zeros"
+        # whether admission applies to the keys this table is given: a double_hash table's
+        # counters count raw keys instead (nn.batch_keys), and all its partition keys are in
+        comp = cfg.compression
+        self.admits = self.filter is not None and (comp is None or comp.kind.value != "double_hash")
+        self.unadmitted_zeros = self.admits and adm is not None and adm.unadmitted_value == "zeros"
         self.counters = TableCounters()
 
     def new_rows(self, rows: Rows, keys: np.ndarray, new: np.ndarray, now: int) -> None:
@@ -184,11 +188,11 @@ class Table:
         Returns:
             bool (U,) admitted, or None for a table without admission (all are).
         """
-        if self.filter is None:
+        if not self.admits:
             return None
-        admitted = self.filter.count(ukeys) + occurrences >= self.min_count
+        admitted = self.filter.count(ukeys) + occurrences >= self.min_count  # type: ignore[union-attr]
         if count:
-            self.filter.add(ukeys, occurrences)
+            self.filter.add(ukeys, occurrences)  # type: ignore[union-attr]
         return admitted
 
     def count_dropped(self, *masks: np.ndarray | None) -> None:

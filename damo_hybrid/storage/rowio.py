@@ -152,9 +152,9 @@ class RowIO:
         """
         ukeys, inv, g = sum_by_key(keys, grads)
         occurrences = by_count = None
-        if t.filter is not None:
+        if t.admits:
             occurrences = np.bincount(inv, minlength=len(ukeys))
-            by_count = t.filter.count(ukeys) + occurrences >= t.min_count
+            by_count = t.filter.count(ukeys) + occurrences >= t.min_count  # type: ignore[union-attr]
         keep = None
         unadmitted = 0
         with self.lock:
@@ -175,8 +175,8 @@ class RowIO:
                 if keep is not None:
                     wkeys, rows, found = wkeys[keep], rows.take(keep), found[keep]
                 self.write(t, wkeys, rows, ~found)
-            if t.filter is not None:
-                assert occurrences is not None
+            if t.admits:
+                assert occurrences is not None and t.filter is not None
                 t.filter.add(ukeys, occurrences)
                 t.counters.dropped_unadmitted += unadmitted
         return keep
