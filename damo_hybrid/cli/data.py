@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.libfm import LibfmStream
 from ..data.parquet_stream import ParquetStream
 from ..data.readers import FORMATS, Schema
 from ..data.source import StreamSource
@@ -21,15 +22,16 @@ def stream_data(args: argparse.Namespace) -> tuple[StreamSource, StreamSource | 
     """``(training source, held-out source or None)``; sets ``args.steps`` and ``args.eval_batches``
     to run until the data ends where the user gave none (``--epochs`` passes, every held-out row)."""
     schema = Schema.from_dict(args.schema) if getattr(args, "schema", None) else FORMATS.get(args.format)
-    if args.format == "libfm":
-        raise ValueError("--stream reads delimited text (criteo, avazu, movielens, csv) and parquet; libfm is not streamed yet")
-    if schema is None:
+    if schema is None and args.format != "libfm":
         raise ValueError(f"format {args.format!r} needs a schema (columns, label, dense, sparse): give one in the config file")
     until_end = args.steps is None
     split = Holdout(args.eval_fraction, False, args.seed) if args.eval_fraction and not args.eval_data else None
-    kind = ParquetStream if args.format == "parquet" else DelimitedStream
-    data = StreamSource(kind(args.data, schema, args.batch_size, holdout=split,
-                                        shuffle_buffer=args.shuffle_buffer, seed=args.seed),
+    def kind(path: Any, **kw: Any) -> Any:
+        if args.format == "libfm":  # its schema comes from the file's first line
+            return LibfmStream(path, args.batch_size, schema.on_error if schema else "raise", **kw)
+        return (ParquetStream if args.format == "parquet" else DelimitedStream)(path, schema, args.batch_size, **kw)
+
+    data = StreamSource(kind(args.data, holdout=split, shuffle_buffer=args.shuffle_buffer, seed=args.seed),
                         epochs=args.epochs if until_end else None)
     if until_end:
         args.steps = NO_END
@@ -37,7 +39,7 @@ def stream_data(args: argparse.Namespace) -> tuple[StreamSource, StreamSource | 
     if args.eval_data or split is not None:
         src = args.eval_data or args.data  # --eval-fraction: the other side of the same split
         held = Holdout(split.fraction, True, split.seed) if split is not None else None
-        held_out = StreamSource(kind(src, schema, args.batch_size, holdout=held), epochs=1)
+        held_out = StreamSource(kind(src, holdout=held), epochs=1)
         args.eval_batches = args.eval_batches or NO_END
     else:
         args.eval_batches = 0

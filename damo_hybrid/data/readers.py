@@ -221,7 +221,9 @@ def read_dataset(path: str | os.PathLike[str], fmt: str = "criteo", batch_size: 
     if not p.is_file():
         raise FileNotFoundError(f"no data file {p}")
     if fmt == "libfm":
-        return _read_libfm(p, batch_size, schema.on_error if schema else OnError.RAISE)
+        from .libfm import libfm_lines  # (it builds on this module)
+
+        return libfm_lines(p, _lines(p), batch_size, schema.on_error if schema else OnError.RAISE)
     schema = schema or FORMATS[fmt]
     if schema is None:
         raise ValueError(f"format {fmt!r} needs a schema (columns, label, dense, sparse): give one in the config file")
@@ -413,36 +415,6 @@ def _buckets(x: np.ndarray) -> np.ndarray:
     b = np.clip(b, -(2**62), 2**62).astype(np.int64)
     b[missing] = np.iinfo(np.int64).min  # a bucket of its own
     return b
-
-
-def _read_libfm(path: Path, batch_size: int, policy: OnError) -> TabularData:
-    rows = _Rows(path, policy)
-    labels: list[str] = []
-    toks: list[list[str]] = []
-    width = None
-    for lineno, line in _lines(path):
-        parts = line.split()
-        if not parts:
-            continue
-        if width is None:
-            width = len(parts) - 1
-        if len(parts) - 1 != width or width < 1:
-            rows.bad(lineno, f"{len(parts) - 1} features, expected {width} (label idx:val ...)")
-            continue
-        labels.append(parts[0])
-        toks.append([t.split(":", 1)[0] for t in parts[1:]])
-        rows.lines.append(lineno)
-    if not toks or width is None:
-        raise ValueError(f"{path} holds no rows")
-    names = [f"f{j}" for j in range(width)]
-    cols: dict[str, list[Any]] = {"label": labels, **{nm: list(c) for nm, c in zip(names, zip(*toks))}}
-    raw = _floats(labels)
-    # libFM labels are -1/1 (or 0/1): a positive value is a click; unparsable ones stay as read
-    cols["label"] = np.where(raw > 0, "1", "0").tolist()
-    for i in np.nonzero(np.isnan(raw))[0]:
-        cols["label"][i] = labels[i]
-    schema = Schema(("label", *names), "label", (), tuple(names), int_sparse=tuple(names), on_error=policy)
-    return _assemble(path, batch_size, schema, cols, rows)
 
 
 def _read_parquet(path: Path, batch_size: int, s: Schema) -> TabularData:
