@@ -21,8 +21,8 @@ Layout of a store directory::
     db/                the RocksDB database (rows)
 
 RocksDB's own LOCK file makes a second writer fail with :class:`~damo_hybrid.errors.StoreLockedError`.
-A crash loses at most the updates still in the cache tiers, the global steps, row counts and
-admission counts since the last ``flush()``/``checkpoint()``; rows in RocksDB are in its WAL.
+A crash loses at most the updates still in the cache tiers (and, without ``StoreConfig.write_ahead_log``,
+the rows they wrote back), global steps, row counts and admission counts since the last ``flush()``/``checkpoint()``.
 
 Thread safety: one store may be shared between threads; every public method takes the store's
 lock, and each table's tiers have their own (:mod:`damo_hybrid.cache.tiers`).
@@ -80,17 +80,13 @@ class StoreStats:
     """Counters since the store was opened (rows and bytes: current totals).
 
     Attributes:
-        rows: stored rows per the store's running count (exact unless the
-            process crashed since the last flush, or RocksDB's TTL mode
-            dropped rows; ``count_rows`` scans for the exact number). Rows
-            still only in a cache tier are counted once written.
+        rows: stored rows per the store's running count (exact unless the process crashed since the
+            last flush, or TTL mode dropped rows; ``count_rows`` scans). Cached rows count once written.
         disk_bytes: RocksDB's SST + memtable size.
-        hits: unique keys found on disk by reads.
-        misses: unique keys not stored (new or never admitted).
+        hits, misses: unique keys found on disk by reads, and not stored (new or never admitted).
         writes: rows written.
         dropped_nonfinite: gradient rows dropped for NaN/Inf (``skip`` policy).
-        dropped_unadmitted: unique keys whose gradients were dropped because
-            admission had not yet let them in.
+        dropped_unadmitted: unique keys whose gradients were dropped because admission had not let them in.
         table_rows: ``rows`` per table.
     """
 
@@ -417,7 +413,7 @@ class EmbeddingStore(StoreMaintenance):
             if self.read_only:
                 return
             self._caches.flush()
-            self._storage.flush()
+            self._io.flush()
             self._write_meta()
 
     def close(self) -> None:
@@ -426,6 +422,8 @@ class EmbeddingStore(StoreMaintenance):
         Raises:
             WriteBackError: cached rows could not be written; the store stays open and keeps
                 them in memory, so fix the cause (free disk space, say) and call close() again.
+            OutOfSpaceError, DamoHybridError: RocksDB could not flush the rows written back
+                (not in the WAL): the store stays open; fix the cause and call close() again.
         """
         with self._lock:
             if self._closed:
@@ -433,12 +431,14 @@ class EmbeddingStore(StoreMaintenance):
             if not self.read_only:
                 self._caches.flush()  # on failure: still open, rows still in memory
             self._caches.seal()  # nothing changes a row after this: the key filters saved next hold
+            if not self.read_only and self._io.unlogged_pending:
+                self._io.flush()  # write-backs without the WAL live in the memtable: on failure, stay open
             try:
                 if not self.read_only:
-                    self._storage.flush()
+                    self._io.flush()
                     self._write_meta(live=False)
             except BaseException:
-                # the first error is the one to report; the handle is released either way (rows are in the WAL)
+                # the first error is the one to report; the handle is released either way (rows are on disk or in the WAL)
                 self._closed = True
                 try:
                     self._storage.close()

@@ -45,6 +45,11 @@ def test_qr_partitions_are_the_mixed_radix_digits_and_complementary():
         assert c.stored_rows == sum(c.sizes) < rows
 
 
+def test_binary_code_bits_are_exact_for_any_id_space():
+    for rows, bits in [(2, 1), (1000, 10), (1024, 10), (1025, 11), (2**53 + 1, 54), (2**56, 56)]:
+        assert CompressionConfig.binary_code(rows, 1).code_bits == bits  # ids 0 .. rows - 1
+
+
 def test_binary_code_blocks_match_a_bit_by_bit_reference():
     c = CompressionConfig.binary_code(10**6, 3)
     assert c.code_bits == 20 and c.parts == 7 and c.sizes == (8,) * 6 + (4,)
@@ -60,11 +65,14 @@ def test_binary_code_blocks_match_a_bit_by_bit_reference():
 
 @pytest.mark.parametrize("bad, match", [
     (lambda: CompressionConfig.qr(1000, 40, op="concat2"), "combines its partitions"),
-    (lambda: CompressionConfig.qr(1000, 40, partitions=1), "partitions >= 2"),
+    (lambda: CompressionConfig.qr(1000, 40, partitions=1), "2 <= partitions"),
     (lambda: CompressionConfig.qr(1000, 32, partitions=3), "m\\*\\*\\(partitions - 1\\) < rows"),
     (lambda: CompressionConfig.binary_code(1000, 11), "bits_per_block"),
     (lambda: CompressionConfig.hashing(1), "rows must be in"),
-    (lambda: CompressionConfig("hashing", 100, m=3), "hashing takes only rows"),
+    (lambda: CompressionConfig("hashing", 100, m=3), "hashing does not take \\['m'\\]"),
+    (lambda: CompressionConfig("qr", 1000, op="mult", m=40, partitions=2, bits_per_block=5), "does not take"),
+    (lambda: CompressionConfig.parse("qr:rows=100,m=2,partitions=1000000000"), "partitions <= 255"),
+    (lambda: CompressionConfig.parse("qr:rows=1000,m=40,m=50"), "given twice"),
 ])
 def test_bad_compression_configs_say_what_is_wrong(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -90,7 +98,7 @@ def _reference(c: CompressionConfig, tables: list[torch.Tensor], ids: np.ndarray
             j = i
         vecs.append(t[j])
     x = torch.stack(vecs, 1)  # (N, P, W)
-    lin = x[..., -1].sum(1, keepdim=True) if linear else None
+    lin = (x[..., -1].mean(1, keepdim=True) if c.op == "mean" else x[..., -1].sum(1, keepdim=True)) if linear else None
     e = x[..., :-1] if linear else x
     out = {"mult": lambda: e.prod(1), "add": lambda: e.sum(1), "sum": lambda: e.sum(1), "mean": lambda: e.mean(1),
            "concat": lambda: e.reshape(len(e), -1)}[c.op]()
@@ -291,3 +299,20 @@ def test_the_store_api_does_not_apply_admission_to_a_double_hash_tables_partitio
             np.unique(parts, return_inverse=True)[1])[np.unique(parts, return_inverse=True)[1], None], rtol=1e-6)
         assert st.stats().dropped_unadmitted == 0
         assert (st._tables["t"].filter.count(parts) == 0).all()
+
+
+def test_double_hash_averages_the_first_order_column_so_a_frequent_key_reads_its_own_row(tmp_path):
+    """Its two partition keys are its own row: summing the linear column doubled the weight (and
+    its gradient); the mean is the row exactly."""
+    c = CompressionConfig.double_hash(50, 1)  # every key frequent from its first occurrence
+    cfg = TableConfig("t", 5, initializer=InitializerConfig.normal(std=0.5, seed=1), optimizer=OptimizerConfig.sgd(0.1),
+                      linear_column=True, compression=c)
+    keys = np.arange(8, dtype=np.uint64)
+    with EmbeddingStore(tmp_path / "s", [cfg]) as st:
+        st.apply_gradients("t", c.own_keys(keys), np.ones((8, 5), np.float32))  # own rows, linear column -0.1
+        coll = EmbeddingCollection(st, [Feature("f", "t")], backend="cpu")  # training: its occurrences count
+        out = coll.forward_tables({"f": keys})["t"]
+        coll.release()
+        own = torch.from_numpy(st.lookup("t", c.own_keys(keys)))
+        torch.testing.assert_close(out.emb[:, 0], own[:, :4])
+        torch.testing.assert_close(out.linear[:, 0], own[:, 4])

@@ -131,3 +131,19 @@ def test_cli_trains_exports_and_resumes_with_autodis(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--dense-mode autodis" in err[0]
     assert main(argv + ["--resume", "--steps", "6"]) == 0
+
+
+def test_a_model_without_tables_refuses_a_non_finite_dense_step():
+    """No table has a skip policy to follow: NaN dense gradients raise (they used to be skipped)."""
+    from damo_hybrid.data.synthetic import SyntheticCriteo
+    from damo_hybrid.errors import NonFiniteGradientError
+    from damo_hybrid.models import DeepFM
+    from damo_hybrid.trainer import Trainer
+
+    data = SyntheticCriteo(64, seed=3, vocab_min=100, vocab_max=1000, n_sparse=3, n_dense=2)
+    dhe = DeepHashEmbedding(data.sparse_fields, 4, k=8, hidden=(8,))
+    m = DeepFM(None, data.sparse_fields, 2, hidden=(8,), embedding_module=dhe)
+    with torch.no_grad():
+        dhe.decoder[0].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteGradientError):
+        Trainer(m, torch.optim.Adam(m.parameters(), lr=1e-3), data.batch).fit(1, prefetch=False)

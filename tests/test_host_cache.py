@@ -167,3 +167,29 @@ def test_unlogged_write_backs_are_durable_from_the_next_flush(tmp_path, logged):
     with EmbeddingStore(tmp_path / "s") as st:
         assert st.count_rows("t") == (before_crash if logged else flushed)
         assert st.stats().table_rows["t"] == st.count_rows("t")
+
+
+def test_a_failed_flush_at_close_keeps_unlogged_write_backs_and_the_store_open(tmp_path):
+    """Without the WAL, rows written back live only in RocksDB's memtable until a flush: close()
+    used to release the handle when that flush failed, losing them though it said to retry."""
+    from damo_hybrid.errors import OutOfSpaceError
+
+    st = EmbeddingStore(tmp_path / "s", [TableConfig("t", 4)])
+    cache = st.cache_table("t", 8).host
+    for i in range(0, 40, 4):
+        k = np.arange(i, i + 4, dtype=np.uint64)
+        cache.make_resident(k)
+        st.apply_gradients("t", k, np.ones((4, 4), np.float32))
+    real = st._storage.flush
+
+    def full_disk():
+        raise OutOfSpaceError("disk full (test)")
+
+    st._storage.flush = full_disk
+    with pytest.raises(OutOfSpaceError):
+        st.close()
+    assert not st.closed
+    st._storage.flush = real  # space freed: close again
+    st.close()
+    with EmbeddingStore(tmp_path / "s") as again:
+        assert again.count_rows("t") == 40

@@ -71,7 +71,8 @@ def test_resume_from_any_batch_gives_the_same_rest(tmp_path):
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.sampled_from(["ok", "short", "nolabel", "word", "blank", "zero", "tabs"]), min_size=1, max_size=50),
+@given(st.lists(st.sampled_from(["ok", "short", "nolabel", "word", "blank", "zero", "tabs", "mixed", "cr", "vt"]),
+                min_size=1, max_size=50),
        st.sampled_from([OnError.RAISE, OnError.SKIP]))
 def test_bad_lines_fail_or_skip_at_the_same_lines(tmp_path_factory, kinds, policy):
     good = _lines(len(kinds) + 1, width=4, seed=3)
@@ -86,6 +87,12 @@ def test_bad_lines_fail_or_skip_at_the_same_lines(tmp_path_factory, kinds, polic
             parts[2] = "ab:1"
         elif k == "zero":
             parts[0] = "0"
+        elif k == "mixed":  # a tab: whitespace to the line reader (one feature too many), part of a value to pyarrow
+            parts[1] = parts[1] + "\t9:1"
+        elif k == "vt":
+            parts[3] = parts[3] + "\x0b9:1"
+        elif k == "cr":  # a lone \r: a line break to pyarrow (two good rows), whitespace to the line reader
+            parts = [*parts, "\r" + parts[0], *parts[1:]]
         lines.append("" if k == "blank" else ("\t".join(parts) if k == "tabs" else " ".join(parts)))
     p = tmp_path_factory.mktemp("fuzz") / "f.libfm"
     p.write_text("\n".join(lines) + "\n")

@@ -197,3 +197,33 @@ def test_a_run_cut_off_before_its_first_checkpoint_resumes_from_its_start(tmp_pa
         np.testing.assert_array_equal(a[t][0], b[t][0])
         np.testing.assert_allclose(a[t][1].weights, b[t][1].weights, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(a[t][1].count, b[t][1].count)
+
+
+def test_data_that_ends_on_a_checkpoint_step_writes_that_checkpoint_once(tmp_path):
+    """A stream of 4 batches with a checkpoint every 2: the last, empty segment used to write
+    step-4 again (FileExistsError at the end of every such run)."""
+    from damo_hybrid import EmbeddingStore as Store
+    from damo_hybrid import InitializerConfig, OptimizerConfig
+    from damo_hybrid.data.source import EndOfData
+    from damo_hybrid.data.synthetic import SyntheticCriteo
+    from damo_hybrid.models import DeepFM
+    from damo_hybrid.nn.models import model_tables
+    from damo_hybrid.pipeline.checkpoint import complete_checkpoints
+    from damo_hybrid.trainer import Trainer
+
+    data = SyntheticCriteo(64, seed=1, vocab_min=50, vocab_max=400, n_sparse=4, n_dense=2)
+
+    def batch(i):
+        if i >= 4:
+            raise EndOfData
+        return data.batch(i)
+
+    for prefetch in (True, False):
+        root = tmp_path / f"ck-{prefetch}"
+        with Store(tmp_path / f"s-{prefetch}", model_tables("deepfm", 4, OptimizerConfig.adagrad(0.05),
+                                                           InitializerConfig.normal(std=0.01))) as store:
+            m = DeepFM(store, data.sparse_fields, 2, hidden=(8,), backend="cpu")
+            s = Trainer(m, torch.optim.Adam(m.parameters(), lr=1e-3), batch).fit(10, prefetch=prefetch,
+                                                                                checkpoint_every=2, checkpoint_dir=root)
+        assert s.steps == 4
+        assert [p.name for p in complete_checkpoints(root)] == ["step-4", "step-2"]

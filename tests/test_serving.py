@@ -29,18 +29,26 @@ COMPRESSED = {"qr mult": CompressionConfig.qr(10**6, 1000), "qr add 3": Compress
               "double hash": CompressionConfig.double_hash(300, 2)}
 
 
+def _two_tables(compression=None) -> list[TableConfig]:
+    return [TableConfig("emb", 4, initializer=INIT, optimizer=OPT, compression=compression),
+            TableConfig("lin", 1, optimizer=OPT)]
+
+
 def _tables(model: str, layout: str) -> list[TableConfig]:
+    if layout == "qr, separate first-order table":
+        return _two_tables(COMPRESSED["qr mult"])
     if layout == "one row per key":
         return model_tables(model, 4, OPT, INIT)
     if layout in COMPRESSED:
         return model_tables(model, 4, OPT, INIT, compression=COMPRESSED[layout])
-    return [TableConfig("emb", 4, initializer=INIT, optimizer=OPT), TableConfig("lin", 1, optimizer=OPT)]
+    return _two_tables()
 
 
 @pytest.mark.parametrize("model, layout", [("deepfm", "one row per key"), ("wide_deep", "two tables"),
                                            ("dcn", "one row per key"), ("dlrm", "one row per key"),
                                            ("deepfm", "qr mult"), ("dcn", "qr add 3"),
-                                           ("wide_deep", "binary code concat"), ("dlrm", "double hash")])
+                                           ("wide_deep", "binary code concat"), ("dlrm", "double hash"),
+                                           ("deepfm", "qr, separate first-order table")])
 def test_predictions_equal_the_trained_models_eval_output(tmp_path, model, layout):
     torch.manual_seed(0)
     data = SyntheticCriteo(64, seed=1, vocab_min=50, vocab_max=400)

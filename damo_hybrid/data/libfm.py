@@ -10,6 +10,7 @@ line reader, so errors name the same lines. A label is a click where it is posit
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from .readers import OnError, Schema, TabularData, _assemble, _floats, _lines, _
 from .stream import DelimitedStream, _Block, expand_paths
 
 __all__ = ["libfm_lines", "libfm_columns", "libfm_schema", "LibfmStream"]
+
+_ODD_SPACE = re.compile(rb"[\t\x0b\x0c\x1c-\x1f\x80-\xff]")  # whitespace str.split() knows beyond " " (and non-ASCII)
 
 
 def libfm_lines(path: Path, lines: Iterable[tuple[int, str]], batch_size: int, policy: OnError,
@@ -106,6 +109,10 @@ class LibfmStream(DelimitedStream):
         import pyarrow as pa
         import pyarrow.compute as pc
 
+        # pyarrow splits at spaces and lines at \n, \r\n or a lone \r; the line reader at any whitespace
+        # (str.split) and lines at \n: where they could differ, the line reader decides
+        if _ODD_SPACE.search(body) or body.count(b"\r") != body.count(b"\r\n"):
+            return None
         t = super()._arrow(body)
         if t is None or not t.num_columns:  # type: ignore[attr-defined]
             return t

@@ -27,7 +27,6 @@ stages, so a pipelined run equals the sequential one.
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,9 +87,15 @@ class CompressionConfig:
         kind = self.kind.value
         if self.op not in _OPS[kind]:
             raise ValueError(f"{kind} combines its partitions by one of {list(_OPS[kind])}, got op={self.op!r}")
+        used = {"qr": ("m", "partitions"), "binary_code": ("bits_per_block",), "double_hash": ("min_count",),
+                "hashing": ()}[kind]
+        unused = [n for n, default in (("m", 0), ("partitions", 1), ("bits_per_block", 0), ("min_count", 0))
+                  if n not in used and getattr(self, n) != default]
+        if unused:  # (a stored config compares equal to the same mapping written again)
+            raise ValueError(f"{kind} does not take {unused}")
         if self.kind is CompressionKind.QR:
-            if self.partitions < 2:
-                raise ValueError(f"qr needs partitions >= 2, got {self.partitions}")
+            if not 2 <= self.partitions <= 255:
+                raise ValueError(f"qr needs 2 <= partitions <= 255, got {self.partitions}")
             if self.m < 2 or self.m ** (self.partitions - 1) >= self.rows:
                 raise ValueError(f"qr needs 2 <= m and m**(partitions - 1) < rows, got m={self.m}, "
                                  f"partitions={self.partitions}, rows={self.rows}: lower m or partitions")
@@ -99,11 +104,8 @@ class CompressionConfig:
             if not 1 <= self.bits_per_block <= min(bits, 24):
                 raise ValueError(f"binary_code needs 1 <= bits_per_block <= min({bits} code bits, 24), "
                                  f"got {self.bits_per_block}")
-        elif self.kind is CompressionKind.DOUBLE_HASH:
-            if not 1 <= self.min_count <= 255 or (self.m, self.partitions, self.bits_per_block) != (0, 1, 0):
-                raise ValueError(f"double_hash takes rows and min_count in [1, 255], got min_count={self.min_count}")
-        elif (self.m, self.partitions, self.bits_per_block, self.min_count) != (0, 1, 0, 0):
-            raise ValueError("hashing takes only rows")
+        elif self.kind is CompressionKind.DOUBLE_HASH and not 1 <= self.min_count <= 255:
+            raise ValueError(f"double_hash takes min_count in [1, 255], got {self.min_count}")
         if self.parts > 255:
             raise ValueError(f"at most 255 partitions, got {self.parts}")
 
@@ -146,6 +148,8 @@ class CompressionConfig:
         given: dict[str, Any] = {}
         for item in filter(None, rest.split(",")):
             name, eq, value = (x.strip() for x in item.partition("="))
+            if name in given:
+                raise ValueError(f"{name}= given twice in {spec!r}")
             if not eq or name not in names[kind]:
                 raise ValueError(f"{kind} takes {', '.join(n + '=' for n in names[kind])}; got {item!r} in {spec!r}")
             try:
@@ -166,7 +170,7 @@ class CompressionConfig:
     @property
     def code_bits(self) -> int:
         """Bits of the largest id (binary_code)."""
-        return max(1, math.ceil(math.log2(self.rows)))
+        return (self.rows - 1).bit_length()  # ids 0 .. rows - 1 (exact: no float log2)
 
     @property
     def sizes(self) -> tuple[int, ...]:

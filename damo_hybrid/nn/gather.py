@@ -76,15 +76,16 @@ def combine(x: torch.Tensor, op: str, linear_column: bool) -> tuple[torch.Tensor
     Args:
         x: float32 (..., P, W) the partition rows of each key.
         op: ``mult``, ``add``/``sum``, ``mean`` or ``concat`` (over the partitions).
-        linear_column: the rows' last column is a first-order weight: it is summed over the
-            partitions whatever ``op`` (a product of weights that start at zero would never move).
+        linear_column: the rows' last column is a first-order weight: it is averaged over the
+            partitions by ``mean``, else summed whatever ``op`` (a product of weights that start at
+            zero would never move).
     Returns:
         ``(emb, linear)``: float32 (..., D') with D' the embedding columns (``P`` times them by
         ``concat``), and float32 (...) or None.
     """
     lin = None
     if linear_column:
-        lin = x[..., -1].sum(-1)
+        lin = x[..., -1].mean(-1) if op == "mean" else x[..., -1].sum(-1)
         x = x[..., :-1]
     if op == "mult":
         emb = x.prod(-2)

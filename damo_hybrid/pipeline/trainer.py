@@ -110,7 +110,8 @@ class Trainer:
         self.step = 0
         # the dense step follows the tables' NaN/Inf decision: skipped (and counted) when every
         # table drops bad rows, else a non-finite dense gradient refuses the whole step
-        self.skip_nonfinite = all(t.table.skip_nonfinite for t in self.sparse.tiers.values())
+        tiers = self.sparse.tiers.values()  # (none for a model without tables: a bad dense step raises)
+        self.skip_nonfinite = bool(tiers) and all(t.table.skip_nonfinite for t in tiers)
         self.skipped_dense_steps = 0
         self.samples = 0
         self.times = StageTimes()
@@ -239,7 +240,7 @@ class Trainer:
                     seg = min(seg, every - self.step % every)
             before = self.step
             self._run_segment(seg, prefetch, progress, losses)
-            if checkpoint_every and checkpoint_dir is not None and self.step % checkpoint_every == 0:
+            if checkpoint_every and checkpoint_dir is not None and self.step % checkpoint_every == 0 and self.step > before:
                 self.checkpoint(checkpoint_dir)
             if eval_every and on_eval is not None and self.step % eval_every == 0 and self.step > before:
                 on_eval(self.step, *self.evaluate(self.EVAL_EVERY_BATCHES))

@@ -73,6 +73,8 @@ class IndexedRows(nn.Module):
         if self.op is not None:
             x = rows.reshape(rows.shape[0], -1, self.parts, rows.shape[-1])
             e, w = combine(x, self.op, self.column)
+            if w is None and self.lin is not None:  # a separate first-order table (not compressed)
+                return e, self.lin(lin_index)[..., 0].sum(1)
             return e, (w.sum(1) if w is not None else None)
         if self.column:
             return rows[..., :self.dim], rows[..., self.dim].sum(1)

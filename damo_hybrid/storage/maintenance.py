@@ -255,7 +255,7 @@ class StoreMaintenance:
             if Path(path).exists():
                 raise FileExistsError(f"checkpoint path {path} already exists; choose a new directory")
             self._caches.flush()
-            self._storage.flush()
+            self._io.flush()
             dst = write_checkpoint(self._storage, Path(path), self._write_meta, list(self._tables))
             self._write_meta()
             return dst

@@ -46,6 +46,7 @@ class RowIO:
                  log_write_backs: bool = True) -> None:
         self.storage = storage
         self.log_write_backs = log_write_backs
+        self._unlogged = self._flushed = 0  # write batches that skipped the WAL, and of them the flushed
         self.lock = threading.RLock()
         self.stored = stored if stored is not None else {}
 
@@ -99,8 +100,23 @@ class RowIO:
             self.storage.put(t.id, keys, values, log)
         CLOCK.count("rocksdb_write", len(keys))
         with self.lock:
+            self._unlogged += not log
             t.counters.writes += len(keys)
             t.rows += int(np.count_nonzero(new))
+
+    def flush(self) -> None:
+        """Flush the storage (every write durable, the ones that skipped the WAL included)."""
+        with self.lock:
+            n = self._unlogged
+        self.storage.flush()
+        with self.lock:
+            self._flushed = max(self._flushed, n)
+
+    @property
+    def unlogged_pending(self) -> bool:
+        """Whether writes that skipped the WAL may still be only in RocksDB's memtable."""
+        with self.lock:
+            return self._unlogged > self._flushed
 
     def delete(self, t: Table, keys: np.ndarray) -> int:
         """Remove distinct ``keys``; returns how many were stored."""

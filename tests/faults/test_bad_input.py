@@ -71,9 +71,10 @@ def test_libfm_bad_lines(tmp_path):
 
 
 def test_libfm_skip_policy_counts_both_kinds(tmp_path):
-    from damo_hybrid.data.readers import _read_libfm
+    from damo_hybrid.data.libfm import libfm_schema
+    from damo_hybrid.data.readers import read_dataset
     p = _write(tmp_path, "1 3:1 10:1\n-1 4:1 11:1\nx 5:1 12:1\n1 6:1\n", "d.libfm")
-    d = _read_libfm(p, 2, OnError.SKIP)
+    d = read_dataset(p, "libfm", 2, libfm_schema(2, OnError.SKIP))
     assert d.skipped == 2 and d.n == 2
     np.testing.assert_array_equal(d.label, [1, 0])
     assert d.sparse_fields == ["f0", "f1"]
