@@ -208,6 +208,10 @@ def test_train_inspect_and_refusals_from_the_command_line(tmp_path, capsys):
         assert cfg.compression == CompressionConfig.qr(10**6, 1000, "concat") and cfg.dim == 8 // 2 + 1
         keys = np.concatenate([k for k, _ in st.scan("emb")])
         assert len(keys) > 0 and set((keys >> np.uint64(PART_SHIFT)).tolist()) == {0, 1}
+    mult = tmp_path / "mult"
+    assert main(argv[:-4] + ["--store", str(mult), "--table-compression", "qr:rows=1000000,m=1000"]) == 0
+    with EmbeddingStore(mult, read_only=True) as st:  # a product of 2 rows starts at a plain row's spread
+        assert st.tables["emb"].initializer.std == pytest.approx(0.1)
     capsys.readouterr()
     assert main(["inspect", "--store", str(store)]) == 0
     assert "compression qr(m=1000, partitions=2, op=concat) of 1,000,000 ids" in capsys.readouterr().out

@@ -18,7 +18,10 @@ def model_tables_of(args: argparse.Namespace, opt: OptimizerConfig) -> list[Tabl
     """The tables of ``--model``: DeepFM and Wide&Deep keep each key's first-order weight in the
     last column of its embedding row (one row per key); a store written with a separate ``lin``
     table (an earlier layout) keeps it."""
-    init = InitializerConfig.truncated_normal(std=0.01, seed=args.seed)
+    comp = args.table_compression
+    # a product of k partition rows starts at a plain row's spread (0.01) when each has 0.01**(1/k)
+    k = comp.parts if comp is not None and comp.op == "mult" else 1
+    init = InitializerConfig.truncated_normal(std=0.01 ** (1 / k), seed=args.seed)
     legacy = False
     if args.store and (Path(args.store) / "meta.json").exists():
         with EmbeddingStore(args.store, read_only=True) as existing:
