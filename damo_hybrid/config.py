@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .checks import finite as _finite
+from .checks import int_at_least as _int_at_least
 from .checks import non_negative as _non_negative
 from .checks import positive as _positive
 from .checks import unit_interval as _unit_interval
@@ -468,9 +469,7 @@ class StoreConfig:
                 raise TypeError(f"{n} must be a bool, got {getattr(self, n)!r}")
         for n, lo in (("min_cache_rows", 1), ("block_cache_mb", 1), ("write_buffer_mb", 1), ("background_jobs", 1),
                       ("read_threads", 0), ("key_filter_mb", 0), ("bloom_bits_per_key", 0)):
-            v = getattr(self, n)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ValueError(f"{n} must be an int >= {lo}, got {v!r}")
+            _int_at_least(n, getattr(self, n), lo)
 
 
 def _enums_to_str(obj: Any) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .readers import OnError, Schema, TabularData, _assemble, _floats, _lines, _Rows
-from .stream import DelimitedStream, _Block, expand_paths
+from .stream import DelimitedStream, expand_paths
 
 __all__ = ["libfm_lines", "libfm_columns", "libfm_schema", "LibfmStream"]
 
@@ -128,15 +128,5 @@ class LibfmStream(DelimitedStream):
             return None
         return pa.table(cols)
 
-    def _convert_table(self, path: Path, raw: bytes, line: int, file_start: bool, table: object) -> _Block:
-        block = self._fast(table) if table is not None else None
-        if block is None:
-            text = raw.decode("utf-8-sig" if file_start else "utf-8")
-            lines = text.split("\n")
-            if lines and lines[-1] == "":
-                lines.pop()
-            data = libfm_lines(path, ((line + i, ln.rstrip("\r")) for i, ln in enumerate(lines)), self.batch_size,
-                               self.schema.on_error, self.width, allow_empty=True)
-            self.skipped += data.skipped
-            return _Block(data.sparse, data.dense, data.label)
-        return block
+    def _line_reader(self, path: Path, lines: Iterable[tuple[int, str]]) -> TabularData:
+        return libfm_lines(path, lines, self.batch_size, self.schema.on_error, self.width, allow_empty=True)

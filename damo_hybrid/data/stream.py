@@ -313,18 +313,20 @@ class DelimitedStream:
         return read, parse, convert
 
     def _convert_table(self, path: Path, raw: bytes, line: int, file_start: bool, table: object) -> _Block:
-        s = self.schema
         block = self._fast(table) if table is not None else None
         if block is None:  # a value the fast path will not judge: the reference line reader decides
             text = raw.decode("utf-8-sig" if file_start else "utf-8")
             lines = text.split("\n")
             if lines and lines[-1] == "":
                 lines.pop()
-            data = delimited_lines(path, ((line + i, ln.rstrip("\r")) for i, ln in enumerate(lines)), self.batch_size,
-                                   s, allow_empty=True)
+            data = self._line_reader(path, ((line + i, ln.rstrip("\r")) for i, ln in enumerate(lines)))
             self.skipped += data.skipped
             return _Block(data.sparse, data.dense, data.label)
         return block
+
+    def _line_reader(self, path: Path, lines: Iterator[tuple[int, str]]) -> Any:
+        """The reference reader of a block's ``(line number, line)`` pairs (the fallback)."""
+        return delimited_lines(path, lines, self.batch_size, self.schema, allow_empty=True)
 
     def _arrow(self, body: bytes) -> object:
         """The block parsed by pyarrow with the schema's types, or None where it refuses it."""

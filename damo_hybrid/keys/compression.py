@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import int_at_least
 from .hashing import mix64
 
 __all__ = ["CompressionKind", "CompressionConfig", "PART_SHIFT"]
@@ -79,9 +80,7 @@ class CompressionConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", CompressionKind(self.kind))
         for n in ("rows", "m", "partitions", "bits_per_block", "min_count"):
-            v = getattr(self, n)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"compression {n} must be an int >= 0, got {v!r}")
+            int_at_least(f"compression {n}", getattr(self, n), 0)
         if not 2 <= self.rows <= _MAX_ROWS:
             raise ValueError(f"compression rows must be in [2, 2**{PART_SHIFT}], got {self.rows}")
         kind = self.kind.value

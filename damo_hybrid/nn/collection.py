@@ -92,9 +92,12 @@ class _TableBatch:
     stacked: torch.Tensor | None = None
     device: DeviceBatch | None = None  # device tier: its pinned slots and uploaded indices
     leaf: torch.Tensor | None = None
-    # admission: bool (U,) the keys made resident (None: all); the others' rows (initial or zeros)
+    # admission: bool (U,) the keys made resident (None: all); the others' rows (initial or zeros);
+    # the positions of both in ukeys (built once, for the forward and the sparse step)
     admitted: np.ndarray | None = None
     side: np.ndarray | None = None
+    admitted_idx: torch.Tensor | None = None
+    side_idx: torch.Tensor | None = None
 
 
 @dataclass
@@ -264,6 +267,9 @@ class EmbeddingCollection(torch.nn.Module):
                         tb = _TableBatch(t, ukeys, tiers.host.make_resident(res, pin=True))
                         up = {n: torch.from_numpy(a) for n, a in arrays.items()}
                     tb.admitted, tb.side = admitted, side
+                    if admitted is not None:
+                        tb.admitted_idx = torch.from_numpy(np.flatnonzero(admitted))
+                        tb.side_idx = torch.from_numpy(np.flatnonzero(~admitted))
                 tables[t] = tb
                 if single:
                     tb.stacked = up[_STACKED]
@@ -340,9 +346,8 @@ class EmbeddingCollection(torch.nn.Module):
                     rows = torch.from_numpy(tiers.host.weights[tb.slots])
                 if tb.admitted is not None:  # keys not admitted: their initial (or zero) rows, not cached
                     full = rows.new_empty((len(tb.ukeys), rows.shape[1]))
-                    full[torch.from_numpy(np.flatnonzero(tb.admitted)).to(rows.device)] = rows
-                    full[torch.from_numpy(np.flatnonzero(~tb.admitted)).to(rows.device)] = \
-                        torch.from_numpy(tb.side).to(rows.device)
+                    full[tb.admitted_idx.to(rows.device)] = rows  # type: ignore[union-attr]
+                    full[tb.side_idx.to(rows.device)] = torch.from_numpy(tb.side).to(rows.device)  # type: ignore[union-attr]
                     rows = full
                 leaf = rows.requires_grad_(train)
                 tb.leaf = leaf if train else None
@@ -429,7 +434,7 @@ class EmbeddingCollection(torch.nn.Module):
         keys = tb.ukeys
         if tb.admitted is not None:  # the gradients of keys not admitted are dropped (counted on commit)
             keys = keys[tb.admitted]
-            grad = grad[torch.from_numpy(np.flatnonzero(tb.admitted)).to(grad.device)]
+            grad = grad[tb.admitted_idx.to(grad.device)]  # type: ignore[union-attr]
         commit = stage_rows(tiers, tb.slots, tb.device, keys, grad, lr)
         if tb.admitted is None:
             return t, commit[0], commit[1]

@@ -70,17 +70,17 @@ class IndexedRows(nn.Module):
         """``(e (B, F, D), first-order sum (B,) or None)`` of row indices."""
         index, lin_index = batch if isinstance(batch, tuple) else (batch, None)
         rows = self.emb(index)
-        if self.op is not None:
-            x = rows.reshape(rows.shape[0], -1, self.parts, rows.shape[-1])
-            e, w = combine(x, self.op, self.column)
-            if w is None and self.lin is not None:  # a separate first-order table (not compressed)
-                return e, self.lin(lin_index)[..., 0].sum(1)
-            return e, (w.sum(1) if w is not None else None)
-        if self.column:
-            return rows[..., :self.dim], rows[..., self.dim].sum(1)
-        if self.lin is not None:
-            return rows, self.lin(lin_index)[..., 0].sum(1)
-        return rows, None
+        first = None
+        if self.op is not None:  # a compressed table: each field's P partition rows, combined
+            e, w = combine(rows.reshape(rows.shape[0], -1, self.parts, rows.shape[-1]), self.op, self.column)
+            first = w.sum(1) if w is not None else None
+        elif self.column:
+            e, first = rows[..., :self.dim], rows[..., self.dim].sum(1)
+        else:
+            e = rows
+        if self.lin is not None:  # a separate first-order table
+            first = self.lin(lin_index)[..., 0].sum(1)
+        return e, first
 
 
 def onnx_export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, **kwargs: Any) -> None:
