@@ -16,6 +16,7 @@ from .config import (
 from .errors import DamoHybridError
 from .keys.compression import CompressionConfig
 from .keys.hashing import hash_feature
+from .precision import RowDtype
 from .storage.backend import MemoryStorage
 from .store import EmbeddingStore, StoreStats
 
@@ -30,6 +31,7 @@ __all__ = [
     "InitializerConfig",
     "MemoryStorage",
     "OptimizerConfig",
+    "RowDtype",
     "ScheduleConfig",
     "StoreConfig",
     "StoreStats",

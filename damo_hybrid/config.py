@@ -28,20 +28,11 @@ from .checks import non_negative as _non_negative
 from .checks import positive as _positive
 from .checks import unit_interval as _unit_interval
 from .keys.compression import CompressionConfig
+from .precision import DEFAULT_INT16_STEP, RowDtype, check_int16_step
 
-__all__ = [
-    "InitializerKind",
-    "InitializerConfig",
-    "OptimizerKind",
-    "OptimizerConfig",
-    "ScheduleKind",
-    "ScheduleConfig",
-    "AdmissionConfig",
-    "ExpiryConfig",
-    "NonFinitePolicy",
-    "TableConfig",
-    "StoreConfig",
-]
+__all__ = ["InitializerKind", "InitializerConfig", "OptimizerKind", "OptimizerConfig", "ScheduleKind",
+           "ScheduleConfig", "AdmissionConfig", "ExpiryConfig", "NonFinitePolicy", "TableConfig", "StoreConfig",
+           "RowDtype"]
 
 _TABLE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 
@@ -322,6 +313,11 @@ class TableConfig:
         compression: store fewer rows than ids (quotient-remainder, binary code, hashing
             trick): see :class:`~damo_hybrid.keys.compression.CompressionConfig`. ``dim`` is
             then the width of a stored row. Fixed for the table's life.
+        row_dtype: how weights are held in every tier: ``float32``, or ``float16``,
+            ``bfloat16``, ``int16`` (16 bits, stochastic rounding on every update; optimizer
+            state stays float32): see :mod:`~damo_hybrid.precision`. Fixed for the table's life.
+        int16_step: the ``int16`` grid step, a power of two in [2**-24, 2**-4] (range
+            ``+-32767 * int16_step``); only with ``row_dtype="int16"``.
     """
 
     name: str
@@ -333,8 +329,15 @@ class TableConfig:
     nonfinite: NonFinitePolicy = NonFinitePolicy.RAISE
     linear_column: bool = False
     compression: CompressionConfig | None = None
+    row_dtype: RowDtype = RowDtype.FLOAT32
+    int16_step: float = DEFAULT_INT16_STEP
 
     def __post_init__(self) -> None:
+        if self.row_dtype not in {d.value for d in RowDtype}:
+            raise ValueError(f"row_dtype must be one of {[d.value for d in RowDtype]}, got {self.row_dtype!r}")
+        object.__setattr__(self, "row_dtype", RowDtype(self.row_dtype))
+        if check_int16_step(self.int16_step) != DEFAULT_INT16_STEP and self.row_dtype is not RowDtype.INT16:
+            raise ValueError(f"int16_step applies to row_dtype='int16' only, got row_dtype={self.row_dtype.value!r}")
         if isinstance(self.compression, dict):
             object.__setattr__(self, "compression", CompressionConfig(**self.compression))
         if self.compression is not None and not isinstance(self.compression, CompressionConfig):

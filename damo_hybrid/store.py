@@ -326,7 +326,7 @@ class EmbeddingStore(StoreMaintenance):
             out[found] = rows.weights
             missing = ~found
             if missing.any():
-                out[missing] = 0.0 if t.unadmitted_zeros else t.init(ukeys[missing])
+                out[missing] = 0.0 if t.unadmitted_zeros else t.initial_weights(ukeys[missing])
             return out[inv]
 
     def _read(self, t: Table, ukeys: np.ndarray) -> tuple[Rows, np.ndarray]:

@@ -70,6 +70,8 @@ BAD: list[tuple[list[str], str]] = [
     (["demo", "--lr", "0"], r"--lr: must lie in"),
     (["bench", "--rows", "0"], r"--rows: must be >= 1, got 0"),
     (["bench", "--train", "--train-steps", "0"], r"--train-steps: must be >= 1"),
+    (["bench", "--train", "--row-dtypes", "float32,fp8"], r"unknown row dtypes \['fp8'\]"),
+    (["train", "--row-dtype", "fp8"], r"--row-dtype: invalid choice: 'fp8'"),
     (["bench", "--json", "{dir}"], r"--json .* is a directory"),
     (["frobnicate"], r"invalid choice: 'frobnicate'"),
     ([], r"required: cmd|the following arguments are required"),

@@ -240,16 +240,20 @@ def test_the_study_picks_the_most_rows_within_each_ratio_and_reports_the_goals()
     assert pick_config("hashing", 100_000, 100, 16) == CompressionConfig.hashing(1000)
     assert pick_config("qr_mult", 3000, 1000, 16) is None  # 3 rows: no two partitions fit
     res = run_compression_study("unused", datasets=("synthetic",), seeds=(0,), ratios=(10,),
-                                methods=("hashing", "qr_mult", "double_hash", "dhe"), hidden=(16,), synthetic_batches=6,
-                                synthetic_batch_size=256, log_fn=lambda s: None)
+                                methods=("hashing", "qr_mult", "double_hash", "dhe", "float16"), hidden=(16,),
+                                synthetic_batches=6, synthetic_batch_size=256, log_fn=lambda s: None)
     d = res["datasets"]["synthetic"]
-    full, hashing, qr, dh, dhe = d["runs"]
-    assert [r["method"] for r in d["runs"]] == ["full", "hashing", "qr_mult", "double_hash", "dhe"]
+    full, f16, hashing, qr, dh, dhe = d["runs"]
+    assert [r["method"] for r in d["runs"]] == ["full", "float16", "hashing", "qr_mult", "double_hash", "dhe"]
+    assert f16["rows"] == full["rows"] and f16["weight_bytes"] * 2 == full["weight_bytes"]
+    assert f16["bytes"] == full["rows"] * (2 + 4) * 17  # 16-bit weights, float32 Adagrad state
+    gap = d["goals"]["row_dtype"]["float16"]
+    assert gap["weight_bytes_ratio"] == 0.5 and gap["auc_gap"] == pytest.approx(f16["auc"] - full["auc"])
     assert dh["config"]["kind"] == "double_hash" and 0 < dh["rows"] < full["rows"]
     assert dhe["rows"] == 0 and 0.5 * full["bytes"] / 10 < dhe["bytes"] <= 1.1 * full["bytes"] / 10 and 0 < dhe["auc"] < 1
     assert full["rows"] == d["vocab"] and 0 < qr["rows"] <= d["vocab"] / 10 and 0 < hashing["rows"] <= d["vocab"] / 10
     assert 0 < qr["auc"] < 1 and full["bytes"] == full["rows"] * 4 * 2 * 17  # weights + Adagrad, dim 16 + 1
-    assert set(d["goals"]) == {"best_at_10x", "beats_hashing"} and {"qr_mult@10x", "dhe@10x"} <= set(d["goals"]["beats_hashing"])
+    assert set(d["goals"]) == {"best_at_10x", "beats_hashing", "row_dtype"} and {"qr_mult@10x", "dhe@10x"} <= set(d["goals"]["beats_hashing"])
 
 
 def test_double_hash_gives_frequent_keys_their_own_rows_from_their_min_count_th_occurrence(tmp_path):

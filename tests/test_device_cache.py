@@ -22,15 +22,16 @@ from damo_hybrid.trainer import Trainer
 STEPS = 25
 
 
-def _tables(opt):
-    return [TableConfig("emb", 8, initializer=InitializerConfig.normal(std=0.05, seed=2), optimizer=opt),
-            TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
+def _tables(opt, row_dtype="float32"):
+    return [TableConfig("emb", 8, initializer=InitializerConfig.normal(std=0.05, seed=2), optimizer=opt,
+                        row_dtype=row_dtype),
+            TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt, row_dtype=row_dtype)]
 
 
-def _train(path, prefetch, opt, backend="cpu", device_cache_mb=None, checkpoint_dir=None):
+def _train(path, prefetch, opt, backend="cpu", device_cache_mb=None, checkpoint_dir=None, row_dtype="float32"):
     torch.manual_seed(0)
     data = SyntheticCriteo(256, seed=1, vocab_min=500, vocab_max=8000, n_sparse=6, n_dense=3)
-    store = EmbeddingStore(path, _tables(opt))
+    store = EmbeddingStore(path, _tables(opt, row_dtype))
     # 2,500 rows per table and tier, far fewer than the keys the run touches: both tiers evict
     model = DeepFM(store, data.sparse_fields, 3, hidden=(16,), cache_mb=1e-9, min_cache_rows=2500,
                    backend=backend, device_cache_mb=device_cache_mb)
@@ -72,10 +73,11 @@ def _assert_same_run(s1, m1, s2, m2, tol):
         assert s2.stats().table_rows[table] == s2.count_rows(table) == len(k2)
 
 
-def _check_pipelined_device_run(tmp_path, opt, backend, tol):
-    s1, m1 = _train(tmp_path / "seq", prefetch=False, opt=opt)  # the reference: host cache only, sequential
+def _check_pipelined_device_run(tmp_path, opt, backend, tol, row_dtype="float32"):
+    # the reference: host cache only, sequential
+    s1, m1 = _train(tmp_path / "seq", prefetch=False, opt=opt, row_dtype=row_dtype)
     s2, m2 = _train(tmp_path / "dev", prefetch=True, opt=opt, backend=backend, device_cache_mb=1e-9,
-                    checkpoint_dir=tmp_path / "ckpt")
+                    checkpoint_dir=tmp_path / "ckpt", row_dtype=row_dtype)
     try:
         dstats = m2.sparse.device_cache_stats()
         assert set(dstats) == {"emb", "lin"}
@@ -100,6 +102,20 @@ def test_pipelined_device_tier_equals_sequential_host_reference(tmp_path, opt):
 @pytest.mark.parametrize("opt", OPTS, ids=["adagrad", "adam", "ftrl"])
 def test_pipelined_gpu_run_equals_cpu_sequential_reference(tmp_path, opt):
     _check_pipelined_device_run(tmp_path, opt, "cuda", 1e-5)
+
+
+@pytest.mark.parametrize("row_dtype", ["float16", "bfloat16", "int16"])
+def test_16_bit_rows_pipelined_device_tier_equal_the_sequential_host_reference(tmp_path, row_dtype):
+    """The device tier rounds with the torch twin of the host tier's numpy rounding: bit for bit."""
+    _check_pipelined_device_run(tmp_path, OptimizerConfig.adam(0.01), "cpu", 0, row_dtype)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("row_dtype", ["float16", "bfloat16", "int16"])
+def test_16_bit_rows_on_the_gpu_stay_within_a_grid_step_of_the_cpu_reference(tmp_path, row_dtype):
+    # the fused kernel's float32 results may differ from numpy's in the last bit, and a rounding
+    # then lands on the neighbouring grid value: one bfloat16 step is 2**-8 relative
+    _check_pipelined_device_run(tmp_path, OptimizerConfig.adam(0.01), "cuda", 2e-2, row_dtype)
 
 
 # --------------------------------------------------------------- tiers

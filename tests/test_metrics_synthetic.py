@@ -75,12 +75,16 @@ def test_training_and_host_benchmarks_report_steady_state_breakdowns(tmp_path):
     from damo_hybrid.bench.host import bench_host
     from damo_hybrid.bench.train import STAGES, run_train_bench
 
-    r = run_train_bench(steps=3, warmup=1, rows=50_000, fractions=(0.25,), max_warmup=2, batch=256, log=lambda s: None)
-    d = r["damo"][0]
+    r = run_train_bench(steps=3, warmup=1, rows=50_000, fractions=(0.25,), max_warmup=2, batch=256,
+                        row_dtypes=("float32", "bfloat16"), log=lambda s: None)
+    d, half = r["damo"]
+    assert (d["row_dtype"], half["row_dtype"]) == ("float32", "bfloat16") and "error" not in half
+    assert half["cache_mb"] == d["cache_mb"] and half["cache_rows"] >= d["cache_rows"]  # same bytes (here: the floor)
     assert "error" not in d and d["timed_steps"] == 3 and d["steady_after_steps"] <= 2
     assert set(d["per_step_ms"]) == set(STAGES) and d["per_step_ms"]["forward"] > 0
     assert d["per_step_keys"]["unique"] > 0 and d["ratio_to_torch"] > 0 and "cores" in r["machine"]
-    assert len(r["torch_runs"]) == 2  # torch again after the damo run: the ratio is against their mean
-    assert d["ratio_to_torch"] == d["samples_per_s"] / (sum(r["torch_runs"]) / 2)
+    assert len(r["torch_runs"]) == 3  # torch again after each damo run: a ratio is against the mean around it
+    assert d["ratio_to_torch"] == d["samples_per_s"] / (sum(r["torch_runs"][:2]) / 2)
+    assert half["ratio_to_torch"] == half["samples_per_s"] / (sum(r["torch_runs"][1:]) / 2)
     h = bench_host(tmp_path, threads=2, vocab=20_000, fraction=0.25, batch=4000, batches=3)
     assert h["filled"] and h["unique_keys_per_s"] > 0 and h["per_core"] <= h["unique_keys_per_s"]

@@ -13,7 +13,10 @@ each method at the most rows the ratio allows:
 - ``double_hash``: own rows for the keys that occur most (the smallest ``min_count`` whose keys
   take half the rows), two shared partitions for the rest;
 - ``dhe``: no table: a Deep Hash Embedding whose parameters (with Adam's state) take about the
-  bytes of the rows the ratio allows (:func:`dhe_size`).
+  bytes of the rows the ratio allows (:func:`dhe_size`);
+- ``float16``, ``bfloat16``, ``int16``: the full table with 16-bit weights (stochastic
+  rounding; Adagrad's state stays float32), once per dataset: row ratio 1x, half the bytes of
+  the weights.
 
 It reports held-out AUC and logloss (means over seeds), the rows and bytes of embedding state
 each run stored, and training samples/s. ``synthetic`` is the project's Criteo-like generator
@@ -22,6 +25,7 @@ with large vocabularies (its labels come from a hidden per-id model, so AUC is m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import statistics
@@ -48,7 +52,8 @@ __all__ = ["METHODS", "ID_SPACE", "pick_config", "run_compression_study", "synth
 log = logging.getLogger(__name__)
 
 ID_SPACE = 64  # the compressed methods' id space, in multiples of the vocabulary
-METHODS = ("hashing", "qr_mult", "qr_concat", "binary_code", "double_hash", "dhe")
+ROW_DTYPES = ("float16", "bfloat16", "int16")
+METHODS = ("hashing", "qr_mult", "qr_concat", "binary_code", "double_hash", "dhe", *ROW_DTYPES)
 _STD = 0.01  # the initializer's spread of a full row (as in the quality benchmark)
 
 
@@ -114,9 +119,9 @@ def synthetic_split(batches: int = 160, batch_size: int = 1024) -> tuple[Any, An
             _SyntheticSplit(SyntheticCriteo(split=1, **kw), max(1, batches // 4)))
 
 
-def _row_bytes(width: int) -> int:
-    """Bytes of one stored row's state: weights and Adagrad accumulators (float32)."""
-    return 4 * (width + state_width("adagrad", width))
+def _row_bytes(width: int, weight_bytes: int = 4) -> int:
+    """Bytes of one stored row's state: weights (float32 or 16-bit) and Adagrad accumulators (float32)."""
+    return weight_bytes * width + 4 * state_width("adagrad", width)
 
 
 def run_compression_study(data_root: str | Path, datasets: tuple[str, ...] = (*DATASETS, "synthetic"),
@@ -143,8 +148,9 @@ def run_compression_study(data_root: str | Path, datasets: tuple[str, ...] = (*D
         samples = steps * train.batch_size
         runs: list[dict[str, Any]] = []
         plans: list[tuple[str, float, Any]] = [("full", 1.0, None)]
+        plans += [(m, 1.0, None) for m in methods if m in ROW_DTYPES]
         for ratio in ratios:
-            for method in methods:
+            for method in (m for m in methods if m not in ROW_DTYPES):
                 c = (dhe_size(vocab, ratio, dim) if method == "dhe" else double_hash_config(occurrences, ratio)
                      if method == "double_hash" else pick_config(method, vocab, ratio, dim))
                 if c is None:
@@ -155,9 +161,10 @@ def run_compression_study(data_root: str | Path, datasets: tuple[str, ...] = (*D
             for method, ratio, c in plans:
                 per_seed = [_train_one(method, c, train, held, steps, dim, lr, dense_lr, hidden, seed, Path(d),
                                        cache_mb) for seed in seeds]
-                mean = {m: statistics.mean(r[m] for r in per_seed) for m in ("auc", "logloss", "seconds", "rows", "bytes")}
-                describe = ("full table" if c is None else f"dhe(k={c['k']}, hidden={c['hidden']})" if method == "dhe"
-                            else c.describe())
+                mean = {m: statistics.mean(r.get(m, 0) for r in per_seed)
+                        for m in ("auc", "logloss", "seconds", "rows", "bytes", "weight_bytes")}
+                describe = (f"full table, {method} weights" if method in ROW_DTYPES else "full table" if c is None
+                            else f"dhe(k={c['k']}, hidden={c['hidden']})" if method == "dhe" else c.describe())
                 run = {"method": method, "ratio": ratio, "describe": describe, **mean,
                        "config": c if method == "dhe" else (c.to_dict() if c is not None else None),
                        "samples_per_s": samples / mean["seconds"] if mean["seconds"] else 0.0,
@@ -201,10 +208,12 @@ def _train_one(method: str, c: Any, train: Any, held: Any, steps: int, dim: int,
         return _train_dhe(c, train, held, steps, dim, dense_lr, hidden, seed)
     k = c.parts if c is not None and c.op == "mult" else 1
     std = _STD ** (1 / k)  # a product of k partition rows starts at a full row's spread
-    tables = model_tables("deepfm", dim, OptimizerConfig.adagrad(lr),
-                          InitializerConfig.truncated_normal(std=std, seed=seed), compression=c)
+    dtype = method if method in ROW_DTYPES else "float32"
+    tables = [dataclasses.replace(t, row_dtype=dtype) for t in model_tables(
+        "deepfm", dim, OptimizerConfig.adagrad(lr), InitializerConfig.truncated_normal(std=std, seed=seed), compression=c)]
     r = train_damo(train, held, "deepfm", steps, dim, lr, dense_lr, hidden, seed, root, cache_mb, tables=tables)
-    r["bytes"] = r["rows"] * _row_bytes(tables[0].dim)
+    r["bytes"] = r["rows"] * _row_bytes(tables[0].dim, 4 if dtype == "float32" else 2)
+    r["weight_bytes"] = r["rows"] * tables[0].dim * (4 if dtype == "float32" else 2)
     return r
 
 
@@ -239,9 +248,15 @@ def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
 
 
 def _goals(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's quality goals on one dataset (16-bit rows are not built yet)."""
+    """The issue's quality goals on one dataset."""
     full = next(r for r in runs if r["method"] == "full")
     g: dict[str, Any] = {}
+    for r in runs:
+        if r["method"] in ROW_DTYPES:  # within 0.001 AUC of float32 at half the weights' bytes
+            g.setdefault("row_dtype", {})[r["method"]] = {
+                "auc_gap": r["auc"] - full["auc"], "within_0.001": full["auc"] - r["auc"] <= 0.001,
+                "weight_bytes_ratio": r["weight_bytes"] / full["weight_bytes"] if full["weight_bytes"] else None,
+                "bytes_ratio": r["bytes"] / full["bytes"] if full["bytes"] else None}
     at10 = [r for r in runs if r["ratio"] == 10 and r["method"] != "hashing"]
     if at10:
         best = max(at10, key=lambda r: r["auc"])
@@ -254,7 +269,7 @@ def _goals(runs: list[dict[str, Any]]) -> dict[str, Any]:
     beats: dict[str, bool | None] = {}
     hs = sorted((x["bytes"], x["auc"]) for x in runs if x["method"] == "hashing" and x["bytes"] > 0)
     for r in runs:
-        if r["method"] in ("full", "hashing") or not hs:
+        if r["method"] in ("full", "hashing", *ROW_DTYPES) or not hs:
             continue
         # the hashing trick's AUC at this run's bytes (log-linear between its runs): equal bytes, not
         # equal ratio labels (double hashing's own rows, DHE's cap and concat's narrow rows differ)

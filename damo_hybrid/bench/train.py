@@ -18,6 +18,7 @@ Throughput is the median samples/s over the timed steps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import statistics
@@ -82,7 +83,8 @@ STAGES = ("dedup", "index", "victims", "evict", "overlay", "rocksdb_read", "deco
 
 
 def bench_damo(data: SyntheticCriteo, cache_mb: float, steps: int, warmup: int, dim: int, lr: float,
-               root: Path, threads: int, prefetch: bool = True, max_warmup: int = 400) -> dict[str, Any]:
+               root: Path, threads: int, prefetch: bool = True, max_warmup: int = 400,
+               row_dtype: str = "float32") -> dict[str, Any]:
     """Train until the host cache evicts (steady state), ``warmup`` more steps, then time ``steps``.
 
     Returns:
@@ -91,9 +93,10 @@ def bench_damo(data: SyntheticCriteo, cache_mb: float, steps: int, warmup: int, 
         write-backs), and the run's cache figures.
     """
     torch.manual_seed(0)
-    tables = model_tables("deepfm", dim, OptimizerConfig.adagrad(lr), InitializerConfig.normal(std=0.01))
+    tables = [dataclasses.replace(t, row_dtype=row_dtype) for t in
+              model_tables("deepfm", dim, OptimizerConfig.adagrad(lr), InitializerConfig.normal(std=0.01))]
     torch.set_num_threads(worker_threads(threads, prefetch))
-    with EmbeddingStore(root / f"store-{cache_mb:g}-{prefetch}", tables) as store:
+    with EmbeddingStore(root / f"store-{cache_mb:g}-{prefetch}-{row_dtype}", tables) as store:
         model = DeepFM(store, data.sparse_fields, len(data.dense_fields), cache_mb=cache_mb, backend="cpu")
         trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-3), data.batch)
         caches = list(model.sparse.caches.values())
@@ -132,7 +135,7 @@ def bench_damo(data: SyntheticCriteo, cache_mb: float, steps: int, warmup: int, 
         keys = {"unique": counts.get("unique", 0) / steps, "hits": counts.get("hits", 0) / steps,
                 "read_back": counts.get("rocksdb_read", 0) / steps, "new": counts.get("init", 0) / steps,
                 "evictions": counts.get("evict", 0) / steps, "write_backs": window["write_backs"] / steps}
-        return {"samples_per_s": median_rate(times, data.batch_size, 0), "cache_mb": cache_mb,
+        return {"samples_per_s": median_rate(times, data.batch_size, 0), "cache_mb": cache_mb, "row_dtype": row_dtype,
                 "steady_after_steps": window["filled_at"], "cache_filled": window["filled"],
                 "timed_steps": len(times), "torch_threads": torch.get_num_threads(),
                 "hit_rate": keys["hits"] / keys["unique"] if keys["unique"] else 0.0,
@@ -142,9 +145,11 @@ def bench_damo(data: SyntheticCriteo, cache_mb: float, steps: int, warmup: int, 
 
 def run_train_bench(steps: int = 100, warmup: int = 20, rows: int = 4_200_000, fractions: tuple[float, ...] = (0.25, 0.05),
                     dim: int = 16, lr: float = 0.05, threads: int | None = None, max_warmup: int = 400,
-                    batch: int = 4096, log: Callable[[str], None] = _log.info) -> dict[str, Any]:
+                    batch: int = 4096, row_dtypes: tuple[str, ...] = ("float32",),
+                    log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """In-memory torch (all ``threads``), then damo_hybrid at each cache fraction in steady state
-    (the worker on ``worker_threads(threads)``, a core left to the host side).
+    (the worker on ``worker_threads(threads)``, a core left to the host side), once per row dtype
+    (``float32``, or 16-bit rows: the same budget in bytes then holds more rows).
 
     Torch is measured again after each damo_hybrid run, and each ratio is taken against the mean
     of the two torch runs around it: a shared machine's speed drifts over minutes, and this keeps
@@ -167,13 +172,14 @@ def run_train_bench(steps: int = 100, warmup: int = 20, rows: int = 4_200_000, f
     res["damo"] = []
     before = t["samples_per_s"]
     with tempfile.TemporaryDirectory() as d:
-        for frac in fractions:
+        for frac, dtype in [(f, x) for f in fractions for x in row_dtypes]:
             mb = frac * t["table_bytes"] / 2**20
             try:
-                r = bench_damo(data, mb, steps, warmup, dim, lr, Path(d), threads, max_warmup=max_warmup)
+                r = bench_damo(data, mb, steps, warmup, dim, lr, Path(d), threads, max_warmup=max_warmup,
+                               row_dtype=dtype)
             except Exception as e:  # a budget too small for the batches in flight: report, go on
                 log(f"damo_hybrid, cache {frac:.0%} of the table ({mb:,.0f} MiB): failed: {e}")
-                res["damo"].append({"fraction": frac, "cache_mb": mb, "error": str(e)})
+                res["damo"].append({"fraction": frac, "cache_mb": mb, "row_dtype": dtype, "error": str(e)})
                 continue
             finally:
                 torch.set_num_threads(threads)
@@ -184,7 +190,8 @@ def run_train_bench(steps: int = 100, warmup: int = 20, rows: int = 4_200_000, f
             before = after
             res["damo"].append(r)
             k, ms = r["per_step_keys"], r["per_step_ms"]
-            log(f"damo_hybrid, cache {frac:.0%} of the table ({mb:,.0f} MiB), steady after {r['steady_after_steps']} "
+            log(f"damo_hybrid, {dtype} rows, cache {frac:.0%} of the table ({mb:,.0f} MiB, {r['cache_rows']:,} rows, "
+                f"hit rate {r['hit_rate']:.3f}), steady after {r['steady_after_steps']} "
                 f"steps, {r['timed_steps']} timed: {r['samples_per_s']:,.0f} samples/s ({r['ratio_to_torch']:.2f}x "
                 f"torch's {r['torch_samples_per_s']:,.0f}, the mean of the runs before and after)")
             log("  per step: " + ", ".join(f"{n} {v:,.0f}" for n, v in k.items()) + " keys")

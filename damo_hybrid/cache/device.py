@@ -6,7 +6,8 @@ from the host cache (:meth:`HostCache.take_rows`: a host hit leaves the host, a 
 from RocksDB or initialised there); an evicted row that holds updates goes back down into the
 host cache (:meth:`HostCache.put_rows`), which writes it to RocksDB when it evicts it in turn.
 
-Layout on the device: ``weights`` float32 (capacity, dim), ``state`` float32 (capacity,
+Layout on the device: ``weights`` (capacity, dim) in the table's ``row_dtype`` (float32, or
+16 bits: see :mod:`~damo_hybrid.precision`), ``state`` float32 (capacity,
 width) and ``count`` int64 (capacity,); creation and update times, dirty and stored flags
 stay in host memory (they never enter the math). The key -> slot mapping, pins and CLOCK
 replacement are a :class:`~damo_hybrid.cache.slots.SlotPool` kept by the host manager.
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..precision import RowDtype
 from ..rows.codec import Rows
 from .host import CacheStats, HostCache
 from .slots import SlotPool
@@ -47,12 +49,14 @@ class DeviceBatch:
         slots_t: the same on the device.
         tensors: index tensors uploaded with the rows (inverse indices, offsets), by name.
         ready: event the compute stream waits on before reading (None on the CPU device).
+        keys_t: int64 (U,) the keys' bits on the device, for a 16-bit table's rounding (else None).
     """
 
     slots: np.ndarray
     slots_t: torch.Tensor
     tensors: dict[str, torch.Tensor]
     ready: object | None
+    keys_t: torch.Tensor | None = None
 
 
 class _CpuDevice:
@@ -189,25 +193,35 @@ class DeviceCache:
         self.dim, self.width = host.dim, host.width
         self.capacity, self.device = capacity, dev
         self.slots = SlotPool(capacity, f"device cache of table {self.name!r}")
-        self.weights = torch.zeros((capacity, self.dim), dtype=torch.float32, device=dev)
+        self.prec = prec = host.prec
+        self.weights = torch.zeros((capacity, self.dim), dtype=prec.torch_dtype, device=dev)
+        # bfloat16 moves between host and device as its bits (numpy has no bfloat16)
+        bf16 = prec.dtype is RowDtype.BFLOAT16
+        self._wview = self.weights.view(torch.int16) if bf16 else self.weights
+        self._wnp = np.dtype(np.int16) if bf16 else prec.slab_dtype
         self.state = torch.zeros((capacity, self.width), dtype=torch.float32, device=dev)
         self.count = torch.zeros(capacity, dtype=torch.int64, device=dev)
         self.created = np.zeros(capacity, dtype=np.int64)
         self.updated = np.zeros(capacity, dtype=np.int64)
         self.dirty = np.zeros(capacity, dtype=bool)
         self.stored = np.zeros(capacity, dtype=bool)
-        self.row_bytes = 4 * (self.dim + self.width) + 8
+        self.row_bytes = prec.itemsize * self.dim + 4 * self.width + 8
         self.stats = CacheStats()
         self._dev = _CudaDevice(dev) if dev.type == "cuda" else _CpuDevice(dev)  # chosen once
 
     @classmethod
-    def nbytes_per_row(cls, dim: int, state_width: int) -> int:
+    def nbytes_per_row(cls, dim: int, state_width: int, weight_bytes: int = 4) -> int:
         """Device bytes one slot costs."""
-        return 4 * (dim + state_width) + 8
+        return weight_bytes * dim + 4 * state_width + 8
 
     @property
     def _slabs(self) -> list[torch.Tensor]:
-        return [self.weights, self.state, self.count]
+        return [self._wview, self.state, self.count]
+
+    def _download(self, slots: np.ndarray) -> Rows:
+        """Rows in ``slots`` copied to the host (float32 weights); times from the host arrays."""
+        w, st, cnt = self._dev.download(self._slabs, slots)
+        return Rows(self.prec.unpack(w.view(self.prec.slab_dtype)), st, cnt, self.created[slots], self.updated[slots])
 
     # ------------------------------------------------------ host manager
     def prepare(self, ukeys: np.ndarray, tensors: dict[str, np.ndarray]) -> DeviceBatch:
@@ -225,6 +239,8 @@ class DeviceCache:
         miss = np.nonzero(~hit)[0]
         names = list(tensors)
         arrays = [tensors[n] for n in names]
+        if not self.prec.exact:  # the rounding stream needs the keys on the device
+            arrays.append(ukeys.view(np.int64))
         self.slots.pin(slots[hit])  # protects this batch's hits from the evictions below
         try:
             if not len(miss):
@@ -240,7 +256,8 @@ class DeviceCache:
                     raise
                 try:
                     slots[miss] = new_slots
-                    up = self._dev.upload([slots, new_slots, rows.weights, rows.state, rows.count, *arrays])
+                    packed = self.prec.pack(rows.weights).view(self._wnp)
+                    up = self._dev.upload([slots, new_slots, packed, rows.state, rows.count, *arrays])
                     self._dev.wait_fence()  # a victim's slot may still be read by queued compute
                     self._dev.scatter(self._slabs, up[1], up[2:5])
                 except BaseException:  # the rows left the host cache: give them back
@@ -259,7 +276,8 @@ class DeviceCache:
             self.slots.unpin(slots[hit])
             raise
         self.slots.touch(slots)
-        return DeviceBatch(slots, up[0], dict(zip(names, rest)), self._dev.ready())
+        keys_t = None if self.prec.exact else rest.pop()
+        return DeviceBatch(slots, up[0], dict(zip(names, rest)), self._dev.ready(), keys_t)
 
     def _evict(self, victims: np.ndarray) -> None:
         """Send victims holding updates down to the host cache (called with victims still mapped)."""
@@ -271,8 +289,7 @@ class DeviceCache:
         self.stats.evictions += len(victims)
 
     def _send_down(self, d: np.ndarray) -> None:
-        w, st, cnt = self._dev.download(self._slabs, d)
-        self.host.put_rows(self.slots.keys[d], Rows(w, st, cnt, self.created[d], self.updated[d]), self.stored[d])
+        self.host.put_rows(self.slots.keys[d], self._download(d), self.stored[d])
         self.stats.write_backs += len(d)
         self.stats.bytes_written += len(d) * self.row_bytes
 
@@ -280,7 +297,7 @@ class DeviceCache:
     def gather(self, batch: DeviceBatch) -> torch.Tensor:
         """float32 (U, dim): the batch's rows, read on the compute stream after its copies."""
         self._dev.begin(batch)
-        return self.weights.index_select(0, batch.slots_t)
+        return self.prec.unpack_t(self.weights.index_select(0, batch.slots_t))
 
     def stage(self, batch: DeviceBatch, g: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step of the batch's rows on copies (fused kernel on CUDA); nothing
@@ -294,11 +311,11 @@ class DeviceCache:
             ``(weights (U, dim), state (U, width), count (U,))`` after the step, on the device.
         """
         s_t = batch.slots_t
-        w = self.weights.index_select(0, s_t)
+        w = self.prec.unpack_t(self.weights.index_select(0, s_t))
         st = self.state.index_select(0, s_t)
         cnt = self.count.index_select(0, s_t) + 1
         self._dev.optimizer_step(self.opt, w, st, g.contiguous(), cnt, lr)
-        return w, st, cnt
+        return self.prec.stochastic_t(w, batch.keys_t, cnt), st, cnt
 
     def commit(self, batch: DeviceBatch, w: torch.Tensor, st: torch.Tensor, cnt: torch.Tensor,
                keep: np.ndarray | None = None) -> None:
@@ -308,7 +325,7 @@ class DeviceCache:
         if keep is not None:
             k = torch.from_numpy(keep).to(s_t.device)
             s_t, s, w, st, cnt = s_t[k], s[keep], w[k], st[k], cnt[k]
-        self.weights.index_copy_(0, s_t, w)
+        self.weights.index_copy_(0, s_t, self.prec.pack_t(w))
         self.state.index_copy_(0, s_t, st)
         self.count.index_copy_(0, s_t, cnt)
         self.updated[s] = int(time.time())
@@ -331,9 +348,8 @@ class DeviceCache:
         s = slots[hit]
         self._dev.fence()
         self._dev.wait_fence()
-        w, st, cnt = self._dev.download(self._slabs, s) if len(s) else (
-            np.zeros((0, self.dim), np.float32), np.zeros((0, self.width), np.float32), np.zeros(0, np.int64))
-        return Rows(w, st, cnt, self.created[s], self.updated[s]), hit, self.stored[s] | self.dirty[s]
+        rows = self._download(s) if len(s) else Rows.empty(0, self.dim, self.width)
+        return rows, hit, self.stored[s] | self.dirty[s]
 
     def send_down(self, keys: np.ndarray) -> None:
         """Move the resident rows of ``keys`` down into the host cache (rows with updates go

@@ -81,15 +81,13 @@ class HostCache:
         self.init, self.opt = t.init, t.opt
         self.dim, self.width = t.dim, t.width
         self.capacity = capacity
-        self.row_bytes = 4 * (self.dim + self.width) + 16
-        self.weights = np.zeros((capacity, self.dim), dtype=np.float32)
+        self.prec = prec = t.prec
+        self.row_bytes = prec.itemsize * self.dim + 4 * self.width + 16
+        self.weights = np.zeros((capacity, self.dim), dtype=prec.slab_dtype)  # 16-bit tables: packed
         self.state = np.zeros((capacity, self.width), dtype=np.float32)
         self.count = np.zeros(capacity, dtype=np.int64)
         self.created = np.zeros(capacity, dtype=np.int64)
         self.updated = np.zeros(capacity, dtype=np.int64)
-        # the slab seen as Rows (the same arrays): _rows(slots) gathers, _put(slots, rows) scatters
-        slab = Rows(self.weights, self.state, self.count, self.created, self.updated)
-        self._rows, self._put = slab.take, slab.put
         self.dirty = np.zeros(capacity, dtype=bool)
         self.stored = np.zeros(capacity, dtype=bool)  # the row exists in the storage
         self.slots = SlotPool(capacity, f"host cache of table {t.name!r}")
@@ -107,9 +105,23 @@ class HostCache:
         return self.slots.keys
 
     @classmethod
-    def nbytes_per_row(cls, dim: int, state_width: int) -> int:
+    def nbytes_per_row(cls, dim: int, state_width: int, weight_bytes: int = 4) -> int:
         """Host bytes one slot costs (slab + metadata + index), for sizing from a budget."""
-        return 4 * (dim + state_width) + 8 * 4 + 4 + 4 + 2 * 8 * 2
+        return weight_bytes * dim + 4 * state_width + 8 * 4 + 4 + 4 + 2 * 8 * 2
+
+    def _rows(self, slots: np.ndarray) -> Rows:
+        """Copies of the rows in ``slots`` (float32 weights)."""
+        return Rows(self.prec.unpack(self.weights[slots]), self.state[slots], self.count[slots],
+                    self.created[slots], self.updated[slots])
+
+    def _put(self, slots: np.ndarray, rows: Rows) -> None:
+        """``slab[slots] = rows`` (weights on the table's grid)."""
+        self.weights[slots], self.state[slots] = self.prec.pack(rows.weights), rows.state
+        self.count[slots], self.created[slots], self.updated[slots] = rows.count, rows.created, rows.updated
+
+    def weights_of(self, slots: np.ndarray) -> np.ndarray:
+        """float32 (N, dim): the weights in ``slots`` (copies)."""
+        return self.prec.unpack(self.weights[slots])
 
     # ------------------------------------------------------------ residency
     def make_resident(self, ukeys: np.ndarray, pin: bool = False) -> np.ndarray:
@@ -301,10 +313,10 @@ class HostCache:
         Returns:
             ``(weights (U, dim), state (U, width), count (U,))`` after the step.
         """
-        w, st = self.weights[slots], self.state[slots]
+        w, st = self.weights_of(slots), self.state[slots]
         cnt = self.count[slots] + 1
         self.opt.update(w, st, g, cnt, lr)
-        return w, st, cnt
+        return self.prec.stochastic(w, self.keys[slots], cnt), st, cnt
 
     def commit_slots(self, slots: np.ndarray, w: np.ndarray, st: np.ndarray, cnt: np.ndarray,
                      keep: np.ndarray | None = None) -> None:
@@ -312,7 +324,7 @@ class HostCache:
         bool (U,) rows to store (the others keep their value)."""
         if keep is not None:
             slots, w, st, cnt = slots[keep], w[keep], st[keep], cnt[keep]
-        self.weights[slots], self.state[slots], self.count[slots] = w, st, cnt
+        self.weights[slots], self.state[slots], self.count[slots] = self.prec.pack(w), st, cnt
         self.updated[slots] = int(time.time())
         self.dirty[slots] = True
 
@@ -329,7 +341,7 @@ class HostCache:
             ``(rows, stored)``: the stepped rows, and bool (U,) whether each exists in the storage.
         """
         rows, stored = self._fetch(keys)
-        self.table.step_rows(rows, g, lr, int(time.time()))
+        self.table.step_rows(rows, keys, g, lr, int(time.time()))
         return rows, stored
 
     def commit_through(self, keys: np.ndarray, rows: Rows, stored: np.ndarray, keep: np.ndarray | None = None) -> None:

@@ -67,14 +67,14 @@ class TierRegistry:
             if t not in new:
                 self._check_same_device(self._tiers[t.name], device)
         if new:
-            share = host_mb * 2**20 / sum(HostCache.nbytes_per_row(t.dim, t.width) for t in new)
+            share = host_mb * 2**20 / sum(HostCache.nbytes_per_row(t.dim, t.width, t.prec.itemsize) for t in new)
             dshare = None
             if dev_mb is not None:
                 from .device import (
                     DeviceCache,  # torch is imported only where a device tier exists
                 )
 
-                dshare = dev_mb * 2**20 / sum(DeviceCache.nbytes_per_row(t.dim, t.width) for t in new)
+                dshare = dev_mb * 2**20 / sum(DeviceCache.nbytes_per_row(t.dim, t.width, t.prec.itemsize) for t in new)
             floor = cfg.min_cache_rows if min_cache_rows is None else min_cache_rows
             try:
                 for t in new:

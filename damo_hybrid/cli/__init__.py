@@ -21,6 +21,7 @@ from ..config import (
     InitializerConfig,
     OptimizerConfig,
     OptimizerKind,
+    RowDtype,
     TableConfig,
     reject_unknown,
 )
@@ -184,7 +185,7 @@ def _train(args: argparse.Namespace) -> int:
             if at_floor:
                 print(f"note: --cache-mb {args.cache_mb:g} gives tables {', '.join(at_floor)} fewer rows than the floor "
                       f"of {floor:,} rows per table, so they hold {floor:,} rows "
-                      f"({sum(c.capacity * c.nbytes_per_row(c.dim, c.width) for c in model.sparse.caches.values()) / 2**20:,.1f} MiB in all)")
+                      f"({sum(c.capacity * c.nbytes_per_row(c.dim, c.width, c.prec.itemsize) for c in model.sparse.caches.values()) / 2**20:,.1f} MiB in all)")
             dense_opt = torch.optim.Adam(model.parameters(), lr=args.dense_lr)
             trainer = Trainer(model, dense_opt, getattr(data, "batch", data), getattr(held_out, "batch", held_out))
             if state is not None:
@@ -243,10 +244,11 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"store {out['store']}  disk {st.disk_bytes / 2**20:.1f} MiB  tables {len(out['tables'])}")
     for n, t in out["tables"].items():
         c = t["config"]
-        comp = TableConfig.from_dict(c).compression
+        tc = TableConfig.from_dict(c)
         print(f"  {n:24s} dim {c['dim']:4d}  rows {t['rows']:>12,}  step {t['step']:>9,}  "
               f"optimizer {c['optimizer']['kind']} lr {c['optimizer']['lr']}  init {c['initializer']['kind']}"
-              + (f"  compression {comp.describe()}" if comp is not None else ""))
+              + (f"  row_dtype {tc.row_dtype.value}" if tc.row_dtype is not RowDtype.FLOAT32 else "")
+              + (f"  compression {tc.compression.describe()}" if tc.compression is not None else ""))
     return 0
 
 
@@ -313,6 +315,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                         "binary_code:rows=R,bits_per_block=B[,op=sum|mean|concat], hashing:rows=R or "
                         "double_hash:rows=R,min_count=N "
                         "(see docs/compression.md)")
+    t.add_argument("--row-dtype", choices=[d.value for d in RowDtype], default="float32",
+                   help="how the tables hold their weights: float32, or 16 bits with stochastic rounding "
+                        "(half the bytes per weight in every tier; see docs/compression.md)")
     t.add_argument("--optimizer", default="adagrad", choices=[k.value for k in OptimizerKind])
     t.add_argument("--lr", type=float_in(0.0), default=0.05, help="sparse learning rate")
     t.add_argument("--dense-lr", type=float_in(0.0), default=1e-3, help="Adam learning rate of the dense layers")
@@ -399,6 +404,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     b.add_argument("--loader-rows", type=int_in(1), default=10_000_000)
     b.add_argument("--loader-repeats", type=int_in(1), default=3)
     b.add_argument("--fractions", default="0.25,0.05", help="cache budgets as fractions of the torch table's bytes")
+    b.add_argument("--row-dtypes", default="float32", help="with --train: the row dtypes to run at each budget, "
+                   "e.g. float32,float16 (16-bit rows fit more rows in the same bytes)")
     b.add_argument("--quality", action="store_true",
                    help="instead: AUC/logloss parity with in-memory torch on the real datasets under --data-root")
     b.add_argument("--compression", action="store_true",

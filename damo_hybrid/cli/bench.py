@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..precision import RowDtype
+
 
 def _save(args: argparse.Namespace, res: dict[str, Any]) -> None:
     if args.json:
@@ -62,8 +64,12 @@ def run_bench(args: argparse.Namespace) -> int | None:
     elif args.train:
         from ..bench.train import run_train_bench
 
+        dtypes = tuple(args.row_dtypes.split(","))
+        bad = sorted(set(dtypes) - {d.value for d in RowDtype})
+        if bad:
+            raise ValueError(f"unknown row dtypes {bad}; known: {[d.value for d in RowDtype]}")
         res = run_train_bench(steps=args.train_steps, fractions=tuple(float(x) for x in args.fractions.split(",")),
-                              log=print)
+                              row_dtypes=dtypes, log=print)
     elif args.host:
         from ..bench.host import run_host_bench
 

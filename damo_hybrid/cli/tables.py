@@ -1,4 +1,4 @@
-"""The tables a ``train`` run opens: the model's layout, its options (compression, admission),
+"""The tables a ``train`` run opens: the model's layout, its options (compression, row dtype, admission),
 and the layout of a store written earlier."""
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ def model_tables_of(args: argparse.Namespace, opt: OptimizerConfig) -> list[Tabl
                   TableConfig("lin", 1, initializer=InitializerConfig.zeros(), optimizer=opt)]
     else:
         tables = model_tables(args.model, args.dim, opt, init, compression=args.table_compression)
+    if args.row_dtype != "float32":
+        tables = [dataclasses.replace(t, row_dtype=args.row_dtype) for t in tables]
     if args.min_count > 1:
         tables = [dataclasses.replace(t, admission=AdmissionConfig(min_count=args.min_count)) for t in tables]
     return tables

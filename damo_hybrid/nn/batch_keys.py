@@ -64,5 +64,5 @@ def admit(tiers: TableTiers, ukeys: np.ndarray, inv: np.ndarray, counting: bool
     if admitted.all():
         return None, None, seen
     out = ukeys[~admitted]
-    side = np.zeros((len(out), table.dim), np.float32) if table.unadmitted_zeros else table.init(out)
+    side = np.zeros((len(out), table.dim), np.float32) if table.unadmitted_zeros else table.initial_weights(out)
     return admitted, side, seen

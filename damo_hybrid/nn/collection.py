@@ -343,7 +343,7 @@ class EmbeddingCollection(torch.nn.Module):
                     assert tiers.device is not None
                     rows = tiers.device.gather(tb.device)
                 else:
-                    rows = torch.from_numpy(tiers.host.weights[tb.slots])
+                    rows = torch.from_numpy(tiers.host.weights_of(tb.slots))
                 if tb.admitted is not None:  # keys not admitted: their initial (or zero) rows, not cached
                     full = rows.new_empty((len(tb.ukeys), rows.shape[1]))
                     full[tb.admitted_idx.to(rows.device)] = rows  # type: ignore[union-attr]

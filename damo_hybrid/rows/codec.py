@@ -1,16 +1,19 @@
 """The stored row format: one value per key holding weights, state and metadata.
 
-A row is a little-endian array of ``6 + F`` uint32 words, ``F = dim + state``:
+A row is a little-endian array of ``6 + W + state`` uint32 words:
 
 ====  ==========================================================
 word  meaning
 ====  ==========================================================
-0     layout version (low byte, currently 1); other bits reserved (0)
-1     ``F``, the number of float32 values that follow the header
+0     layout version (low byte, currently 1); the weight format in bits 8..15 (0 float32,
+      1 float16, 2 bfloat16, 3 int16: see :mod:`~damo_hybrid.precision`); other bits 0
+1     ``F = dim + state``, the number of values that follow the header
 2     update count (saturates at 2**32 - 1)
 3     creation time, unix seconds
 4     last-update time, unix seconds
-5..   ``dim`` float32 weights, then ``state`` float32 optimizer state
+5..   ``W`` words of weights: ``dim`` float32 (``W = dim``), or ``dim`` 16-bit values two
+      to a word, low half first, a last odd half zero (``W = ceil(dim / 2)``); then
+      ``state`` float32 optimizer state
 last  checksum
 ====  ==========================================================
 
@@ -31,6 +34,7 @@ import numpy as np
 
 from ..errors import CorruptRowError
 from ..keys.hashing import mix64
+from ..precision import CODES, RowDtype, RowPrecision
 
 __all__ = ["LAYOUT_VERSION", "HEADER_WORDS", "Rows", "RowCodec"]
 
@@ -83,14 +87,18 @@ class RowCodec:
         table: table name, for error messages.
         dim: weight width.
         state_width: optimizer-state width.
+        precision: the weights' format (default float32).
     """
 
-    def __init__(self, table: str, dim: int, state_width: int) -> None:
+    def __init__(self, table: str, dim: int, state_width: int, precision: RowPrecision | None = None) -> None:
         self.table = table
         self.dim = dim
         self.state_width = state_width
+        self.prec = precision or RowPrecision(RowDtype.FLOAT32)
         self.nfloats = dim + state_width
-        self.words = HEADER_WORDS + self.nfloats + 1
+        self.wwords = dim if self.prec.exact else (dim + 1) // 2
+        self.head = LAYOUT_VERSION | self.prec.code << 8
+        self.words = HEADER_WORDS + self.wwords + state_width + 1
         self.nbytes = 4 * self.words
         self._void = np.dtype((np.void, self.nbytes))
         # odd multipliers, one per checksummed word
@@ -112,14 +120,19 @@ class RowCodec:
         """
         n = len(keys)
         words = np.empty((n, self.words), dtype="<u4")
-        words[:, 0] = LAYOUT_VERSION
+        words[:, 0] = self.head
         words[:, 1] = self.nfloats
         words[:, 2] = np.minimum(rows.count, 0xFFFFFFFF)
         words[:, 3] = rows.created
         words[:, 4] = rows.updated
-        fl = words[:, HEADER_WORDS:HEADER_WORDS + self.nfloats].view("<f4")
-        fl[:, :self.dim] = rows.weights
-        fl[:, self.dim:] = rows.state
+        s = HEADER_WORDS + self.wwords
+        if self.prec.exact:
+            words[:, HEADER_WORDS:s].view("<f4")[:] = rows.weights
+        else:
+            halves = words[:, HEADER_WORDS:s].view("<u2")
+            halves[:, self.dim:] = 0
+            halves[:, :self.dim] = self.prec.pack(rows.weights).view("<u2")
+        words[:, s:-1].view("<f4")[:] = rows.state
         words[:, -1] = self._checksum(keys, words)
         return words.view(self._void).ravel().tolist()
 
@@ -147,22 +160,31 @@ class RowCodec:
             i = int(bad[0])
             raise CorruptRowError(self.table, int(fkeys[i]), f"value is {lens[i]} bytes, expected {self.nbytes}")
         words = np.frombuffer(b"".join(present), dtype="<u4").reshape(m, self.words)
-        ok = (words[:, 0] == LAYOUT_VERSION) & (words[:, 1] == self.nfloats)
+        ok = (words[:, 0] == self.head) & (words[:, 1] == self.nfloats)
         ok &= words[:, -1] == self._checksum(fkeys, words)
         if not ok.all():
             i = int(np.nonzero(~ok)[0][0])
             w = words[i]
-            if w[0] != LAYOUT_VERSION:
-                reason = f"layout version {w[0]} is not {LAYOUT_VERSION}"
+            if w[0] & 0xFF != LAYOUT_VERSION:
+                reason = f"layout version {w[0] & 0xFF} is not {LAYOUT_VERSION}"
+            elif w[0] != self.head:
+                codes = {v: k for k, v in CODES.items()}
+                got = codes.get(int(w[0]) >> 8)
+                reason = (f"row holds {got.value if got else 'unknown'} weights (code {int(w[0]) >> 8}), "
+                          f"table has row_dtype {self.prec.dtype.value}")
             elif w[1] != self.nfloats:
                 reason = f"row holds {w[1]} floats, table expects {self.nfloats}"
             else:
                 reason = "checksum mismatch"
             raise CorruptRowError(self.table, int(fkeys[i]), reason)
-        fl = words[:, HEADER_WORDS:HEADER_WORDS + self.nfloats].view("<f4")
+        s = HEADER_WORDS + self.wwords
+        if self.prec.exact:
+            weights = np.array(words[:, HEADER_WORDS:s].view("<f4"), dtype=np.float32)
+        else:
+            weights = self.prec.unpack(words[:, HEADER_WORDS:s].view("<u2")[:, :self.dim].view(self.prec.slab_dtype))
         rows = Rows(
-            weights=np.array(fl[:, :self.dim], dtype=np.float32),
-            state=np.array(fl[:, self.dim:], dtype=np.float32),
+            weights=weights,
+            state=np.array(words[:, s:-1].view("<f4"), dtype=np.float32),
             count=words[:, 2].astype(np.int64),
             created=words[:, 3].astype(np.int64),
             updated=words[:, 4].astype(np.int64),

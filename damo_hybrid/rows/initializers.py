@@ -57,7 +57,7 @@ class RowInitializer:
         self.low, self.high = float(config.low), float(config.high)
         self.mean, self.std = float(config.mean), float(config.std)
         table_salt = fnv1a64([table.encode("utf-8")])[0]
-        self._salt = mix64(np.uint64(config.seed) ^ table_salt)[0]
+        self.salt = mix64(np.uint64(config.seed) ^ table_salt)[0]
         # (counter + 1) * golden for counters 0 .. rounds * dim - 1
         self._cols = (np.arange(1, _TRUNC_ROUNDS * dim + 1, dtype=np.uint64) * _GOLDEN)
 
@@ -94,7 +94,7 @@ class RowInitializer:
             return np.zeros((n, d), dtype=np.float32)
         if self.kind is InitializerKind.ONES:
             return np.ones((n, d), dtype=np.float32)
-        base = mix64(keys.astype(np.uint64, copy=False) ^ self._salt)
+        base = mix64(keys.astype(np.uint64, copy=False) ^ self.salt)
         if self.kind is InitializerKind.UNIFORM:
             u = self._uniform(base)
             return (self.low + (self.high - self.low) * u).astype(np.float32)

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..config import NonFinitePolicy, TableConfig
 from ..errors import NonFiniteGradientError, NonFiniteUpdateError
-from ..keys.hashing import as_keys
+from ..keys.hashing import as_keys, mix64
+from ..precision import RowPrecision
 from .admission import CountingBloomFilter
 from .codec import RowCodec, Rows
 from .initializers import RowInitializer
@@ -30,6 +31,9 @@ __all__ = ["Table", "TableCounters"]
 def _first_bad(finite: np.ndarray) -> tuple[int, int]:
     """``(how many rows are not finite, the first one's position)``."""
     return int(np.count_nonzero(~finite)), int(np.argmin(finite))
+
+
+_ROUNDING_SALT = np.uint64(0x5352_4F55_4E44_0001)
 
 
 class TableCounters:
@@ -62,7 +66,9 @@ class Table:
         self.init = RowInitializer(cfg.initializer, cfg.name, cfg.dim, zero_last=cfg.linear_column)
         self.opt = RowOptimizer(cfg.optimizer, cfg.dim)
         self.width = self.opt.width
-        self.codec = RowCodec(cfg.name, cfg.dim, self.opt.width)
+        # the rounding stream's salt: the initializer's, moved off it so the two streams differ
+        self.prec = RowPrecision(cfg.row_dtype, cfg.int16_step, int(mix64(self.init.salt ^ _ROUNDING_SALT)[0]))
+        self.codec = RowCodec(cfg.name, cfg.dim, self.opt.width, self.prec)
         self.step = step
         self.rows = rows
         self.skip_nonfinite = cfg.nonfinite is NonFinitePolicy.SKIP
@@ -87,21 +93,28 @@ class Table:
         """
         n = int(np.count_nonzero(new))
         if n:
-            rows.weights[new] = self.init(keys[new])
+            rows.weights[new] = self.initial_weights(keys[new])
             rows.state[new] = self.opt.initial_state(n)
             rows.count[new] = 0
             rows.created[new] = rows.updated[new] = now
 
-    def step_rows(self, rows: Rows, g: np.ndarray, lr: float, now: int) -> None:
-        """One optimizer step of whole rows in place: count + 1, the update rule, updated ``now``.
+    def initial_weights(self, keys: np.ndarray) -> np.ndarray:
+        """float32 (N, dim): the weights keys ``uint64 (N,)`` start with, on the table's grid."""
+        return self.prec.nearest(self.init(keys))
+
+    def step_rows(self, rows: Rows, keys: np.ndarray, g: np.ndarray, lr: float, now: int) -> None:
+        """One optimizer step of whole rows in place: count + 1, the update rule, the weights'
+        rounding (16-bit tables), updated ``now``.
 
         Args:
             rows: U rows.
+            keys: uint64 (U,) their keys.
             g: float32 (U, dim) summed gradients.
             lr: the step's learning rate.
         """
         rows.count += 1
         self.opt.update(rows.weights, rows.state, g, rows.count, lr)
+        rows.weights = self.prec.stochastic(rows.weights, keys, rows.count)
         rows.updated[:] = now
 
     def lr(self, step: int | None = None) -> float:

@@ -93,6 +93,13 @@ def check_compatible(stored: TableConfig, cfg: TableConfig) -> None:
             f"table {cfg.name!r} is stored with compression {name(stored.compression)}, opened with "
             f"{name(cfg.compression)}: its rows are addressed by that mapping; use a new table name"
         )
+    if (stored.row_dtype, stored.int16_step) != (cfg.row_dtype, cfg.int16_step):
+        def fmt(c: TableConfig) -> str:
+            return c.row_dtype.value + (f" (int16_step {c.int16_step:g})" if c.row_dtype.value == "int16" else "")
+        raise ConfigConflictError(
+            f"table {cfg.name!r} is stored with row_dtype {fmt(stored)}, opened with {fmt(cfg)}: its stored "
+            "weights are in that format; use a new table name (or export and re-import the rows)"
+        )
     sa, ca = stored.admission, cfg.admission
     if sa is not None and ca is not None and (sa.capacity, sa.fpr) != (ca.capacity, ca.fpr):
         raise ConfigConflictError(

@@ -186,7 +186,7 @@ class RowIO:
                     wkeys, g, rows, found = ukeys[admitted], g[admitted], rows.take(admitted), found[admitted]
             if len(wkeys):
                 t.new_rows(rows, wkeys, ~found, now)
-                t.step_rows(rows, g, lr, now)
+                t.step_rows(rows, wkeys, g, lr, now)
                 keep = t.check_results(wkeys, rows.weights, rows.state)
                 if keep is not None:
                     wkeys, rows, found = wkeys[keep], rows.take(keep), found[keep]

@@ -1,0 +1,253 @@
+"""How a table holds its weights: float32, or 16 bits with stochastic rounding.
+
+With a 16-bit ``row_dtype`` a row's weights are kept in 16 bits in every tier (the host and
+device caches, the stored value), so a cache budget holds more rows and a stored row is
+smaller. Arithmetic stays float32: an update reads the 16-bit weights as float32 (exactly),
+steps them with the float32 update rule, and rounds the result back to the 16-bit grid.
+
+Formats:
+
+- ``float16``: IEEE half precision (11-bit significand, largest finite 65504, subnormals
+  down to 2**-24);
+- ``bfloat16``: float32's exponent range with an 8-bit significand;
+- ``int16``: fixed point, ``w = q * step`` with ``q`` in ``[-32767, 32767]`` and ``step`` a
+  power of two (:attr:`TableConfig.int16_step <damo_hybrid.config.TableConfig.int16_step>`,
+  default ``2**-13``: a range of about +-4 in steps of 1.2e-4).
+
+Optimizer state stays float32 for every optimizer. Adagrad's and Adam's accumulators are
+sums of many small squares, and FTRL's ``z, n`` are sums of gradients: rounded to 16 bits,
+each addition smaller than half a grid step would be lost or become noise, and the update
+rule would no longer be the one documented in :mod:`~damo_hybrid.rows.optimizers`. The weights
+alone carry the rounding, which is unbiased.
+
+Rounding:
+
+- An **update** rounds stochastically: with ``s`` the grid spacing at ``w`` (a power of two),
+  ``w' = floor(w / s + u) * s`` with ``u`` uniform in [0, 1), so ``E[w'] = w`` (unbiased) and
+  small updates are not lost on average. ``u`` is a pure function of the table, the key, the
+  row's update count after this update and the column: ``base = mix64(mix64(key ^ salt) + count
+  * G)``, ``u_j = (mix64(base + (j + 1) * G) >> 40) / 2**24`` with ``G = 0x9e3779b97f4a7c15``
+  and ``salt`` derived from the table's initializer seed and name. So a run is reproducible,
+  whichever tier steps a row, and the CPU (numpy) and torch (CPU or CUDA) twins agree bit for bit.
+- **Initial** rows round to nearest (ties to even); an int16 initial value beyond the range
+  is clipped to it.
+- A result beyond the format's range becomes +-Inf, which the table's NaN/Inf policy then
+  refuses (``raise``) or drops (``skip``): nothing saturates silently.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+from .keys.hashing import mix64
+
+__all__ = ["RowDtype", "RowPrecision", "check_int16_step", "DEFAULT_INT16_STEP"]
+
+DEFAULT_INT16_STEP = 2.0 ** -13
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_INV24 = 1.0 / (1 << 24)
+_Q_MAX = 32767
+
+
+class RowDtype(str, enum.Enum):
+    """How a table's weights are held (see the module docstring)."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    INT16 = "int16"
+
+
+# significand bits and the exponent of the smallest spacing, per floating format
+_FLOAT_GRID = {RowDtype.FLOAT16: (11, -24), RowDtype.BFLOAT16: (8, -133)}
+# the stored code of each format (the row codec's header)
+CODES = {RowDtype.FLOAT32: 0, RowDtype.FLOAT16: 1, RowDtype.BFLOAT16: 2, RowDtype.INT16: 3}
+
+
+def check_int16_step(step: float) -> float:
+    """``step`` as a float, if it is a power of two in [2**-24, 2**-4].
+
+    Raises:
+        ValueError: otherwise.
+    """
+    if isinstance(step, bool) or not isinstance(step, (int, float)):
+        raise ValueError(f"int16_step must be a power of two in [2**-24, 2**-4], got {step!r}")
+    m, e = np.frexp(float(step))
+    if m != 0.5 or not -24 <= e - 1 <= -4:
+        raise ValueError(f"int16_step must be a power of two in [2**-24, 2**-4], got {step!r}")
+    return float(step)
+
+
+class RowPrecision:
+    """The weight format of one table: rounding, and packing into its 16-bit slab.
+
+    Args:
+        dtype: the format.
+        int16_step: the int16 grid step (a power of two).
+        salt: uint64 seed of the table's rounding stream.
+    """
+
+    def __init__(self, dtype: RowDtype | str, int16_step: float = DEFAULT_INT16_STEP,
+                 salt: int = 0) -> None:
+        self.dtype = RowDtype(dtype)
+        self.step = check_int16_step(int16_step)
+        self.salt = np.uint64(salt)
+        self.exact = self.dtype is RowDtype.FLOAT32  # no rounding at all
+        self.itemsize = 4 if self.exact else 2
+        self.code = CODES[self.dtype]
+        self.slab_dtype = np.dtype({RowDtype.FLOAT32: np.float32, RowDtype.FLOAT16: np.float16,
+                                    RowDtype.BFLOAT16: np.uint16, RowDtype.INT16: np.int16}[self.dtype])
+        if self.dtype is RowDtype.INT16:
+            self.max = _Q_MAX * self.step
+        else:
+            self.max = float({RowDtype.FLOAT32: np.finfo(np.float32).max, RowDtype.FLOAT16: 65504.0,
+                              RowDtype.BFLOAT16: 3.3895313892515355e38}[self.dtype])
+
+    # ------------------------------------------------------------------ rounding
+    def uniforms(self, keys: np.ndarray, count: np.ndarray, dim: int) -> np.ndarray:
+        """float64 (N, dim) in [0, 1): the rounding stream of rows ``keys`` at update ``count``."""
+        c = np.asarray(count).astype(np.uint64)
+        base = mix64(mix64(np.asarray(keys, np.uint64) ^ self.salt) + c * _GOLDEN)
+        cols = np.arange(1, dim + 1, dtype=np.uint64) * _GOLDEN
+        return (mix64(base[:, None] + cols[None, :]) >> np.uint64(40)).astype(np.float64) * _INV24
+
+    def _spacing(self, x: np.ndarray) -> np.ndarray | float:
+        if self.dtype is RowDtype.INT16:
+            return self.step
+        p, emin = _FLOAT_GRID[self.dtype]
+        return np.ldexp(1.0, np.maximum(np.frexp(x)[1] - p, emin))
+
+    def _finish(self, y: np.ndarray) -> np.ndarray:
+        """float64 values on the grid -> float32, +-Inf beyond the range."""
+        over = np.abs(y) > self.max
+        if over.any():
+            y[over] = np.copysign(np.inf, y[over])
+        return y.astype(np.float32)
+
+    def stochastic(self, w: np.ndarray, keys: np.ndarray, count: np.ndarray) -> np.ndarray:
+        """float32 (N, dim) ``w`` rounded to the grid, unbiased (the module docstring).
+
+        Args:
+            w: float32 (N, dim) stepped weights (NaN/Inf stay NaN/Inf).
+            keys: uint64 (N,) their keys.
+            count: int (N,) their update counts after this update.
+        Returns:
+            ``w`` itself for float32 tables, else a new float32 (N, dim).
+        """
+        if self.exact or not w.size:
+            return w
+        x = w.astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            s = self._spacing(x)
+            y = np.floor(x / s + self.uniforms(keys, count, w.shape[1])) * s
+        nonfinite = ~np.isfinite(x)
+        if nonfinite.any():
+            y[nonfinite] = x[nonfinite]
+        return self._finish(y)
+
+    def nearest(self, w: np.ndarray) -> np.ndarray:
+        """float32 ``w`` rounded to the nearest grid value, ties to even (initial rows); int16
+        clips to its range."""
+        if self.exact:
+            return w
+        if self.dtype is RowDtype.INT16:
+            q = np.clip(np.rint(w.astype(np.float64) / self.step), -_Q_MAX, _Q_MAX)
+            return (q * self.step).astype(np.float32)
+        return self.unpack(self.pack_nearest(w))
+
+    # ------------------------------------------------------------------ slabs
+    def pack_nearest(self, w: np.ndarray) -> np.ndarray:
+        """float32 -> the slab's dtype, rounding to nearest (exact for values on the grid)."""
+        if self.exact:
+            return np.asarray(w, np.float32)
+        if self.dtype is RowDtype.FLOAT16:
+            with np.errstate(over="ignore"):
+                return np.asarray(w, np.float32).astype(np.float16)
+        if self.dtype is RowDtype.BFLOAT16:
+            b = np.ascontiguousarray(w, np.float32).view(np.uint32).astype(np.uint64)
+            b = (b + np.uint64(0x7FFF) + ((b >> np.uint64(16)) & np.uint64(1))) >> np.uint64(16)
+            return b.astype(np.uint16)
+        return np.clip(np.rint(np.asarray(w, np.float64) / self.step), -_Q_MAX, _Q_MAX).astype(np.int16)
+
+    def pack(self, w: np.ndarray) -> np.ndarray:
+        """float32 weights already on the grid -> the slab's dtype (exact)."""
+        return self.pack_nearest(w)
+
+    def unpack(self, a: np.ndarray) -> np.ndarray:
+        """The slab's dtype -> float32 (exact)."""
+        if self.exact:
+            return np.asarray(a, np.float32)
+        if self.dtype is RowDtype.FLOAT16:
+            return a.astype(np.float32)
+        if self.dtype is RowDtype.BFLOAT16:
+            return (a.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return a.astype(np.float32) * np.float32(self.step)
+
+    # ------------------------------------------------------------------ torch twin
+    @property
+    def torch_dtype(self):  # type: ignore[no-untyped-def]
+        """The device slab's torch dtype."""
+        import torch
+
+        return {RowDtype.FLOAT32: torch.float32, RowDtype.FLOAT16: torch.float16,
+                RowDtype.BFLOAT16: torch.bfloat16, RowDtype.INT16: torch.int16}[self.dtype]
+
+    def stochastic_t(self, w, keys, count):  # type: ignore[no-untyped-def]
+        """:meth:`stochastic` on torch tensors of any device, bit for bit the same.
+
+        Args:
+            w: float32 (N, dim).
+            keys: int64 (N,) the keys' bits.
+            count: int64 (N,) update counts after this update.
+        """
+        import torch
+
+        if self.exact or not w.numel():
+            return w
+        salt = int(self.salt) - (1 << 64) if int(self.salt) >= 1 << 63 else int(self.salt)
+        g = int(_GOLDEN) - (1 << 64)
+        base = _mix64_t(_mix64_t(keys ^ salt) + count * g)
+        cols = torch.arange(1, w.shape[1] + 1, dtype=torch.int64, device=w.device) * g
+        u = ((_mix64_t(base[:, None] + cols[None, :]) >> 40) & 0xFFFFFF).to(torch.float64) * _INV24
+        x = w.to(torch.float64)
+        if self.dtype is RowDtype.INT16:
+            s = torch.full_like(x, self.step)
+        else:
+            p, emin = _FLOAT_GRID[self.dtype]
+            s = torch.ldexp(torch.ones_like(x), torch.clamp(torch.frexp(x)[1] - p, min=emin).to(torch.float64))
+        y = torch.floor(x / s + u) * s
+        y = torch.where(torch.isfinite(x), y, x)
+        y = torch.where(y.abs() > self.max, torch.copysign(torch.full_like(y, torch.inf), y), y)
+        return y.to(torch.float32)
+
+    def pack_t(self, w):  # type: ignore[no-untyped-def]
+        """float32 tensor on the grid -> the device slab's dtype (exact)."""
+        import torch
+
+        if self.dtype is RowDtype.INT16:
+            return torch.clamp(torch.round(w.to(torch.float64) / self.step), -_Q_MAX, _Q_MAX).to(torch.int16)
+        return w.to(self.torch_dtype)
+
+    def unpack_t(self, a):  # type: ignore[no-untyped-def]
+        """The device slab's dtype -> float32 tensor (exact)."""
+        import torch
+
+        if self.dtype is RowDtype.INT16:
+            return a.to(torch.float32) * self.step
+        return a.to(torch.float32)
+
+
+_M1_T = 0xBF58476D1CE4E5B9 - (1 << 64)
+_M2_T = 0x94D049BB133111EB - (1 << 64)
+
+
+def _mix64_t(x):  # type: ignore[no-untyped-def]
+    """:func:`~damo_hybrid.keys.hashing.mix64` on int64 tensors holding uint64 bits (products wrap
+    as in uint64; right shifts are made logical by masking)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _M1_T
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _M2_T
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
