@@ -152,12 +152,28 @@ def gpu_plots(res: dict, out: Path, machine: str) -> list[Path]:
     return made
 
 
+def merge_studies(studies: list[dict]) -> dict:
+    """Several compression studies as one: per dataset, the first study's runs, then the others'
+    runs of methods not seen yet (each study's own full-table run is its baseline; the first one's
+    is kept)."""
+    out = json.loads(json.dumps(studies[0]))
+    for st in studies[1:]:
+        for name, d in st["datasets"].items():
+            mine = out["datasets"].setdefault(name, d)
+            if mine is d:
+                continue
+            seen = {r["method"] for r in mine["runs"]}
+            mine["runs"] += [r for r in d["runs"] if r["method"] not in seen]
+    return out
+
+
 def compression_plot(res: dict, out: Path, machine: str) -> list[Path]:
     """AUC against bytes of embedding state (log x), one panel per dataset, one line per method."""
     plt = _plt()
     names = list(res["datasets"])
     fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.6), squeeze=False)
-    styles = {"hashing": "o--", "qr_mult": "s-", "qr_concat": "^-", "binary_code": "d-", "double_hash": "v-", "dhe": "x-"}
+    styles = {"hashing": "o--", "qr_mult": "s-", "qr_concat": "^-", "binary_code": "d-", "double_hash": "v-", "dhe": "x-",
+              "float16": "P", "bfloat16": "X", "int16": "h"}
     for ax, name in zip(axes[0], names):
         runs = res["datasets"][name]["runs"]
         full = next(r for r in runs if r["method"] == "full")
@@ -181,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", help="JSON of damo-hybrid bench --train --json")
     p.add_argument("--soak", help="JSON of benchmarks/soak.py --out")
     p.add_argument("--gpu", help="JSON of damo-hybrid bench --gpu --json")
-    p.add_argument("--compression", help="JSON of damo-hybrid bench --compression --json")
+    p.add_argument("--compression", help="JSON of damo-hybrid bench --compression --json (several, comma-separated: "
+                                         "their runs are drawn together, the first file's full table kept)")
     p.add_argument("--machine", default="2 CPUs, 24 GiB RAM, local disk, no GPU")
     p.add_argument("--out", default=str(HERE))
     a = p.parse_args(argv)
@@ -195,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.gpu:
         made += gpu_plots(json.loads(Path(a.gpu).read_text()), out, a.machine)
     if a.compression:
-        made += compression_plot(json.loads(Path(a.compression).read_text()), out, a.machine)
+        made += compression_plot(merge_studies([json.loads(Path(f).read_text()) for f in a.compression.split(",")]),
+                                 out, a.machine)
     for m in made:
         print(f"wrote {m}")
     return 0

@@ -22,13 +22,18 @@ alone carry the rounding, which is unbiased.
 
 Rounding:
 
-- An **update** rounds stochastically: with ``s`` the grid spacing at ``w`` (a power of two),
-  ``w' = floor(w / s + u) * s`` with ``u`` uniform in [0, 1), so ``E[w'] = w`` (unbiased) and
-  small updates are not lost on average. ``u`` is a pure function of the table, the key, the
-  row's update count after this update and the column: ``base = mix64(mix64(key ^ salt) + count
-  * G)``, ``u_j = (mix64(base + (j + 1) * G) >> 40) / 2**24`` with ``G = 0x9e3779b97f4a7c15``
-  and ``salt`` derived from the table's initializer seed and name. So a run is reproducible,
-  whichever tier steps a row, and the CPU (numpy) and torch (CPU or CUDA) twins agree bit for bit.
+- An **update** rounds stochastically, on the magnitude: with ``s`` the grid spacing at ``|w|``
+  (a power of two), ``|w'| = floor(|w| / s + u) * s`` with ``u`` uniform in [0, 1), so ``E[w'] = w``
+  (unbiased) and small updates are not lost on average. For float16 and bfloat16 ``|w| / s`` has
+  ``24 - p`` fraction bits (``p`` the format's significand bits) and ``u`` is drawn with as many,
+  so the float32 arithmetic is exact and the rounding exactly unbiased (below float16's normal
+  range, to within 2**-13 of a step); int16 computes in float64 with a 24-bit ``u``. ``u`` is a
+  pure function of the table, the key, the row's update count after this update and the column:
+  ``base = mix64(mix64(key ^ salt) + count * G)``, then ``mix64(base + (i + 1) * G)`` for
+  ``i = 0, 1, ...`` gives 64-bit words cut into 16-bit chunks (32-bit for int16), low chunk
+  first, one per column; ``u`` is a chunk's top bits (``G = 0x9e3779b97f4a7c15``, ``salt`` from the table's
+  initializer seed and name). So a run is reproducible, whichever tier steps a row, and the CPU
+  (numpy) and torch (CPU or CUDA) twins agree bit for bit.
 - **Initial** rows round to nearest (ties to even); an int16 initial value beyond the range
   is clipped to it.
 - A result beyond the format's range becomes +-Inf, which the table's NaN/Inf policy then
@@ -49,6 +54,18 @@ DEFAULT_INT16_STEP = 2.0 ** -13
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _INV24 = 1.0 / (1 << 24)
 _Q_MAX = 32767
+
+
+def _pow2_f32(k: np.ndarray) -> np.ndarray:
+    """float32 ``2**k`` for int32 ``k`` in [-149, 127] (subnormal below -126), built from its bits
+    (in ``k``'s memory)."""
+    sub = k < -126
+    tiny = np.left_shift(1, np.clip(k[sub] + 149, 0, 22)) if sub.any() else None
+    k += 127
+    k <<= 23
+    if tiny is not None:
+        k[sub] = tiny
+    return k.view(np.float32)
 
 
 class RowDtype(str, enum.Enum):
@@ -106,25 +123,16 @@ class RowPrecision:
                               RowDtype.BFLOAT16: 3.3895313892515355e38}[self.dtype])
 
     # ------------------------------------------------------------------ rounding
-    def uniforms(self, keys: np.ndarray, count: np.ndarray, dim: int) -> np.ndarray:
-        """float64 (N, dim) in [0, 1): the rounding stream of rows ``keys`` at update ``count``."""
+    def _random(self, keys: np.ndarray, count: np.ndarray, dim: int, nbits: int) -> np.ndarray:
+        """uint (N, dim) random ``nbits``-bit integers: the rounding stream of rows ``keys`` at
+        update ``count`` (see the module docstring)."""
         c = np.asarray(count).astype(np.uint64)
         base = mix64(mix64(np.asarray(keys, np.uint64) ^ self.salt) + c * _GOLDEN)
-        cols = np.arange(1, dim + 1, dtype=np.uint64) * _GOLDEN
-        return (mix64(base[:, None] + cols[None, :]) >> np.uint64(40)).astype(np.float64) * _INV24
-
-    def _spacing(self, x: np.ndarray) -> np.ndarray | float:
-        if self.dtype is RowDtype.INT16:
-            return self.step
-        p, emin = _FLOAT_GRID[self.dtype]
-        return np.ldexp(1.0, np.maximum(np.frexp(x)[1] - p, emin))
-
-    def _finish(self, y: np.ndarray) -> np.ndarray:
-        """float64 values on the grid -> float32, +-Inf beyond the range."""
-        over = np.abs(y) > self.max
-        if over.any():
-            y[over] = np.copysign(np.inf, y[over])
-        return y.astype(np.float32)
+        chunk = 16 if nbits <= 16 else 32
+        words = -(-dim * chunk // 64)
+        h = mix64(base[:, None] + np.arange(1, words + 1, dtype=np.uint64)[None, :] * _GOLDEN)
+        r = h.view(np.uint16 if chunk == 16 else np.uint32)[:, :dim]
+        return r >> (chunk - nbits)
 
     def stochastic(self, w: np.ndarray, keys: np.ndarray, count: np.ndarray) -> np.ndarray:
         """float32 (N, dim) ``w`` rounded to the grid, unbiased (the module docstring).
@@ -138,14 +146,35 @@ class RowPrecision:
         """
         if self.exact or not w.size:
             return w
-        x = w.astype(np.float64)
+        a = np.abs(w)
         with np.errstate(invalid="ignore", over="ignore"):
-            s = self._spacing(x)
-            y = np.floor(x / s + self.uniforms(keys, count, w.shape[1])) * s
-        nonfinite = ~np.isfinite(x)
-        if nonfinite.any():
-            y[nonfinite] = x[nonfinite]
-        return self._finish(y)
+            if self.dtype is RowDtype.INT16:
+                u = self._random(keys, count, w.shape[1], 24).astype(np.float64)
+                u *= _INV24
+                y64 = a.astype(np.float64)
+                y64 /= self.step
+                y64 += u
+                np.floor(y64, out=y64)
+                y64 *= self.step
+                y = y64.astype(np.float32)
+            else:
+                p, emin = _FLOAT_GRID[self.dtype]
+                k = a.view(np.int32) >> 23
+                np.maximum(k, 1, out=k)
+                k -= 127 + p - 1
+                np.maximum(k, emin, out=k)
+                s = _pow2_f32(k)
+                frac = 24 - p  # a / s has p integer and 24 - p fraction bits: u has as many
+                y = np.divide(a, s, out=a)
+                y += self._random(keys, count, w.shape[1], frac).astype(np.float32) * np.float32(2.0 ** -frac)
+                np.floor(y, out=y)
+                y *= s
+        y[y > self.max] = np.inf
+        np.copysign(y, w, out=y)
+        bad = ~np.isfinite(w)
+        if bad.any():
+            y[bad] = w[bad]
+        return y
 
     def nearest(self, w: np.ndarray) -> np.ndarray:
         """float32 ``w`` rounded to the nearest grid value, ties to even (initial rows); int16
@@ -209,18 +238,30 @@ class RowPrecision:
         salt = int(self.salt) - (1 << 64) if int(self.salt) >= 1 << 63 else int(self.salt)
         g = int(_GOLDEN) - (1 << 64)
         base = _mix64_t(_mix64_t(keys ^ salt) + count * g)
-        cols = torch.arange(1, w.shape[1] + 1, dtype=torch.int64, device=w.device) * g
-        u = ((_mix64_t(base[:, None] + cols[None, :]) >> 40) & 0xFFFFFF).to(torch.float64) * _INV24
-        x = w.to(torch.float64)
+        dim = w.shape[1]
+
+        def random(nbits: int):  # type: ignore[no-untyped-def]
+            chunk = 16 if nbits <= 16 else 32
+            words = -(-dim * chunk // 64)
+            h = _mix64_t(base[:, None] + torch.arange(1, words + 1, dtype=torch.int64, device=w.device)[None, :] * g)
+            r = h.view(torch.int16 if chunk == 16 else torch.int32)[:, :dim].to(torch.int64) & ((1 << chunk) - 1)
+            return r >> (chunk - nbits)
+
+        a = w.abs()
         if self.dtype is RowDtype.INT16:
-            s = torch.full_like(x, self.step)
+            u = random(24).to(torch.float64) * _INV24
+            y = (torch.floor(a.to(torch.float64) / self.step + u) * self.step).to(torch.float32)
         else:
             p, emin = _FLOAT_GRID[self.dtype]
-            s = torch.ldexp(torch.ones_like(x), torch.clamp(torch.frexp(x)[1] - p, min=emin).to(torch.float64))
-        y = torch.floor(x / s + u) * s
-        y = torch.where(torch.isfinite(x), y, x)
-        y = torch.where(y.abs() > self.max, torch.copysign(torch.full_like(y, torch.inf), y), y)
-        return y.to(torch.float32)
+            k = torch.clamp(torch.clamp(a.view(torch.int32) >> 23, min=1) - (127 + p - 1), min=emin)
+            bits = torch.where(k >= -126, (k + 127) << 23, 1 << torch.clamp(k + 149, 0, 22))
+            s = bits.to(torch.int32).view(torch.float32)
+            frac = 24 - p
+            u = random(frac).to(torch.float32) * 2.0 ** -frac
+            y = torch.floor(a / s + u) * s
+        y = torch.where(y > self.max, torch.full_like(y, torch.inf), y)
+        y = torch.copysign(y, w)
+        return torch.where(torch.isfinite(w), y, w)
 
     def pack_t(self, w):  # type: ignore[no-untyped-def]
         """float32 tensor on the grid -> the device slab's dtype (exact)."""

@@ -324,3 +324,88 @@ def test_double_hash_averages_the_first_order_column_so_a_frequent_key_reads_its
         own = torch.from_numpy(st.lookup("t", c.own_keys(keys)))
         torch.testing.assert_close(out.emb[:, 0], own[:, :4])
         torch.testing.assert_close(out.linear[:, 0], own[:, 4])
+
+
+def test_fields_on_tables_of_their_own_come_back_in_field_order_and_pipeline_exactly(tmp_path):
+    from damo_hybrid.data.synthetic import SyntheticCriteo
+    from damo_hybrid.models import DeepFM
+    from damo_hybrid.trainer import Trainer
+
+    own = {"C2": "emb.C2", "C4": "emb.C4"}
+
+    def tables():
+        opt, init = OptimizerConfig.adagrad(0.05), InitializerConfig.normal(std=0.3, seed=2)
+        return [TableConfig("emb", 9, initializer=init, optimizer=opt, linear_column=True),
+                TableConfig("emb.C2", 9, initializer=init, optimizer=opt, linear_column=True,
+                            compression=CompressionConfig.qr(10**6, 1000)),
+                TableConfig("emb.C4", 9, initializer=init, optimizer=opt, linear_column=True, row_dtype="bfloat16")]
+
+    def run(path, prefetch):
+        torch.manual_seed(0)
+        data = SyntheticCriteo(64, seed=1, vocab_min=200, vocab_max=2000, n_sparse=6, n_dense=3)
+        store = EmbeddingStore(path, tables())
+        model = DeepFM(store, data.sparse_fields, 3, hidden=(16,), cache_mb=1e-9, min_cache_rows=700, backend="cpu",
+                       field_tables=own)
+        Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), data.batch).fit(20, prefetch=prefetch)
+        return store, model, data
+
+    (s1, m1, data), (s2, m2, _) = run(tmp_path / "seq", False), run(tmp_path / "pipe", True)
+    try:
+        assert sum(c.stats.evictions for c in m2.sparse.caches.values()) > 0, "the test must force evictions"
+        for (n1, p1), (n2, p2) in zip(m1.state_dict().items(), m2.state_dict().items()):
+            np.testing.assert_array_equal(p1.numpy(), p2.numpy(), err_msg=n1)
+        for t in ("emb", "emb.C2", "emb.C4"):
+            k1, k2 = (np.concatenate([k for k, _ in s.scan(t)]) for s in (s1, s2))
+            np.testing.assert_array_equal(k1, k2)
+            np.testing.assert_array_equal(s1.read_rows(t, k1)[0].weights, s2.read_rows(t, k2)[0].weights)
+        m1.eval()
+        b = data.batch(2)
+        with torch.no_grad():
+            e, first = m1.embeddings(m1.prepare(b.sparse))
+        for i, f in enumerate(data.sparse_fields):  # each field's embedding, from its own table
+            if f == "C2":
+                want = EmbeddingCollection(s1, [Feature(f, "emb.C2")], backend="cpu").eval()({f: b.sparse[f]})[f][:, :8]
+                want = want.detach().numpy()
+            else:
+                want = s1.lookup(own.get(f, "emb"), b.sparse[f])[:, :8]
+            np.testing.assert_allclose(e[:, i].numpy(), want, rtol=1e-6, atol=1e-7, err_msg=f)
+    finally:
+        s1.close()
+        s2.close()
+    with pytest.raises(ValueError, match="field_tables names fields \\['nope'\\]"):
+        with EmbeddingStore(tmp_path / "x", tables()) as st:
+            DeepFM(st, ["C1", "C2"], 0, field_tables={"nope": "emb.C2"}, backend="cpu")
+
+
+def test_a_fields_own_options_from_the_toml_config(tmp_path, capsys):
+    from damo_hybrid.cli import main
+
+    store, cfg = tmp_path / "s", tmp_path / "run.toml"
+    base = ('[train]\nsteps = 4\nbatch-size = 128\ndim = 8\nvocab-min = 300\nvocab-max = 3000\neval-batches = 0\n'
+            'quiet = true\ncheckpoint-every = 2\n')
+    cfg.write_text(base + '[fields.C3]\ntable-compression = "qr:rows=100000,m=400"\n'
+                   '[fields.C7]\nrow-dtype = "int16"\n')
+    assert main(["train", "--config", str(cfg), "--store", str(store)]) == 0
+    with EmbeddingStore(store, read_only=True) as st:
+        assert set(st.tables) == {"emb", "emb.C3", "emb.C7"}
+        assert st.tables["emb.C3"].compression == CompressionConfig.qr(100000, 400)
+        assert st.tables["emb.C7"].row_dtype.value == "int16" and st.tables["emb"].compression is None
+        assert all(st.count_rows(t) > 0 for t in st.tables)
+    capsys.readouterr()
+    assert main(["inspect", "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "emb.C3" in out and "row_dtype int16" in out
+    other = tmp_path / "other.toml"
+    other.write_text(base + '[fields.C3]\nrow-dtype = "float16"\n')
+    assert main(["train", "--config", str(other), "--store", str(store), "--resume", "--steps", "6"]) == 2
+    assert "resume with the same [fields] options" in capsys.readouterr().err
+    for text, msg in [('[fields.Z9]\nrow-dtype = "float16"\n', "names fields ['Z9'] the data does not have"),
+                      ('[fields.C3]\nrowdtype = "float16"\n', "unknown [fields.C3] options ['rowdtype']"),
+                      ('[fields.C3]\nrow-dtype = "fp8"\n', "[fields.C3]: row_dtype must be one of"),
+                      ('[fields.C3]\ntable-compression = "qr:rows=10"\n', "[fields.C3]: ")]:
+        other.write_text(base + text)
+        assert main(["train", "--config", str(other), "--store", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+    assert main(["export", "--store", str(store), "--onnx", str(tmp_path / "onnx")]) == 0
+    assert json.loads((tmp_path / "onnx" / "export.json").read_text())["field_tables"]["C3"] == "emb.C3"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -34,7 +36,14 @@ def _two_tables(compression=None) -> list[TableConfig]:
             TableConfig("lin", 1, optimizer=OPT)]
 
 
+FIELD_TABLES = {"C2": "emb.C2", "C5": "emb.C5"}
+
+
 def _tables(model: str, layout: str) -> list[TableConfig]:
+    if layout == "fields on three tables":  # a field of its own compressed, another of 16-bit rows
+        return [*model_tables(model, 4, OPT, INIT),
+                *model_tables(model, 4, OPT, INIT, name="emb.C2", compression=COMPRESSED["binary code concat"]),
+                *[dataclasses.replace(t, row_dtype="float16") for t in model_tables(model, 4, OPT, INIT, name="emb.C5")]]
     if layout == "qr, separate first-order table":
         return _two_tables(COMPRESSED["qr mult"])
     if layout == "one row per key":
@@ -48,12 +57,15 @@ def _tables(model: str, layout: str) -> list[TableConfig]:
                                            ("dcn", "one row per key"), ("dlrm", "one row per key"),
                                            ("deepfm", "qr mult"), ("dcn", "qr add 3"),
                                            ("wide_deep", "binary code concat"), ("dlrm", "double hash"),
-                                           ("deepfm", "qr, separate first-order table")])
+                                           ("deepfm", "qr, separate first-order table"),
+                                           ("deepfm", "fields on three tables"), ("dlrm", "fields on three tables")])
 def test_predictions_equal_the_trained_models_eval_output(tmp_path, model, layout):
     torch.manual_seed(0)
     data = SyntheticCriteo(64, seed=1, vocab_min=50, vocab_max=400)
     with EmbeddingStore(tmp_path / "s", _tables(model, layout)) as store:
         kw = {"hidden": (16,)} if model != "dlrm" else {"top": (16,)}
+        if layout == "fields on three tables":
+            kw["field_tables"] = FIELD_TABLES
         m = MODELS[model](store, data.sparse_fields, len(data.dense_fields), cache_mb=1, min_cache_rows=512,
                           backend="cpu", **kw)
         Trainer(m, torch.optim.Adam(m.parameters(), lr=1e-2), data.batch).fit(6)

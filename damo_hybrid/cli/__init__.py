@@ -40,7 +40,7 @@ from .args import (
 )
 from .data import NO_END, file_data, stream_data
 from .signals import Terminated, sigterm_as_interrupt
-from .tables import model_tables_of
+from .tables import field_tables_of, model_tables_of
 
 __all__ = ["main"]
 
@@ -130,6 +130,10 @@ def _train(args: argparse.Namespace) -> int:
     kind = OptimizerKind(args.optimizer)
     opt = OptimizerConfig(kind=kind, lr=args.lr)
     tables = model_tables_of(args, opt)
+    more, field_tables = field_tables_of(args, opt, list(data.sparse_fields))
+    if more and "lin" in {t.name for t in tables}:
+        raise ValueError("[fields] options need the one-row layout; the store holds a separate lin table")
+    tables += more
     store_cfg = store_config(getattr(args, "store_config", None))
     if args.allow_config_change:
         store_cfg = dataclasses.replace(store_cfg, allow_config_change=True)
@@ -151,7 +155,7 @@ def _train(args: argparse.Namespace) -> int:
         found = load_latest(ckpt_root, log=print) if args.resume else None
         if found is not None:
             ck, state = found
-            check_model_class(state, MODELS[args.model].__name__, args.dense_mode)  # before the store is touched
+            check_model_class(state, MODELS[args.model].__name__, args.dense_mode, field_tables)  # before the store is touched
             if state.get("data") is not None and hasattr(data, "load_state"):
                 data.load_state(state["data"])  # a stream read another way is refused here too
             # the store may hold work done after the checkpoint: restart from the checkpoint's copy,
@@ -179,7 +183,7 @@ def _train(args: argparse.Namespace) -> int:
                 raise ValueError("--device-cache-mb needs the cuda backend (a GPU with CuPy); drop it to train on the CPU")
             model = MODELS[args.model](store, data.sparse_fields, len(data.dense_fields), cache_mb=args.cache_mb,
                                        backend=args.backend, device_cache_mb=args.device_cache_mb,
-                                       dense_mode=args.dense_mode)
+                                       dense_mode=args.dense_mode, field_tables=field_tables)
             floor = store_cfg.min_cache_rows
             at_floor = sorted(t for t, c in model.sparse.caches.items() if c.capacity == floor)
             if at_floor:
@@ -290,7 +294,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     t = sub.add_parser("train", help="train a CTR model; with no arguments, DeepFM on built-in synthetic Criteo-like data")
     t.add_argument("--config", help="TOML file: a [train] table of these options (the command line wins), a [store] table "
-                                    "(StoreConfig) and, "
+                                    "(StoreConfig), [fields.NAME] tables (a field's own table-compression and row-dtype) and, "
                                     "for --format csv/parquet, a [schema] table")
     t.add_argument("--data", help="training file (.gz is read on the fly); default: built-in synthetic data")
     t.add_argument("--stream", action="store_true", help="read --data (a file, glob or directory) and --eval-data "
@@ -451,7 +455,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                     opts[k] = a.type(str(v))
                 except (argparse.ArgumentTypeError, ValueError) as e:
                     raise ValueError(f"{args.config}: [train] {k} = {v!r}: {e}") from None
-        train.set_defaults(**opts, schema=cfg.get("schema"), store_config=cfg.get("store"))
+        train.set_defaults(**opts, schema=cfg.get("schema"), store_config=cfg.get("store"), fields=cfg.get("fields"))
         args = parser.parse_args(argv)
     return args
 

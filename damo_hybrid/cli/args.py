@@ -26,7 +26,8 @@ def store_config(d: dict[str, Any] | None) -> StoreConfig:
 
 
 def load_config(path: str) -> dict[str, Any]:
-    """A TOML file: a ``[train]`` table of train options and an optional ``[schema]`` table."""
+    """A TOML file: a ``[train]`` table of train options, and optional ``[schema]``, ``[store]``
+    and ``[fields.NAME]`` tables (a field's own table options)."""
     try:
         import tomllib
     except ImportError:  # Python 3.10
@@ -38,9 +39,9 @@ def load_config(path: str) -> dict[str, Any]:
         cfg = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{p}: not valid TOML: {e}") from e
-    unknown = sorted(set(cfg) - {"train", "schema", "store"})
+    unknown = sorted(set(cfg) - {"train", "schema", "store", "fields"})
     if unknown:
-        raise ValueError(f"{p}: unknown sections {unknown}; known: [train], [schema], [store]")
+        raise ValueError(f"{p}: unknown sections {unknown}; known: [train], [schema], [store], [fields.NAME]")
     return cfg
 
 

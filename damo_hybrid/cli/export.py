@@ -30,7 +30,8 @@ def export_onnx_from_checkpoint(args: argparse.Namespace) -> int:
         raise DamoHybridError(f"checkpoint {ck} does not say which built-in model wrote it (written by an older "
                               "version, or by a custom model): export from Python with damo_hybrid.serving.export_onnx")
     with EmbeddingStore(ck / "store", read_only=True) as store:
-        model = cls(store, spec["fields"], spec["n_dense"], backend="cpu", dense_mode=spec.get("dense_mode", "raw"))
+        model = cls(store, spec["fields"], spec["n_dense"], backend="cpu", dense_mode=spec.get("dense_mode", "raw"),
+                    field_tables=spec.get("field_tables"))
         model.load_state_dict(state["model"])
         with torch.no_grad():
             out = export_onnx(model, args.onnx)

@@ -7,11 +7,59 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from ..config import AdmissionConfig, InitializerConfig, OptimizerConfig, TableConfig
+from ..config import (
+    AdmissionConfig,
+    InitializerConfig,
+    OptimizerConfig,
+    TableConfig,
+    reject_unknown,
+)
+from ..keys.compression import CompressionConfig
 from ..nn.models import model_tables
 from ..store import EmbeddingStore
 
-__all__ = ["model_tables_of"]
+__all__ = ["model_tables_of", "field_tables_of", "FIELD_OPTIONS"]
+
+
+FIELD_OPTIONS = ("table-compression", "row-dtype")  # what a [fields.NAME] table of the TOML config may set
+
+
+def _init(comp: CompressionConfig | None, seed: int) -> InitializerConfig:
+    # a product of k partition rows starts at a plain row's spread (0.01) when each has 0.01**(1/k)
+    k = comp.parts if comp is not None and comp.op == "mult" else 1
+    return InitializerConfig.truncated_normal(std=0.01 ** (1 / k), seed=seed)
+
+
+def field_tables_of(args: argparse.Namespace, opt: OptimizerConfig, fields: list[str]
+                    ) -> tuple[list[TableConfig], dict[str, str]]:
+    """The tables of the fields a ``[fields.NAME]`` table of the TOML config gives options of their
+    own (``table-compression``, ``row-dtype``; the others as ``[train]``), and which field reads
+    which: ``(tables, field -> table)``, each such field in a table ``emb.NAME``.
+
+    Raises:
+        ValueError: an unknown field or option, or a bad value.
+    """
+    given = getattr(args, "fields", None) or {}
+    unknown = sorted(set(given) - set(fields))
+    if unknown:
+        raise ValueError(f"[fields] names fields {unknown} the data does not have; its fields: {fields}")
+    tables: list[TableConfig] = []
+    out: dict[str, str] = {}
+    for f, o in given.items():
+        if not isinstance(o, dict):
+            raise ValueError(f"[fields.{f}] must be a table of options ({', '.join(FIELD_OPTIONS)})")
+        reject_unknown(f"[fields.{f}] options", o, FIELD_OPTIONS)
+        try:
+            comp = CompressionConfig.parse(o["table-compression"]) if "table-compression" in o else args.table_compression
+            [t] = model_tables(args.model, args.dim, opt, _init(comp, args.seed), name=f"emb.{f}", compression=comp)
+            t = dataclasses.replace(t, row_dtype=o.get("row-dtype", args.row_dtype))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"[fields.{f}]: {e}") from None
+        if args.min_count > 1:
+            t = dataclasses.replace(t, admission=AdmissionConfig(min_count=args.min_count))
+        tables.append(t)
+        out[f] = t.name
+    return tables, out
 
 
 def model_tables_of(args: argparse.Namespace, opt: OptimizerConfig) -> list[TableConfig]:
@@ -19,9 +67,7 @@ def model_tables_of(args: argparse.Namespace, opt: OptimizerConfig) -> list[Tabl
     last column of its embedding row (one row per key); a store written with a separate ``lin``
     table (an earlier layout) keeps it."""
     comp = args.table_compression
-    # a product of k partition rows starts at a plain row's spread (0.01) when each has 0.01**(1/k)
-    k = comp.parts if comp is not None and comp.op == "mult" else 1
-    init = InitializerConfig.truncated_normal(std=0.01 ** (1 / k), seed=args.seed)
+    init = _init(comp, args.seed)
     legacy = False
     if args.store and (Path(args.store) / "meta.json").exists():
         with EmbeddingStore(args.store, read_only=True) as existing:

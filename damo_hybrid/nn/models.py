@@ -52,11 +52,17 @@ class _SparseCTR(nn.Module):
 
     def __init__(self, store: EmbeddingStore | None, fields: Sequence[str], emb_table: str, lin_table: str | None,
                  cache_mb: float | None, min_cache_rows: int | None, backend: str, device_cache_mb: float | None,
-                 embedding_module: nn.Module | None, n_dense: int = 0, dense_mode: str = "raw") -> None:
+                 embedding_module: nn.Module | None, n_dense: int = 0, dense_mode: str = "raw",
+                 field_tables: Mapping[str, str] | None = None) -> None:
         super().__init__()
         if dense_mode not in ("raw", "autodis"):
             raise ValueError(f"dense_mode must be 'raw' or 'autodis', got {dense_mode!r}")
         self.fields = list(fields)
+        unknown = sorted(set(field_tables or {}) - set(self.fields))
+        if unknown:
+            raise ValueError(f"field_tables names fields {unknown} the model does not have; its fields: {self.fields}")
+        # the fields reading a table of their own (``field_tables``), the others read emb_table
+        self.field_tables = {f: t for f, t in (field_tables or {}).items() if t != emb_table}
         self.lin = lin_table is not None
         self.rows = embedding_module
         self.sparse: EmbeddingCollection | None = None
@@ -78,11 +84,26 @@ class _SparseCTR(nn.Module):
         self.emb_table = emb_table
         self.column = cfg is not None and cfg.linear_column  # the row's last column is the first-order weight
         self.lin_table = lin_table if self.lin and not self.column else None
-        feats = [Feature(f, emb_table) for f in self.fields]
+        table_of = {f: self.field_tables.get(f, emb_table) for f in self.fields}
+        # the tables in order of their first field, and each field's place in their concatenation
+        self.tables = list(dict.fromkeys(table_of.values()))
+        order = [f for t in self.tables for f in self.fields if table_of[f] == t]
+        self.register_buffer("_field_perm", torch.tensor([order.index(f) for f in self.fields]), persistent=False)
+        if self.field_tables and self.lin_table is not None:
+            raise ValueError(f"field_tables need the one-row layout (linear_column); {emb_table!r} has a separate "
+                             f"first-order table {lin_table!r}")
+        for t in self.tables[1:]:
+            c = store.tables.get(t)
+            if c is not None and c.linear_column != (self.column and self.lin):
+                raise ValueError(f"table {t!r} must have linear_column={self.column and self.lin}, as {emb_table!r}")
+        feats = [Feature(f, table_of[f]) for f in self.fields]
         if self.lin_table is not None:
             feats += [Feature(f"{f}#lin", self.lin_table) for f in self.fields]
         self.sparse = EmbeddingCollection(store, feats, cache_mb=cache_mb, min_cache_rows=min_cache_rows,
                                           backend=backend, device_cache_mb=device_cache_mb)
+        widths = {f: self.sparse.dims[f] for f in self.fields}
+        if len(set(widths.values())) > 1:
+            raise ValueError(f"every field's embedding must be as wide; the fields' widths are {widths}")
         self.dim = self.sparse.dims[self.fields[0]] - (1 if self.column else 0)
 
     def inputs(self, sparse: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -105,6 +126,9 @@ class _SparseCTR(nn.Module):
             return self.rows(batch)
         assert self.sparse is not None
         x = self.sparse.forward_tables(batch)
+        if len(self.tables) > 1:  # fields with tables of their own: back into field order
+            e = torch.cat([x[t].emb for t in self.tables], 1).index_select(1, self._field_perm)
+            return e, sum(x[t].linear.sum(1) for t in self.tables) if self.lin else None  # type: ignore[union-attr, return-value]
         rows = x[self.emb_table]
         first = None
         if self.lin:
@@ -148,14 +172,18 @@ class WideAndDeep(_SparseCTR):
         embedding_module: serve the rows from this module instead of the store (see above).
         dense_mode: ``raw`` (dense values into the MLP) or ``autodis`` (see above); every
             model takes it.
+        field_tables: field -> the table it reads instead of ``emb_table`` (a field with its own
+            compression or row dtype, :func:`model_tables`); every model takes it. Every
+            field's embedding must be as wide, and the tables agree on ``linear_column``.
     """
 
     def __init__(self, store: EmbeddingStore | None, fields: Sequence[str], n_dense: int, hidden: Sequence[int] = (400, 400),
                  emb_table: str = "emb", lin_table: str = "lin", cache_mb: float | None = None,
                  min_cache_rows: int | None = None, backend: str = "auto", device_cache_mb: float | None = None,
-                 embedding_module: nn.Module | None = None, dense_mode: str = "raw") -> None:
+                 embedding_module: nn.Module | None = None, dense_mode: str = "raw",
+                 field_tables: Mapping[str, str] | None = None) -> None:
         super().__init__(store, fields, emb_table, lin_table, cache_mb, min_cache_rows, backend, device_cache_mb,
-                         embedding_module, n_dense, dense_mode)
+                         embedding_module, n_dense, dense_mode, field_tables)
         self.n_dense = n_dense
         # no dense features (Avazu, MovieLens, Frappe): no dense linear term
         self.dense_linear = nn.Linear(n_dense, 1) if n_dense else None
@@ -193,9 +221,10 @@ class DCNv2(_SparseCTR):
     def __init__(self, store: EmbeddingStore | None, fields: Sequence[str], n_dense: int, hidden: Sequence[int] = (400, 400),
                  cross_layers: int = 3, emb_table: str = "emb", cache_mb: float | None = None,
                  min_cache_rows: int | None = None, backend: str = "auto", device_cache_mb: float | None = None,
-                 embedding_module: nn.Module | None = None, dense_mode: str = "raw") -> None:
+                 embedding_module: nn.Module | None = None, dense_mode: str = "raw",
+                 field_tables: Mapping[str, str] | None = None) -> None:
         super().__init__(store, fields, emb_table, None, cache_mb, min_cache_rows, backend, device_cache_mb,
-                         embedding_module, n_dense, dense_mode)
+                         embedding_module, n_dense, dense_mode, field_tables)
         self.n_dense = n_dense
         d = self.n_fields * self.dim + self.n_dense_in
         self.cross = nn.ModuleList(nn.Linear(d, d) for _ in range(cross_layers))
@@ -219,9 +248,10 @@ class DLRM(_SparseCTR):
     def __init__(self, store: EmbeddingStore | None, fields: Sequence[str], n_dense: int, bottom: Sequence[int] = (64,),
                  top: Sequence[int] = (400, 400), emb_table: str = "emb", cache_mb: float | None = None,
                  min_cache_rows: int | None = None, backend: str = "auto", device_cache_mb: float | None = None,
-                 embedding_module: nn.Module | None = None, dense_mode: str = "raw") -> None:
+                 embedding_module: nn.Module | None = None, dense_mode: str = "raw",
+                 field_tables: Mapping[str, str] | None = None) -> None:
         super().__init__(store, fields, emb_table, None, cache_mb, min_cache_rows, backend, device_cache_mb,
-                         embedding_module, n_dense, dense_mode)
+                         embedding_module, n_dense, dense_mode, field_tables)
         self.n_dense = n_dense
         # without raw dense features (none, or AutoDis embeds them) there is no bottom vector:
         # only the embeddings interact

@@ -67,9 +67,10 @@ class TrainSummary:
         return d
 
 
-def check_model_class(state: dict[str, Any], model_class: str, dense_mode: str = "raw") -> None:
+def check_model_class(state: dict[str, Any], model_class: str, dense_mode: str = "raw",
+                      field_tables: dict[str, str] | None = None) -> None:
     """Raise ValueError where a saved trainer state comes from another model class (or the same
-    class with its dense features embedded another way)."""
+    class with its dense features embedded another way, or its fields reading other tables)."""
     saved = state.get("model_class")
     if saved is not None and saved != model_class:
         raise ValueError(f"the checkpoint was written by a {saved} model and this run builds a {model_class}: "
@@ -78,6 +79,10 @@ def check_model_class(state: dict[str, Any], model_class: str, dense_mode: str =
     if saved is not None and mode != dense_mode:
         raise ValueError(f"the checkpoint's {saved} takes its dense features as --dense-mode {mode}, this run as "
                          f"{dense_mode}: resume with --dense-mode {mode}, or train in a new store")
+    tables = (state.get("model_spec") or {}).get("field_tables") or {}
+    if saved is not None and tables != (field_tables or {}):
+        raise ValueError(f"the checkpoint's fields read tables {tables or 'emb only'}, this run's "
+                         f"{field_tables or 'emb only'}: resume with the same [fields] options, or train in a new store")
 
 
 def peak_rss_mb() -> float:
@@ -190,7 +195,8 @@ class Trainer:
                 # what rebuilds a built-in model for export (damo-hybrid export --onnx)
                 "model_spec": {"fields": list(getattr(self.model, "fields", [])),
                                "n_dense": getattr(self.model, "n_dense", None),
-                               "dense_mode": getattr(self.model, "dense_mode", "raw")},
+                               "dense_mode": getattr(self.model, "dense_mode", "raw"),
+                               "field_tables": dict(getattr(self.model, "field_tables", {}))},
                 # a streamed input's position at the next batch (resumes without re-reading)
                 "data": self.train_batch.state(self.step) if hasattr(self.train_batch, "state") else None}
 
@@ -200,7 +206,8 @@ class Trainer:
         Raises:
             ValueError: the state was saved from another model class, or dense layers of other shapes.
         """
-        check_model_class(state, type(self.model).__name__, getattr(self.model, "dense_mode", "raw"))
+        check_model_class(state, type(self.model).__name__, getattr(self.model, "dense_mode", "raw"),
+                          getattr(self.model, "field_tables", None))
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as e:

@@ -13,6 +13,10 @@ export splits the lookup in two, as the seed's inference export does:
 - ``export.json``: fields, tables, widths, the number of dense features, the format version,
   and a compressed table's mapping: its ``index`` is then (B, F * P), the rows of each field's
   ``P`` partition keys (:mod:`damo_hybrid.keys.compression`), combined in the graph as in training.
+- A model whose fields read several tables (``field_tables``: a field with its own compression
+  or row dtype) exports format 3: one input ``index_<table>`` per table, (B, F_t * P_t) over the
+  fields of that table in the model's field order, and ``field_tables`` and per-table
+  ``compressions`` in ``export.json``.
 
 The graph is traced from the trained model itself: its embedding lookups are swapped for
 :class:`IndexedRows` for the duration of the export, so every model of
@@ -35,10 +39,12 @@ from torch import nn
 
 from ..nn.gather import combine
 
-__all__ = ["export_onnx", "IndexedRows", "onnx_export", "EXPORT_FORMAT", "EXPORT_FORMAT_COMPRESSED"]
+__all__ = ["export_onnx", "IndexedRows", "GroupedRows", "onnx_export", "EXPORT_FORMAT", "EXPORT_FORMAT_COMPRESSED",
+           "EXPORT_FORMAT_FIELD_TABLES"]
 
 EXPORT_FORMAT = 1
 EXPORT_FORMAT_COMPRESSED = 2  # ``compression`` in export.json: a reader of format 1 only refuses it
+EXPORT_FORMAT_FIELD_TABLES = 3  # several tables, one index input each
 
 
 class IndexedRows(nn.Module):
@@ -81,6 +87,27 @@ class IndexedRows(nn.Module):
         if self.lin is not None:  # a separate first-order table
             first = self.lin(lin_index)[..., 0].sum(1)
         return e, first
+
+
+class GroupedRows(nn.Module):
+    """The lookups of a model whose fields read several tables: one :class:`IndexedRows` per
+    table, their embeddings put back into field order.
+
+    Args:
+        groups: one per table, in the order of the index tensors the forward takes.
+        perm: int64 (F,) each field's position in the groups' concatenated fields.
+    """
+
+    def __init__(self, groups: list[IndexedRows], perm: torch.Tensor) -> None:
+        super().__init__()
+        self.groups = nn.ModuleList(groups)
+        self.register_buffer("perm", perm.clone(), persistent=False)
+
+    def forward(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        outs = [g(index) for g, index in zip(self.groups, batch)]
+        e = torch.cat([o[0] for o in outs], 1).index_select(1, self.perm)
+        firsts = [o[1] for o in outs if o[1] is not None]
+        return e, (sum(firsts) if firsts else None)  # type: ignore[return-value]
 
 
 def onnx_export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, **kwargs: Any) -> None:
@@ -130,6 +157,8 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike[str], opset: int = 
     sparse = getattr(model, "sparse", None)
     if sparse is None:
         raise ValueError("export_onnx exports a model whose rows live in the store (built with a store)")
+    if len(getattr(model, "tables", ())) > 1:
+        return _export_field_tables(model, Path(out_dir), opset)
     cfg = sparse.tiers[model.emb_table].table.cfg
     if model.lin_table is not None and sparse.tiers[model.lin_table].table.cfg.compression is not None:
         raise ValueError(f"export_onnx exports a compressed first-order table only as the embedding row's last "
@@ -149,20 +178,10 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike[str], opset: int = 
         tables[model.lin_table] = 1
     rows = IndexedRows(emb, model.dim, lin, compression=comp, linear_column=cfg.linear_column)
     f = len(model.fields)
-    index = torch.zeros(2, f * rows.parts, dtype=torch.int64)
-    batch: Any = (index, torch.zeros(2, f, dtype=torch.int64)) if lin is not None else index
-    dense = (torch.zeros(2, model.n_dense),) if model.n_dense else ()
-    names = ["index", *(["lin_index"] if lin is not None else []), *(["dense"] if dense else [])]
-    axes = {n: {0: "batch"} for n in [*names, "logit"]}
-    was = model.training
-    model.eval()
-    try:
-        with _serving(model, rows), torch.no_grad():
-            onnx_export(_Flat(model, lin is not None), (*((index,) if lin is None else batch), *dense),
-                        out / "model.onnx", input_names=names, output_names=["logit"], dynamic_axes=axes,
-                        opset_version=opset)
-    finally:
-        model.train(was)
+    inputs = (torch.zeros(2, f * rows.parts, dtype=torch.int64),
+              *((torch.zeros(2, f, dtype=torch.int64),) if lin is not None else ()))
+    names = ["index", *(["lin_index"] if lin is not None else []), *(["dense"] if model.n_dense else [])]
+    _trace(model, rows, inputs, names, out / "model.onnx", opset)
     meta = {"format": EXPORT_FORMAT if comp is None else EXPORT_FORMAT_COMPRESSED, "model": type(model).__name__, "fields": list(model.fields),
             "n_dense": int(model.n_dense), "dim": int(model.dim), "emb_table": model.emb_table,
             "lin_table": model.lin_table, "tables": tables,
@@ -172,14 +191,55 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike[str], opset: int = 
 
 
 class _Flat(nn.Module):
-    """The model with positional tensor inputs (what the ONNX graph's inputs are)."""
+    """The model with positional tensor inputs (what the ONNX graph's inputs are): ``n_index``
+    index tensors (one: the batch is that tensor; more: a tuple of them), then dense."""
 
-    def __init__(self, model: nn.Module, two_tables: bool) -> None:
+    def __init__(self, model: nn.Module, n_index: int) -> None:
         super().__init__()
-        self.model, self.two = model, two_tables
+        self.model, self.n = model, n_index
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        batch, rest = ((xs[0], xs[1]), xs[2:]) if self.two else (xs[0], xs[1:])
+        batch, rest = (xs[0] if self.n == 1 else tuple(xs[:self.n])), xs[self.n:]
         # a model without dense features still takes a (B, 0) dense tensor
         dense = rest[0] if rest else torch.zeros(xs[0].shape[0], 0)
         return self.model(batch, dense)
+
+
+def _trace(model: nn.Module, rows: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str], path: Path,
+           opset: int) -> None:
+    """Trace ``model`` serving its rows from ``rows`` into ``path`` (inputs: the index tensors, then dense)."""
+    n_index = len(names) - (1 if model.n_dense else 0)
+    dense = (torch.zeros(2, model.n_dense),) if model.n_dense else ()
+    axes = {n: {0: "batch"} for n in [*names, "logit"]}
+    was = model.training
+    model.eval()
+    try:
+        with _serving(model, rows), torch.no_grad():
+            onnx_export(_Flat(model, n_index), (*inputs, *dense), path, input_names=names, output_names=["logit"],
+                        dynamic_axes=axes, opset_version=opset)
+    finally:
+        model.train(was)
+
+
+def _export_field_tables(model: nn.Module, out: Path, opset: int) -> Path:
+    """Format 3: one :class:`IndexedRows` per table, one ``index_<table>`` input each."""
+    sparse = model.sparse
+    out.mkdir(parents=True, exist_ok=True)
+    sparse.flush()
+    table_of = {f: model.field_tables.get(f, model.emb_table) for f in model.fields}
+    groups, inputs, widths, comps = [], [], {}, {}
+    for t in model.tables:
+        cfg = sparse.tiers[t].table.cfg
+        keys, emb = _stored(sparse.store, t)
+        np.save(out / f"keys_{t}.npy", keys)
+        g = IndexedRows(emb, model.dim, compression=cfg.compression, linear_column=cfg.linear_column)
+        groups.append(g)
+        inputs.append(torch.zeros(2, sum(table_of[f] == t for f in model.fields) * g.parts, dtype=torch.int64))
+        widths[t], comps[t] = int(emb.shape[1]), (cfg.compression.to_dict() if cfg.compression is not None else None)
+    names = [f"index_{t}" for t in model.tables] + (["dense"] if model.n_dense else [])
+    _trace(model, GroupedRows(groups, model._field_perm), tuple(inputs), names, out / "model.onnx", opset)
+    meta = {"format": EXPORT_FORMAT_FIELD_TABLES, "model": type(model).__name__, "fields": list(model.fields),
+            "n_dense": int(model.n_dense), "dim": int(model.dim), "emb_table": model.emb_table, "lin_table": None,
+            "tables": widths, "field_tables": table_of, "compressions": comps}
+    (out / "export.json").write_text(json.dumps(meta, indent=1))
+    return out

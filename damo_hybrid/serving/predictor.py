@@ -3,7 +3,8 @@
 :class:`Predictor` maps raw uint64 keys to rows with one ``searchsorted`` per table over the
 export's sorted key arrays (memory-mapped, so a map of 10^8 keys costs page cache, not a
 Python dict), then runs the graph. A compressed table's keys are first turned into their
-partition keys, as in training. A key the table never stored maps to row 0 (zeros), as the
+partition keys, as in training; with fields on several tables (format 3) each table maps its own
+fields' keys. A key the table never stored maps to row 0 (zeros), as the
 seed's inference export maps an unknown id.
 
 Needs the ``serve`` extra (onnxruntime).
@@ -21,7 +22,7 @@ import numpy as np
 from ..errors import DamoHybridError
 from ..keys.compression import CompressionConfig
 from ..keys.hashing import as_keys
-from .onnx import EXPORT_FORMAT, EXPORT_FORMAT_COMPRESSED
+from .onnx import EXPORT_FORMAT, EXPORT_FORMAT_COMPRESSED, EXPORT_FORMAT_FIELD_TABLES
 
 __all__ = ["Predictor"]
 
@@ -53,12 +54,15 @@ class Predictor:
         if not meta_path.is_file():
             raise DamoHybridError(f"{d} is not a damo_hybrid export (no export.json)")
         self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") not in (EXPORT_FORMAT, EXPORT_FORMAT_COMPRESSED):
-            raise DamoHybridError(f"{d} holds export format {self.meta.get('format')}, this version reads "
-                                  f"{EXPORT_FORMAT} and {EXPORT_FORMAT_COMPRESSED}")
-        comp = self.meta.get("compression")
-        self._comp = CompressionConfig(**comp) if comp else None
+        known = (EXPORT_FORMAT, EXPORT_FORMAT_COMPRESSED, EXPORT_FORMAT_FIELD_TABLES)
+        if self.meta.get("format") not in known:
+            raise DamoHybridError(f"{d} holds export format {self.meta.get('format')}, this version reads {known}")
         self.fields: list[str] = self.meta["fields"]
+        # each table's fields (positions in the field order) and mapping; formats 1-2: one table
+        table_of = self.meta.get("field_tables") or {f: self.meta["emb_table"] for f in self.fields}
+        comps = self.meta.get("compressions") or {self.meta["emb_table"]: self.meta.get("compression")}
+        self._groups = [(t, [i for i, f in enumerate(self.fields) if table_of[f] == t],
+                         CompressionConfig(**comps[t]) if comps.get(t) else None) for t in dict.fromkeys(table_of.values())]
         self.n_dense = int(self.meta["n_dense"])
         self._keys = {t: np.load(d / f"keys_{t}.npy", mmap_mode="r") for t in self.meta["tables"]}
         opts = ort.SessionOptions()
@@ -83,14 +87,17 @@ class Predictor:
                 raise KeyError(f"sparse input lacks fields {missing}")
             cols = [as_keys(sparse[f], f) for f in self.fields]
         keys = np.stack(cols, 1)
-        stored = self._keys[self.meta["emb_table"]]
-        parts = keys
-        if self._comp is not None:
-            flat = keys.ravel()
-            # double_hash: a key was frequent in training exactly where it has a row of its own
-            frequent = _rows(self._comp.own_keys(flat), stored) > 0 if self._comp.kind.value == "double_hash" else None
-            parts = self._comp.subkeys(flat, frequent).reshape(len(keys), -1)
-        feeds = {"index": _rows(parts.ravel(), stored).reshape(parts.shape)}
+        feeds = {}
+        for t, idx, comp in self._groups:
+            stored, k = self._keys[t], keys[:, idx]
+            parts = k
+            if comp is not None:
+                flat = k.ravel()
+                # double_hash: a key was frequent in training exactly where it has a row of its own
+                frequent = _rows(comp.own_keys(flat), stored) > 0 if comp.kind.value == "double_hash" else None
+                parts = comp.subkeys(flat, frequent).reshape(len(k), -1)
+            name = "index" if len(self._groups) == 1 else f"index_{t}"
+            feeds[name] = _rows(parts.ravel(), stored).reshape(parts.shape)
         if self.meta.get("lin_table"):
             feeds["lin_index"] = _rows(keys.ravel(), self._keys[self.meta["lin_table"]]).reshape(keys.shape)
         if self.n_dense:
