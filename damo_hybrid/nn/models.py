@@ -99,8 +99,15 @@ class _SparseCTR(nn.Module):
         feats = [Feature(f, table_of[f]) for f in self.fields]
         if self.lin_table is not None:
             feats += [Feature(f"{f}#lin", self.lin_table) for f in self.fields]
-        self.sparse = EmbeddingCollection(store, feats, cache_mb=cache_mb, min_cache_rows=min_cache_rows,
-                                          backend=backend, device_cache_mb=device_cache_mb)
+        cls: Any = EmbeddingCollection
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            from ..dist.collection import (
+                ShardedEmbeddingCollection,  # tables split over the ranks
+            )
+
+            cls = ShardedEmbeddingCollection
+        self.sparse = cls(store, feats, cache_mb=cache_mb, min_cache_rows=min_cache_rows, backend=backend,
+                          device_cache_mb=device_cache_mb)
         widths = {f: self.sparse.dims[f] for f in self.fields}
         if len(set(widths.values())) > 1:
             raise ValueError(f"every field's embedding must be as wide; the fields' widths are {widths}")

@@ -1,0 +1,120 @@
+"""Tables sharded over ranks (torch.distributed, gloo on loopback): a run on 2 ranks, each given
+its slice of the global batch, ends with the rows and dense weights of one process on the global
+batch; each rank's store holds exactly the keys it owns."""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from damo_hybrid import EmbeddingStore, InitializerConfig, OptimizerConfig
+from damo_hybrid.data.synthetic import SyntheticCriteo
+from damo_hybrid.dist import shard_of, split_by_owner
+from damo_hybrid.models import DeepFM
+from damo_hybrid.nn.models import model_tables
+
+BATCH, STEPS = 96, 12
+OPTS = {"adagrad": OptimizerConfig.adagrad(0.05), "adam": OptimizerConfig.adam(0.01)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(root: Path, opt: str, rank: int, world: int, sizes: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """``STEPS`` steps of DeepFM on this rank's slice of each global batch (``sizes``: each rank's
+    share); dense gradients averaged over ranks. Returns the shard's rows and the dense weights."""
+    torch.set_num_threads(1)
+    data = SyntheticCriteo(BATCH, seed=1, vocab_min=200, vocab_max=3000, n_sparse=6, n_dense=3)
+    tables = model_tables("deepfm", 8, OPTS[opt], InitializerConfig.normal(std=0.1, seed=3))
+    lo = sum(sizes[:rank])
+    part = slice(lo, lo + sizes[rank])
+    with EmbeddingStore(root / f"rank{rank}", tables) as store:
+        torch.manual_seed(0)
+        # 400 rows per tier: far fewer than the keys a run touches, so the shards evict
+        model = DeepFM(store, data.sparse_fields, 3, hidden=(16,), cache_mb=1e-9, min_cache_rows=400, backend="cpu")
+        dense_opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for step in range(STEPS):
+            b = data.batch(step)
+            prepared = model.prepare({f: k[part] for f, k in b.sparse.items()})
+            logit = model(prepared, torch.from_numpy(b.dense[part]))
+            # each rank's loss is the mean over its slice; averaging the gradients over ranks
+            # gives the global mean's (slices of unequal size are weighted by their share)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logit, torch.from_numpy(b.label[part]), reduction="sum") * (world / BATCH)
+            loss.backward()
+            model.apply_sparse_gradients()
+            for p in model.parameters():
+                if world > 1:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            dense_opt.step()
+            dense_opt.zero_grad()
+        model.sparse.flush()
+        keys = np.concatenate([k for k, _ in store.scan("emb")])
+        rows = store.read_rows("emb", keys)[0]
+        evictions = sum(c.stats.evictions for c in model.sparse.caches.values())
+        out = {"keys": keys, "weights": rows.weights, "state": rows.state, "count": rows.count,
+               "evictions": np.array(evictions), "step": np.array(store.step("emb"))}
+        out.update({f"dense.{n}": p.detach().numpy() for n, p in model.state_dict().items()})
+        return out
+
+
+def _rank_main(rank: int, world: int, port: int, root: str, opt: str, sizes: tuple[int, ...]) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        out = _train(Path(root), opt, rank, world, sizes)
+        np.savez(Path(root) / f"out{rank}.npz", **out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ranks(root: Path, opt: str, sizes: tuple[int, ...]) -> list[dict[str, np.ndarray]]:
+    world = len(sizes)
+    mp.start_processes(_rank_main, args=(world, _free_port(), str(root), opt, sizes), nprocs=world,
+                       start_method="spawn")
+    return [dict(np.load(root / f"out{r}.npz")) for r in range(world)]
+
+
+@pytest.mark.parametrize("opt, sizes", [("adagrad", (48, 48)), ("adam", (48, 48)), ("adagrad", (80, 16))],
+                         ids=["adagrad", "adam", "uneven-batches"])
+def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, opt, sizes):
+    ref = _train(tmp_path / "one", opt, 0, 1, (BATCH,))
+    outs = _run_ranks(tmp_path / "two", opt, sizes)
+    assert all(int(o["evictions"]) > 0 for o in outs), "the test must force evictions on every rank"
+    for r, o in enumerate(outs):  # a rank stores exactly the keys it owns, and steps every step
+        assert (shard_of(o["keys"], 2) == r).all() and len(o["keys"]) > 0
+        assert int(o["step"]) == STEPS
+    keys = np.concatenate([o["keys"] for o in outs])
+    order = np.argsort(keys)
+    np.testing.assert_array_equal(keys[order], np.sort(ref["keys"]))
+    ref_order = np.argsort(ref["keys"])
+    for f in ("weights", "state"):
+        got = np.concatenate([o[f] for o in outs])[order]
+        np.testing.assert_allclose(got, ref[f][ref_order], rtol=1e-5, atol=1e-5, err_msg=f)
+    np.testing.assert_array_equal(np.concatenate([o["count"] for o in outs])[order], ref["count"][ref_order])
+    for name in (n for n in ref if n.startswith("dense.")):
+        for o in outs:
+            np.testing.assert_allclose(o[name], ref[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_the_sharding_rule_is_stable_and_splits_keys_by_owner():
+    keys = np.arange(10_000, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    owner = shard_of(keys, 3)
+    assert set(owner.tolist()) == {0, 1, 2} and abs(np.bincount(owner).min() - 10_000 / 3) < 300
+    assert (shard_of(keys, 1) == 0).all()
+    order, counts = split_by_owner(keys, 3)
+    np.testing.assert_array_equal(np.repeat([0, 1, 2], counts), owner[order])
+    # pinned values: the rule is part of the on-disk contract of a sharded store
+    probe = np.array([0, 1, 2**63, 12345], np.uint64)
+    assert shard_of(probe, 2).tolist() == [0, 0, 1, 1] and shard_of(probe, 3).tolist() == [0, 0, 1, 0]
