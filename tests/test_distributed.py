@@ -118,3 +118,68 @@ def test_the_sharding_rule_is_stable_and_splits_keys_by_owner():
     # pinned values: the rule is part of the on-disk contract of a sharded store
     probe = np.array([0, 1, 2**63, 12345], np.uint64)
     assert shard_of(probe, 2).tolist() == [0, 0, 1, 1] and shard_of(probe, 3).tolist() == [0, 0, 1, 0]
+
+
+class _Slice:
+    """Rank ``rank``'s half of each global batch of ``data``."""
+
+    def __init__(self, data: SyntheticCriteo, rank: int, world: int) -> None:
+        self.data, self.part = data, slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+
+    def __call__(self, i: int):  # type: ignore[no-untyped-def]
+        b = self.data.batch(i)
+        return type(b)({f: k[self.part] for f, k in b.sparse.items()}, b.dense[self.part], b.label[self.part])
+
+
+def _fit(root: Path, rank: int, world: int, prefetch: bool) -> dict[str, np.ndarray]:
+    """The Trainer's own loop (DDP for the dense layers when sharded), pipelined or not."""
+    from damo_hybrid.trainer import Trainer
+
+    torch.set_num_threads(1)
+    data = SyntheticCriteo(BATCH, seed=1, vocab_min=200, vocab_max=3000, n_sparse=6, n_dense=3)
+    with EmbeddingStore(root / f"rank{rank}", model_tables("deepfm", 8, OPTS["adagrad"],
+                                                           InitializerConfig.normal(std=0.1, seed=3))) as store:
+        torch.manual_seed(rank)  # other weights on rank 1: DDP gives every rank rank 0's initial ones
+        model = DeepFM(store, data.sparse_fields, 3, hidden=(16,), cache_mb=1e-9, min_cache_rows=400, backend="cpu")
+        Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), _Slice(data, rank, world)).fit(
+            STEPS, prefetch=prefetch)
+        keys = np.concatenate([k for k, _ in store.scan("emb")])
+        out = {"keys": keys, "weights": store.read_rows("emb", keys)[0].weights}
+        out.update({f"dense.{n}": p.detach().numpy() for n, p in model.state_dict().items()})
+        return out
+
+
+def _fit_main(rank: int, world: int, port: int, root: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        np.savez(Path(root) / f"fit{rank}.npz", **_fit(Path(root), rank, world, prefetch=True))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_trainers_pipelined_run_on_two_ranks_equals_one_sequential_process(tmp_path):
+    """Prefetch runs each rank's key exchange in the host-manager thread while the worker
+    exchanges rows and gradients (each on its own process group) and DDP averages the dense ones."""
+    ref = _fit(tmp_path / "one", 0, 1, prefetch=False)
+    mp.start_processes(_fit_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    outs = [dict(np.load(tmp_path / f"fit{r}.npz")) for r in range(2)]
+    keys = np.concatenate([o["keys"] for o in outs])
+    order, ref_order = np.argsort(keys), np.argsort(ref["keys"])
+    np.testing.assert_array_equal(keys[order], ref["keys"][ref_order])
+    np.testing.assert_allclose(np.concatenate([o["weights"] for o in outs])[order], ref["weights"][ref_order],
+                               rtol=1e-5, atol=1e-5)
+    for name in (n for n in ref if n.startswith("dense.")):
+        for o in outs:
+            np.testing.assert_allclose(o[name], ref[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_a_shard_store_records_its_rank_and_refuses_another(tmp_path):
+    from damo_hybrid.dist import claim_shard
+    from damo_hybrid.errors import ConfigConflictError
+
+    claim_shard(tmp_path, 2, 1)
+    claim_shard(tmp_path, 2, 1)  # the same shard again: fine
+    for world, rank in ((2, 0), (3, 1), (1, 0)):
+        with pytest.raises(ConfigConflictError, match="holds shard 1 of 2 .* this is rank"):
+            claim_shard(tmp_path, world, rank)

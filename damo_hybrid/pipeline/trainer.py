@@ -109,6 +109,15 @@ class Trainer:
         self.sparse = sparse if sparse is not None else _NoRows(model)
         self.device = self.sparse.device  # chosen once by the collection's backend
         model.to(self.device)  # the dense layers; the sparse rows live in the caches
+        # tables sharded over ranks (damo_hybrid.dist): the dense layers are data-parallel, their
+        # gradients averaged over the ranks by DDP during backward (its construction broadcasts
+        # rank 0's initial weights)
+        self._train_forward: torch.nn.Module = model
+        if getattr(self.sparse, "world", 1) > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self._train_forward = DistributedDataParallel(
+                model, device_ids=None if self.device.type == "cpu" else [self.device])
         self.opt = dense_optimizer
         self.train_batch = train_batch
         self.eval_batch = eval_batch
@@ -143,7 +152,7 @@ class Trainer:
             with record_function("damo.compute"):
                 self.model.train()
                 with CLOCK("forward"):
-                    logits = self.model(prepared, self._to_device(b.dense))
+                    logits = self._train_forward(prepared, self._to_device(b.dense))
                     loss = self.loss_fn(logits, self._to_device(b.label))
                 self.opt.zero_grad(set_to_none=True)
                 with CLOCK("backward"):
