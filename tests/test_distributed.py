@@ -183,3 +183,18 @@ def test_a_shard_store_records_its_rank_and_refuses_another(tmp_path):
     for world, rank in ((2, 0), (3, 1), (1, 0)):
         with pytest.raises(ConfigConflictError, match="holds shard 1 of 2 .* this is rank"):
             claim_shard(tmp_path, world, rank)
+
+
+def test_the_communication_benchmark_counts_what_the_exchanges_send_and_the_model_adds_up():
+    from damo_hybrid.bench.dist import run_dist_bench, scaling_model
+
+    res = run_dist_bench(world=2, batch=256, steps=3, warmup=1, cache_mb=1.0)
+    remote = [(r["keys_bytes_per_step"] - 8) / 8 for r in res["ranks"]]  # 8 bytes a key, and one count sent
+    assert min(remote) > 0 and all(r["step_ms_median"] > 0 and r["dense_bytes"] > 0 for r in res["ranks"])
+    # each key sent to another rank comes back as a row (17 floats) and goes out again as a gradient
+    sent = sum(r["rows_and_grads_bytes_per_step"] for r in res["ranks"])
+    assert sent == pytest.approx(2 * 4 * 17 * sum(remote))
+    m = scaling_model(10_000, 68, 4096, 10.0, 1e6, 200.0, 4, dense_bytes=1_000_000)
+    net = 10_000 * 0.75 * 76 + 2 * 0.75 * 1_000_000
+    assert m["net_ms"] == pytest.approx(1000 * net / 1.25e9) and m["host_ms"] == pytest.approx(10.0)
+    assert m["compute_ms"] == 50.0 and m["bound"] == "compute" and m["samples_per_s"] == pytest.approx(4096 / 0.05)

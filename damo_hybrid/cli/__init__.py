@@ -38,6 +38,7 @@ from .args import (
     load_config,
     store_config,
 )
+from .bench import add_bench_arguments
 from .data import NO_END, file_data, stream_data
 from .signals import Terminated, sigterm_as_interrupt
 from .tables import field_tables_of, model_tables_of
@@ -390,46 +391,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     u.set_defaults(fn=_dump)
 
     b = sub.add_parser("bench", help="store benchmark: lookup and apply_gradients keys/s straight from RocksDB")
-    b.add_argument("--rows", type=int_in(1), default=10_000_000)
-    b.add_argument("--dims", default="16,64")
-    b.add_argument("--batches", default="4096,65536")
-    b.add_argument("--repeats", type=int_in(1), default=20)
-    b.add_argument("--flat-steps", type=int_in(1), default=100)
-    b.add_argument("--dir", help="where to build the stores (default: a temporary directory)")
-    b.add_argument("--json", help="write the results as JSON here")
-    b.add_argument("--train", action="store_true",
-                   help="instead: the training benchmark, damo_hybrid vs in-memory torch embeddings (DeepFM)")
-    b.add_argument("--train-steps", type=int_in(1), default=100, help="timed steps, in steady state (for --train)")
-    b.add_argument("--host", action="store_true",
-                   help="instead: the host-manager microbenchmark, unique keys/s per core at 1, 2, 4 and 8 threads")
-    b.add_argument("--host-threads", default="1,2,4,8")
-    b.add_argument("--loader", action="store_true",
-                   help="the streaming reader on a Criteo TSV it writes (plain and gzip): rows/s and RSS")
-    b.add_argument("--loader-rows", type=int_in(1), default=10_000_000)
-    b.add_argument("--loader-repeats", type=int_in(1), default=3)
-    b.add_argument("--fractions", default="0.25,0.05", help="cache budgets as fractions of the torch table's bytes")
-    b.add_argument("--row-dtypes", default="float32", help="with --train: the row dtypes to run at each budget, "
-                   "e.g. float32,float16 (16-bit rows fit more rows in the same bytes)")
-    b.add_argument("--quality", action="store_true",
-                   help="instead: AUC/logloss parity with in-memory torch on the real datasets under --data-root")
-    b.add_argument("--compression", action="store_true",
-                   help="instead: quality against bytes of compressed tables (qr, binary code, hashing) per dataset")
-    b.add_argument("--ratios", default="10,100,1000", help="row-compression ratios (for --compression)")
-    b.add_argument("--methods", default="hashing,qr_mult,qr_concat,binary_code,double_hash,dhe")
-    b.add_argument("--data-root", default="../shared/data", help="folder holding the datasets (for --quality)")
-    b.add_argument("--datasets", default="criteo,avazu,movielens,frappe",
-                   help="comma-separated; --compression also knows synthetic")
-    b.add_argument("--seeds", default="0,1,2")
-    b.add_argument("--gpu", action="store_true",
-                   help="instead: the GPU tier benchmark: all rows in HBM vs the device cache vs CPU-only (DeepFM, DLRM)")
-    b.add_argument("--gpu-rows", type=int, default=10**8, help="rows of the in-HBM table (for --gpu)")
-    b.add_argument("--gpu-batches", default="8192,65536")
-    b.add_argument("--gpu-steps", type=int, default=40)
-    b.add_argument("--models", default="deepfm,dlrm")
-    b.add_argument("--sides", default="hbm,device,cpu")
-    b.add_argument("--device-fraction", type=float, default=0.10, help="device-cache rows as a fraction of --gpu-rows")
-    b.add_argument("--host-fraction", type=float, default=0.25, help="host-cache rows as a fraction of --gpu-rows")
-    b.add_argument("--trace-dir", help="write a profiler trace (Chrome format) of each device run here")
+    add_bench_arguments(b)
     b.set_defaults(fn=None)
     return p, t
 
