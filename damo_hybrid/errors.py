@@ -18,6 +18,7 @@ __all__ = [
     "UnknownTableError",
     "PipelineError",
     "WriteBackError",
+    "ExchangeError",
 ]
 
 
@@ -76,3 +77,8 @@ class PipelineError(DamoHybridError):
 class WriteBackError(DamoHybridError):
     """Cached rows could not be written to the storage (a full disk, say); they are still
     held in memory: fix the cause and flush or close again."""
+
+
+class ExchangeError(DamoHybridError):
+    """An exchange between ranks failed: another rank stopped, or did not answer within the
+    timeout. This rank's step was not stored; resume every rank from the last checkpoint."""

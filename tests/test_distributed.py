@@ -198,3 +198,49 @@ def test_the_communication_benchmark_counts_what_the_exchanges_send_and_the_mode
     net = 10_000 * 0.75 * 76 + 2 * 0.75 * 1_000_000
     assert m["net_ms"] == pytest.approx(1000 * net / 1.25e9) and m["host_ms"] == pytest.approx(10.0)
     assert m["compute_ms"] == 50.0 and m["bound"] == "compute" and m["samples_per_s"] == pytest.approx(4096 / 0.05)
+
+
+def _doomed_main(rank: int, port: int, root: str) -> None:
+    """Rank 1 is killed (SIGKILL) at step 5; rank 0 records how its run ended."""
+    import os
+    import signal
+    import time
+
+    from damo_hybrid.trainer import Trainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    torch.set_num_threads(1)
+    data = SyntheticCriteo(BATCH, seed=1, vocab_min=200, vocab_max=3000, n_sparse=6, n_dense=3)
+    tables = model_tables("deepfm", 8, OPTS["adagrad"], InitializerConfig.normal(std=0.1, seed=3))
+    with EmbeddingStore(Path(root) / f"rank{rank}", tables) as store:
+        model = DeepFM(store, data.sparse_fields, 3, hidden=(16,), cache_mb=1, backend="cpu")
+        t0 = time.monotonic()
+
+        def progress(step: int, loss: float) -> None:
+            if rank == 1 and step == 5:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        try:
+            Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), _Slice(data, rank, 2)).fit(
+                50, progress=progress)
+            result = "finished"
+        except Exception as e:  # what the surviving rank reports
+            result = f"{type(e).__name__}: {e}"
+        (Path(root) / "rank0.txt").write_text(f"{time.monotonic() - t0:.1f}\n{result}")
+
+
+def test_a_rank_killed_mid_run_stops_the_other_with_a_clear_error(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_doomed_main, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert not any(p.is_alive() for p in procs), "no rank may hang on a collective"
+    seconds, result = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    assert float(seconds) < 60
+    assert result.startswith("ExchangeError") and "a rank stopped" in result, result

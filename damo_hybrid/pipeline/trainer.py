@@ -157,8 +157,16 @@ class Trainer:
                 self.opt.zero_grad(set_to_none=True)
                 with CLOCK("backward"):
                     loss.backward()
-        except BaseException:
+        except BaseException as e:
             self.sparse.release(prepared)  # a failed forward or backward keeps no rows pinned
+            if self._train_forward is not self.model and isinstance(e, RuntimeError):
+                from ..dist.exchange import (
+                    as_exchange_error,  # DDP's all-reduce lost a rank
+                )
+
+                err = as_exchange_error(e, "dense gradients' all-reduce")
+                if err is not e:
+                    raise err from e
             raise
         t3 = time.perf_counter()
         with record_function("damo.apply"):
