@@ -36,8 +36,9 @@ Rounding:
   (numpy) and torch (CPU or CUDA) twins agree bit for bit.
 - **Initial** rows round to nearest (ties to even); an int16 initial value beyond the range
   is clipped to it.
-- A result beyond the format's range becomes +-Inf, which the table's NaN/Inf policy then
-  refuses (``raise``) or drops (``skip``): nothing saturates silently.
+- A result that rounds past the format's range becomes +-Inf, which the table's NaN/Inf policy
+  then refuses (``raise``) or drops (``skip``): nothing is clipped to the range silently (a result
+  less than a grid step past it may round down onto the largest value, as any rounding would).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def check_int16_step(step: float) -> float:
     Raises:
         ValueError: otherwise.
     """
-    if isinstance(step, bool) or not isinstance(step, (int, float)):
+    if isinstance(step, bool) or not isinstance(step, (int, float, np.floating, np.integer)):
         raise ValueError(f"int16_step must be a power of two in [2**-24, 2**-4], got {step!r}")
     m, e = np.frexp(float(step))
     if m != 0.5 or not -24 <= e - 1 <= -4:
@@ -195,13 +196,26 @@ class RowPrecision:
             with np.errstate(over="ignore"):
                 return np.asarray(w, np.float32).astype(np.float16)
         if self.dtype is RowDtype.BFLOAT16:
-            b = np.ascontiguousarray(w, np.float32).view(np.uint32).astype(np.uint64)
+            w32 = np.ascontiguousarray(w, np.float32)
+            b = w32.view(np.uint32).astype(np.uint64)
             b = (b + np.uint64(0x7FFF) + ((b >> np.uint64(16)) & np.uint64(1))) >> np.uint64(16)
-            return b.astype(np.uint16)
+            out = b.astype(np.uint16)
+            nan = np.isnan(w32)
+            if nan.any():  # a NaN stays a NaN (rounding its payload could carry into Inf or 0)
+                out[nan] = (w32.view(np.uint32)[nan] >> np.uint32(16)).astype(np.uint16) | np.uint16(0x7FC0)
+            return out
         return np.clip(np.rint(np.asarray(w, np.float64) / self.step), -_Q_MAX, _Q_MAX).astype(np.int16)
 
     def pack(self, w: np.ndarray) -> np.ndarray:
-        """float32 weights already on the grid -> the slab's dtype (exact)."""
+        """float32 weights already on the grid -> the slab's dtype (exact; int16 refuses what it
+        cannot hold instead of clipping it).
+
+        Raises:
+            ValueError: an int16 weight beyond the range, NaN or Inf (callers store only checked rows).
+        """
+        if self.dtype is RowDtype.INT16 and w.size and not np.abs(w).max() <= self.max:
+            raise ValueError(f"int16 rows cannot hold weights beyond +-{self.max:g}, NaN or Inf; got max |w| "
+                             f"{np.abs(w).max():g}")
         return self.pack_nearest(w)
 
     def unpack(self, a: np.ndarray) -> np.ndarray:

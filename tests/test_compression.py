@@ -375,6 +375,11 @@ def test_fields_on_tables_of_their_own_come_back_in_field_order_and_pipeline_exa
     with pytest.raises(ValueError, match="field_tables names fields \\['nope'\\]"):
         with EmbeddingStore(tmp_path / "x", tables()) as st:
             DeepFM(st, ["C1", "C2"], 0, field_tables={"nope": "emb.C2"}, backend="cpu")
+    plain = TableConfig("own", 8, optimizer=OptimizerConfig.adagrad(0.05))  # no first-order column
+    for first in ("C1", "C2"):  # whichever field reads it, the first one included
+        with pytest.raises(ValueError, match="table 'own' must have linear_column=True"):
+            with EmbeddingStore(tmp_path / f"y{first}", [*tables(), plain]) as st:
+                DeepFM(st, ["C1", "C2"], 0, field_tables={first: "own"}, backend="cpu")
 
 
 def test_a_fields_own_options_from_the_toml_config(tmp_path, capsys):

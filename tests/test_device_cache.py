@@ -238,12 +238,12 @@ def test_device_cache_step_matches_cpu_twin(tmp_path, opt):
             for _ in range(3):
                 b = dc.prepare(keys, {})
                 dc.gather(b)
-                dc.step(b, torch.from_numpy(g).to(dc.device), table.lr())
+                dc.commit(b, *dc.stage(b, torch.from_numpy(g).to(dc.device), table.lr()))
                 dc.release(b)
                 table.advance()
             torch.cuda.synchronize()
-            out[dev] = (dc.weights[torch.from_numpy(b.slots).to(dc.device)].cpu().numpy(),
-                        dc.state[torch.from_numpy(b.slots).to(dc.device)].cpu().numpy())
+            rows = dc.peek(keys)[0]
+            out[dev] = (rows.weights, rows.state)
     np.testing.assert_allclose(out["cuda"][0], out["cpu"][0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["cuda"][1], out["cpu"][1], rtol=1e-5, atol=1e-6)
 

@@ -76,7 +76,8 @@ def test_small_updates_survive_on_average(dtype):
 def test_the_torch_twin_rounds_bit_for_bit_like_numpy(dtype):
     p = RowPrecision(dtype, salt=0xDEADBEEFCAFEF00D)
     w = (RNG.standard_normal((300, 5)) * np.array([1e-9, 1e-3, 0.3, 20, 3000])).astype(np.float32)
-    w[0, 0], w[1, 1] = np.nan, np.inf
+    w[0, 0], w[1, 1], w[2, 2], w[3, 3] = np.nan, np.inf, -0.0, 65510.0  # float16 overflows near its max
+    w[4] = [1e-40, -3e-39, 2.0**-133, 3.3e38, -1e-45]  # float32 subnormals, bfloat16's smallest, its top
     keys = RNG.integers(0, 2**64 - 1, 300, dtype=np.uint64)
     count = RNG.integers(1, 2**40, 300)
     want = p.stochastic(w, keys, count)
@@ -91,11 +92,12 @@ def test_the_torch_twin_rounds_bit_for_bit_like_numpy(dtype):
 def test_the_cuda_rounding_equals_the_cpu_twin(dtype):
     p = RowPrecision(dtype, salt=11)
     w = (RNG.standard_normal((4096, 16)) * 0.1).astype(np.float32)
+    w[0, :8] = [np.nan, np.inf, -0.0, 65510.0, 1e-40, -3e-39, 2.0**-133, 3.3e38]
     keys = RNG.integers(0, 2**63, 4096, dtype=np.uint64)
     count = RNG.integers(1, 1000, 4096)
     got = p.stochastic_t(torch.from_numpy(w).cuda(), torch.from_numpy(keys.view(np.int64)).cuda(),
                          torch.from_numpy(count).cuda())
-    np.testing.assert_array_equal(got.cpu().numpy(), p.stochastic(w, keys, count))
+    np.testing.assert_array_equal(got.cpu().numpy(), p.stochastic(w, keys, count))  # NaN == NaN here
 
 
 def test_nearest_rounding_matches_each_formats_cast_and_int16_clips():
@@ -178,15 +180,18 @@ def test_a_16_bit_cache_budget_holds_more_rows(tmp_path):
     assert caps["bfloat16"] / caps["float32"] == pytest.approx((4 * 32 + 72) / (2 * 32 + 72), rel=1e-3)
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["uncached", "host tier"])
 @pytest.mark.parametrize("policy", ["raise", "skip"])
-def test_an_update_beyond_the_int16_range_is_refused_not_saturated(tmp_path, policy):
+def test_an_update_beyond_the_int16_range_is_refused_not_saturated(tmp_path, policy, cached):
     cfg = _table("int16", int16_step=2**-20, nonfinite=policy, optimizer=OptimizerConfig.sgd(1.0))  # range +-0.031
     with EmbeddingStore(tmp_path / "s", [cfg]) as st:
         keys = np.array([1, 2], np.uint64)
+        if cached:
+            st.cache_table("t", 64).host.make_resident(keys)  # stepped in the slab (stage_slots)
         g = np.zeros((2, 8), np.float32)
         g[0, 0] = -1.0  # key 1 would reach ~1.0
         if policy == "raise":
-            with pytest.raises(NonFiniteUpdateError, match="overflows"):
+            with pytest.raises(NonFiniteUpdateError, match="overflows int16 .* larger int16_step"):
                 st.apply_gradients("t", keys, g)
             assert st.count_rows("t") == 0
         else:
@@ -244,3 +249,16 @@ def test_train_from_a_toml_config_inspect_export_and_dump(tmp_path, capsys):
     bad.write_text('[train]\nrow-dtype = "fp8"\n')
     assert main(["train", "--config", str(bad)]) == 2
     assert "row_dtype = 'fp8' is not one of" in capsys.readouterr().err
+
+
+def test_packing_keeps_nan_a_nan_and_int16_refuses_what_it_cannot_hold():
+    bf = RowPrecision("bfloat16")
+    w = np.array([[1.0, -2.0]], np.float32)
+    for bits in (0x7F800001, 0x7FFFFFFF, 0xFFFFFFFF):  # NaNs whose payload rounding would carry
+        w[0, 1] = np.array([bits], np.uint32).view(np.float32)[0]
+        got = bf.unpack(bf.pack(w))
+        assert got[0, 0] == 1.0 and np.isnan(got[0, 1])
+    i16 = RowPrecision("int16")
+    for bad in (np.nan, np.inf, 5.0):
+        with pytest.raises(ValueError, match="int16 rows cannot hold"):
+            i16.pack(np.array([[0.5, bad]], np.float32))

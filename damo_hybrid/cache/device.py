@@ -161,6 +161,8 @@ class _CudaDevice:
         batch.slots_t.record_stream(cur)
         for t in batch.tensors.values():
             t.record_stream(cur)
+        if batch.keys_t is not None:  # a 16-bit table's rounding reads them in stage()
+            batch.keys_t.record_stream(cur)
 
     def optimizer_step(self, opt: object, w: torch.Tensor, st: torch.Tensor, g: torch.Tensor,
                        cnt: torch.Tensor, lr: float) -> None:

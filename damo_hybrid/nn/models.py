@@ -92,10 +92,10 @@ class _SparseCTR(nn.Module):
         if self.field_tables and self.lin_table is not None:
             raise ValueError(f"field_tables need the one-row layout (linear_column); {emb_table!r} has a separate "
                              f"first-order table {lin_table!r}")
-        for t in self.tables[1:]:
+        for t in self.tables:  # every table a field reads has emb_table's layout
             c = store.tables.get(t)
-            if c is not None and c.linear_column != (self.column and self.lin):
-                raise ValueError(f"table {t!r} must have linear_column={self.column and self.lin}, as {emb_table!r}")
+            if t != emb_table and c is not None and c.linear_column != self.column:
+                raise ValueError(f"table {t!r} must have linear_column={self.column}, as {emb_table!r}")
         feats = [Feature(f, table_of[f]) for f in self.fields]
         if self.lin_table is not None:
             feats += [Feature(f"{f}#lin", self.lin_table) for f in self.fields]

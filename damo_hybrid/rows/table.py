@@ -186,8 +186,10 @@ class Table:
             raise NonFiniteUpdateError(
                 f"the step of table {self.name!r} would store NaN or Inf in {bad} row(s) (first key "
                 f"{int(keys[i])}) at learning rate {self.lr():g}: the gradients are finite but the update "
-                "overflows float32; nothing was written. Lower the learning rate (or clip gradients), "
-                "or use nonfinite='skip' to drop such rows."
+                f"overflows {self.prec.dtype.value} (|w| <= {self.prec.max:g}); nothing was written. Lower the "
+                "learning rate (or clip gradients"
+                + (", or take a larger int16_step" if self.prec.dtype.value == "int16" else "")
+                + "), or use nonfinite='skip' to drop such rows."
             )
         return finite
 

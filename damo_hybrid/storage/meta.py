@@ -98,7 +98,7 @@ def check_compatible(stored: TableConfig, cfg: TableConfig) -> None:
             return c.row_dtype.value + (f" (int16_step {c.int16_step:g})" if c.row_dtype.value == "int16" else "")
         raise ConfigConflictError(
             f"table {cfg.name!r} is stored with row_dtype {fmt(stored)}, opened with {fmt(cfg)}: its stored "
-            "weights are in that format; use a new table name (or export and re-import the rows)"
+            "weights are in that format; use a new table name"
         )
     sa, ca = stored.admission, cfg.admission
     if sa is not None and ca is not None and (sa.capacity, sa.fpr) != (ca.capacity, ca.fpr):
