@@ -244,3 +244,52 @@ def test_a_rank_killed_mid_run_stops_the_other_with_a_clear_error(tmp_path):
     seconds, result = (tmp_path / "rank0.txt").read_text().split("\n", 1)
     assert float(seconds) < 60
     assert result.startswith("ExchangeError") and "a rank stopped" in result, result
+
+
+def _lonely_table():  # type: ignore[no-untyped-def]
+    from damo_hybrid import ScheduleConfig, TableConfig
+    from damo_hybrid.config import ScheduleKind
+
+    sched = ScheduleConfig(ScheduleKind.EXPONENTIAL, decay_steps=1, decay_rate=0.5, staircase=True)
+    return TableConfig("t", 4, optimizer=OptimizerConfig(kind="sgd", lr=0.5, schedule=sched))  # lr 0.5, 0.25, ...
+
+
+def _lonely_keys() -> tuple[np.ndarray, np.ndarray]:
+    keys = np.arange(200, dtype=np.uint64)
+    return keys[shard_of(keys, 2) == 0], keys[shard_of(keys, 2) == 1]
+
+
+def _lonely_main(rank: int, port: int, root: str) -> None:
+    """Step 0: every key belongs to rank 0, so rank 1 serves nothing; step 1: a key of each."""
+    from damo_hybrid.dist import ShardedEmbeddingCollection
+    from damo_hybrid.nn import Feature
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        with EmbeddingStore(Path(root) / f"rank{rank}", [_lonely_table()]) as store:
+            coll = ShardedEmbeddingCollection(store, [Feature("f", "t")], backend="cpu")
+            own0, own1 = _lonely_keys()
+            for batch in (own0[:4] if rank == 0 else own0[4:6], np.array([own0[0], own1[0]], np.uint64)):
+                out = coll(coll.prepare({"f": batch}))["f"]
+                out.sum().backward()
+                coll.apply_gradients()
+            coll.flush()
+            np.savez(Path(root) / f"lonely{rank}.npz", step=store.step("t"),
+                     w=store.lookup("t", np.array([own1[0]], np.uint64)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_serves_no_key_in_a_step_still_counts_the_step(tmp_path):
+    """The learning-rate schedule follows each table's global step: every shard counts every step."""
+    from damo_hybrid.store import open_memory_store
+
+    mp.start_processes(_lonely_main, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = (dict(np.load(tmp_path / f"lonely{r}.npz")) for r in range(2))
+    assert int(r0["step"]) == int(r1["step"]) == 2
+    own1 = _lonely_keys()[1][:1]
+    with open_memory_store([_lonely_table()]) as st:
+        init = st.lookup("t", own1)
+    # own1[0] is stepped once, at step 1 (lr 0.25), by a gradient of ones from each rank, averaged
+    np.testing.assert_array_equal(r1["w"], init - np.float32(0.25))

@@ -214,6 +214,8 @@ class ShardedEmbeddingCollection(torch.nn.Module):
                 if sh.local is not None and sh.served is not None:
                     sh.served.backward(mine / self.world)
                     self.local[t].apply_gradients(step)
+                else:  # no rank sent this owner a key of t this step: its global step still counts it
+                    self.tiers[t].table.advance()
         finally:
             self.release(batch)
 
