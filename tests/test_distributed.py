@@ -293,3 +293,73 @@ def test_a_rank_that_serves_no_key_in_a_step_still_counts_the_step(tmp_path):
         init = st.lookup("t", own1)
     # own1[0] is stepped once, at step 1 (lr 0.25), by a gradient of ones from each rank, averaged
     np.testing.assert_array_equal(r1["w"], init - np.float32(0.25))
+
+
+def _ckpt_main(rank: int, port: int, root: str) -> None:
+    """6 sharded steps, then a sharded checkpoint at step 6."""
+    from damo_hybrid.dist.checkpoint import save_sharded_checkpoint
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        data = SyntheticCriteo(BATCH, seed=1, vocab_min=200, vocab_max=3000, n_sparse=6, n_dense=3)
+        tables = model_tables("deepfm", 8, OPTS["adagrad"], InitializerConfig.normal(std=0.1, seed=3))
+        with EmbeddingStore(Path(root) / f"rank{rank}", tables) as store:
+            from damo_hybrid.trainer import Trainer
+
+            model = DeepFM(store, data.sparse_fields, 3, hidden=(16,), cache_mb=1e-9, min_cache_rows=400, backend="cpu")
+            trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), _Slice(data, rank, 2))
+            trainer.fit(6)
+            model.sparse.flush()
+            save_sharded_checkpoint(Path(root) / "ck", 6, store, trainer.state() if rank == 0 else None)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_sharded_checkpoint_restores_onto_any_number_of_ranks(tmp_path):
+    from damo_hybrid.dist.checkpoint import latest_sharded_checkpoint, restore_shard
+    from damo_hybrid.errors import DamoHybridError
+    from damo_hybrid.trainer import Trainer
+
+    mp.start_processes(_ckpt_main, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    ck, marker = latest_sharded_checkpoint(tmp_path / "ck")
+    assert marker["world"] == 2 and (ck / "trainer.pt").is_file()
+
+    def rows_of(stores):  # every row of every store, by key
+        keys, w, st = [], [], []
+        for s in stores:
+            for k, r in s.scan("emb"):
+                keys.append(k), w.append(r.weights), st.append(r.state)
+        keys, w, st = np.concatenate(keys), np.concatenate(w), np.concatenate(st)
+        o = np.argsort(keys)
+        return keys[o], w[o], st[o]
+
+    saved = [EmbeddingStore(ck / f"shard-{r:05d}-of-00002", read_only=True) for r in range(2)]
+    want = rows_of(saved)
+    for s in saved:
+        s.close()
+    for world in (1, 2, 3):
+        stores = [restore_shard(ck, tmp_path / f"w{world}r{r}", r, world) for r in range(world)]
+        try:
+            got = rows_of(stores)
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(a, b)
+            for r, s in enumerate(stores):  # each new shard holds exactly its keys, at the saved step
+                k = np.concatenate([k for k, _ in s.scan("emb")])
+                assert (shard_of(k, world) == r).all() and s.step("emb") == 6
+        finally:
+            for s in stores:
+                s.close()
+    # training goes on from the 2 -> 1 restore, in one process
+    with EmbeddingStore(tmp_path / "w1r0") as store:
+        data = SyntheticCriteo(BATCH, seed=1, vocab_min=200, vocab_max=3000, n_sparse=6, n_dense=3)
+        model = DeepFM(store, data.sparse_fields, 3, hidden=(16,), cache_mb=1e-9, min_cache_rows=2000, backend="cpu")
+        trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), data.batch)
+        trainer.load_state(torch.load(ck / "trainer.pt", weights_only=False))
+        trainer.fit(2)
+        assert store.step("emb") == 8
+    (ck / "COMPLETE.json").unlink()  # a checkpoint a rank left incomplete is never used
+    assert latest_sharded_checkpoint(tmp_path / "ck") is None
+    with pytest.raises(DamoHybridError, match="not a complete sharded checkpoint"):
+        restore_shard(ck, tmp_path / "never", 0, 1)

@@ -214,6 +214,27 @@ class StoreMaintenance:
                 self._caches.flush([t.name for t in ts])
             return dump_tables(self._io, ts, path, now, age, min_count)
 
+    def load_rows(self, table: str, keys: np.ndarray, rows: Rows, step: int | None = None) -> None:
+        """Write whole rows (weights, optimizer state, counts, times) as they are, and optionally
+        set the table's global step: how a restore moves rows between stores (re-sharding).
+
+        Args:
+            keys: uint64 (N,) distinct keys; rows: their N rows.
+        Raises:
+            RuntimeError: the table is cached (its tiers could hold other copies of these rows).
+        """
+        with self._lock:
+            self._check_open()
+            self._check_writable()
+            t = self._table(table)
+            if self._caches.get(table) is not None:
+                raise RuntimeError(f"load_rows writes past the cache tiers: table {table!r} must not be cached yet")
+            if len(keys):
+                self._io.write(t, keys, rows, ~self._io.read(t, keys)[1])
+            if step is not None:
+                t.step = int(step)
+            self._write_meta()
+
     def compact(self) -> None:
         """Full RocksDB compaction: reclaims deleted rows, applies TTL."""
         with self._lock:

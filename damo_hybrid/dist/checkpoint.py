@@ -1,0 +1,116 @@
+"""Sharded checkpoints: every rank's shard plus the trainer state written once, complete only
+when all of them are, and restorable onto any number of ranks.
+
+Layout of ``root/step-NNNNNNNNN/``:
+
+- ``shard-RRRRR-of-WWWWW/``: rank ``R``'s store checkpoint (rows, metadata, admission counters);
+- ``trainer.pt``: the dense model, optimizer and data position (rank 0 writes it);
+- ``COMPLETE.json``: ``{"world", "sharding_version", "step"}``, written by rank 0 only after
+  every rank's part is complete (a barrier), so a checkpoint any rank left incomplete is never
+  used.
+
+Restore (:func:`restore_shard`) onto ``W'`` ranks: with ``W' == W`` each rank copies its own
+shard (exact, admission counters included); with another ``W'`` each new rank reads every old
+shard and keeps the rows :func:`~damo_hybrid.dist.sharding.shard_of` gives it, with each table's
+global step. Admission counters cannot be split by key: a re-shard starts them anew (logged).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import StoreConfig
+from ..errors import DamoHybridError
+from ..storage.files import atomic_file
+from ..store import EmbeddingStore
+from .sharding import SHARDING_VERSION, claim_shard, shard_of
+
+__all__ = ["save_sharded_checkpoint", "latest_sharded_checkpoint", "restore_shard", "COMPLETE"]
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE.json"
+
+
+def _shard_dir(ck: Path, rank: int, world: int) -> Path:
+    return ck / f"shard-{rank:05d}-of-{world:05d}"
+
+
+def save_sharded_checkpoint(root: str | Path, step: int, store: EmbeddingStore, state: dict[str, Any] | None,
+                            group: Any = None) -> Path:
+    """Every rank calls it at the same step: its shard, then (rank 0) the trainer state and the marker.
+
+    Returns:
+        The checkpoint directory.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    ck = Path(root) / f"step-{step:09d}"
+    ck.mkdir(parents=True, exist_ok=True)
+    store.checkpoint(_shard_dir(ck, rank, world))
+    if rank == 0 and state is not None:
+        with atomic_file(ck / "trainer.pt") as f:
+            torch.save(state, f)
+    dist.barrier(group)  # every rank's shard is complete
+    if rank == 0:
+        with atomic_file(ck / COMPLETE) as f:
+            f.write(json.dumps({"world": world, "sharding_version": SHARDING_VERSION, "step": step}).encode())
+    dist.barrier(group)
+    return ck
+
+
+def latest_sharded_checkpoint(root: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete checkpoint under ``root`` and its marker, or None."""
+    found = sorted(p for p in Path(root).glob("step-*") if (p / COMPLETE).is_file()) if Path(root).exists() else []
+    if not found:
+        return None
+    return found[-1], json.loads((found[-1] / COMPLETE).read_text())
+
+
+def restore_shard(ck: str | Path, dest: str | Path, rank: int, world: int,
+                  config: StoreConfig = StoreConfig()) -> EmbeddingStore:
+    """Rank ``rank`` of ``world``'s store at ``dest`` (a new directory) from a complete sharded
+    checkpoint of any number of ranks.
+
+    Raises:
+        DamoHybridError: ``ck`` is not a complete sharded checkpoint, or of another sharding rule.
+    """
+    ck, dest = Path(ck), Path(dest)
+    if not (ck / COMPLETE).is_file():
+        raise DamoHybridError(f"{ck} is not a complete sharded checkpoint (no {COMPLETE}): a rank did not finish it")
+    marker = json.loads((ck / COMPLETE).read_text())
+    if marker.get("sharding_version") != SHARDING_VERSION:
+        raise DamoHybridError(f"{ck} was sharded by rule {marker.get('sharding_version')}, this version uses "
+                              f"{SHARDING_VERSION}")
+    old = int(marker["world"])
+    if old == world:
+        store = EmbeddingStore.from_checkpoint(_shard_dir(ck, rank, old), dest, config=config)
+        claim_shard(dest, world, rank)
+        return store
+    with EmbeddingStore(_shard_dir(ck, 0, old), read_only=True) as first:
+        tables = list(first.tables.values())
+        steps = {t.name: first.step(t.name) for t in tables}
+    store = EmbeddingStore(dest, tables, config)
+    try:
+        for r in range(old):
+            with EmbeddingStore(_shard_dir(ck, r, old), read_only=True) as part:
+                for t in tables:
+                    for keys, rows in part.scan(t.name):
+                        mine = shard_of(keys, world) == rank
+                        if mine.any():
+                            store.load_rows(t.name, keys[mine], rows.take(mine))
+        for name, step in steps.items():
+            store.load_rows(name, np.zeros(0, np.uint64), None, step=step)  # type: ignore[arg-type]
+        if any(t.admission is not None for t in tables):
+            log.warning("re-sharding %s from %d to %d ranks: admission counters start anew", ck, old, world)
+        claim_shard(dest, world, rank)
+    except BaseException:
+        store.close()
+        raise
+    return store
