@@ -363,3 +363,71 @@ def test_a_sharded_checkpoint_restores_onto_any_number_of_ranks(tmp_path):
     assert latest_sharded_checkpoint(tmp_path / "ck") is None
     with pytest.raises(DamoHybridError, match="not a complete sharded checkpoint"):
         restore_shard(ck, tmp_path / "never", 0, 1)
+
+
+def _resume_main(rank: int, port: int, root: str, phase: str) -> None:
+    """``full``: 9 steps with a sharded checkpoint every 3; ``killed``: the same, rank 1 killed
+    (SIGKILL) at step 7; ``resume``: both ranks restore the newest complete checkpoint and run to 9."""
+    import os
+    import signal
+
+    from damo_hybrid.dist.checkpoint import latest_sharded_checkpoint, restore_shard
+    from damo_hybrid.trainer import Trainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    data = SyntheticCriteo(BATCH, seed=1, vocab_min=200, vocab_max=3000, n_sparse=6, n_dense=3)
+    tables = model_tables("deepfm", 8, OPTS["adagrad"], InitializerConfig.normal(std=0.1, seed=3))
+    ck_root = Path(root) / ("ck_full" if phase == "full" else "ck")
+    if phase == "resume":
+        ck, _ = latest_sharded_checkpoint(ck_root)
+        store = restore_shard(ck, Path(root) / f"resumed{rank}", rank, 2)
+    else:
+        store = EmbeddingStore(Path(root) / f"{phase}{rank}", tables)
+    with store:
+        torch.manual_seed(0)  # the same initial dense weights in both runs
+        model = DeepFM(store, data.sparse_fields, 3, hidden=(16,), cache_mb=1e-9, min_cache_rows=400, backend="cpu")
+        trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), _Slice(data, rank, 2))
+        if phase == "resume":
+            trainer.load_state(torch.load(ck / "trainer.pt", weights_only=False))
+
+        def progress(step: int, loss: float) -> None:
+            if phase == "killed" and rank == 1 and step == 7:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        try:
+            trainer.fit(9 - trainer.step, progress=progress, checkpoint_every=3, checkpoint_dir=ck_root)
+        except Exception:
+            assert phase == "killed"
+            return
+        model.sparse.flush()
+        keys = np.concatenate([k for k, _ in store.scan("emb")])
+        out = {"keys": keys, "weights": store.read_rows("emb", keys)[0].weights, "step": store.step("emb")}
+        out.update({f"dense.{n}": p.detach().numpy() for n, p in model.state_dict().items()})
+        np.savez(Path(root) / f"{phase}{rank}.npz", **out)
+    dist.destroy_process_group()
+
+
+def test_after_a_rank_is_killed_every_rank_resumes_exactly_from_the_last_checkpoint(tmp_path):
+    import multiprocessing
+
+    from damo_hybrid.dist.checkpoint import latest_sharded_checkpoint
+
+    ctx = multiprocessing.get_context("spawn")
+    for phase in ("full", "killed", "resume"):
+        port = _free_port()
+        procs = [ctx.Process(target=_resume_main, args=(r, port, str(tmp_path), phase)) for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert not any(p.is_alive() for p in procs), f"{phase}: no rank may hang"
+        if phase == "killed":
+            assert latest_sharded_checkpoint(tmp_path / "ck")[1]["step"] == 6
+    for r in range(2):
+        full, resumed = dict(np.load(tmp_path / f"full{r}.npz")), dict(np.load(tmp_path / f"resume{r}.npz"))
+        assert int(resumed["step"]) == int(full["step"]) == 9
+        np.testing.assert_array_equal(resumed["keys"], full["keys"])
+        for name in (n for n in full if n == "weights" or n.startswith("dense.")):
+            np.testing.assert_array_equal(resumed[name], full[name], err_msg=name)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ from ..storage.files import atomic_file
 from ..store import EmbeddingStore
 from .sharding import SHARDING_VERSION, claim_shard, shard_of
 
-__all__ = ["save_sharded_checkpoint", "latest_sharded_checkpoint", "restore_shard", "COMPLETE"]
+__all__ = ["save_sharded_checkpoint", "latest_sharded_checkpoint", "prune_sharded_checkpoints", "restore_shard",
+           "COMPLETE"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,22 @@ def save_sharded_checkpoint(root: str | Path, step: int, store: EmbeddingStore, 
             f.write(json.dumps({"world": world, "sharding_version": SHARDING_VERSION, "step": step}).encode())
     dist.barrier(group)
     return ck
+
+
+def prune_sharded_checkpoints(root: str | Path, keep: int, rank: int) -> None:
+    """Rank 0 deletes all but the ``keep`` newest complete checkpoints under ``root`` and any
+    incomplete one older than the newest complete (call after :func:`save_sharded_checkpoint`,
+    whose last barrier every rank has passed)."""
+    if rank != 0:
+        return
+    steps = sorted(p for p in Path(root).glob("step-*") if p.is_dir())
+    done = [p for p in steps if (p / COMPLETE).is_file()]
+    if not done:
+        return
+    kept = set(done[-keep:]) if keep > 0 else set()
+    for p in steps:
+        if p not in kept and p.name <= done[-1].name:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def latest_sharded_checkpoint(root: str | Path) -> tuple[Path, dict[str, Any]] | None:

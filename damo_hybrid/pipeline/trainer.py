@@ -113,7 +113,8 @@ class Trainer:
         # gradients averaged over the ranks by DDP during backward (its construction broadcasts
         # rank 0's initial weights)
         self._train_forward: torch.nn.Module = model
-        if getattr(self.sparse, "world", 1) > 1:
+        self._sharded = getattr(self.sparse, "world", 1) > 1
+        if self._sharded:
             from torch.nn.parallel import DistributedDataParallel
 
             self._train_forward = DistributedDataParallel(
@@ -244,15 +245,32 @@ class Trainer:
             raise ValueError("this model's embeddings are a module of its own, not rows in a store: save "
                              "model.state_dict() (and the optimizer's) instead of a training checkpoint")
         self.sparse.flush()
+        if self._sharded:  # every rank's shard, the trainer state once (damo_hybrid.dist.checkpoint)
+            from ..dist.checkpoint import (
+                prune_sharded_checkpoints,
+                save_sharded_checkpoint,
+            )
+
+            path = save_sharded_checkpoint(root, self.step, self.sparse.store,
+                                           self.state() if self.sparse.rank == 0 else None)
+            prune_sharded_checkpoints(root, keep, self.sparse.rank)
+            return path
         path = save_training_checkpoint(root, self.step, self.sparse.store, self.state())
         prune_checkpoints(root, keep)
         return path
+
+    def _has_checkpoint(self, root: str | os.PathLike[str]) -> bool:
+        if self._sharded:
+            from ..dist.checkpoint import latest_sharded_checkpoint
+
+            return latest_sharded_checkpoint(root) is not None
+        return latest_checkpoint(root) is not None
 
     def _run(self, steps: int, prefetch: bool, progress: Callable[[int, float], None] | None,
              losses: list[float], checkpoint_every: int = 0, checkpoint_dir: str | os.PathLike[str] | None = None,
              eval_every: int = 0, on_eval: Callable[[int, float, float], None] | None = None) -> None:
         end = self.step + steps
-        if checkpoint_every and checkpoint_dir is not None and latest_checkpoint(checkpoint_dir) is None:
+        if checkpoint_every and checkpoint_dir is not None and not self._has_checkpoint(checkpoint_dir):
             # the starting state first: a run killed before its first periodic checkpoint was
             # complete may have changed the store (that checkpoint's flush), so resuming needs it
             self.checkpoint(checkpoint_dir)
