@@ -431,3 +431,27 @@ def test_after_a_rank_is_killed_every_rank_resumes_exactly_from_the_last_checkpo
         np.testing.assert_array_equal(resumed["keys"], full["keys"])
         for name in (n for n in full if n == "weights" or n.startswith("dense.")):
             np.testing.assert_array_equal(resumed[name], full[name], err_msg=name)
+
+
+def test_train_under_torchrun_shards_the_tables_over_the_ranks(tmp_path):
+    import subprocess
+    import sys
+
+    store = tmp_path / "s"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "damo_hybrid.cli", "train", "--steps", "6", "--batch-size", "256", "--dim", "8", "--vocab-min", "300",
+           "--vocab-max", "3000", "--eval-batches", "1", "--quiet", "--backend", "cpu", "--store", str(store),
+           "--checkpoint-every", "3"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("samples/s") == 1  # rank 0 alone prints
+    for rank in range(2):
+        with EmbeddingStore(store / f"rank-{rank:05d}-of-00002", read_only=True) as st:
+            keys = np.concatenate([k for k, _ in st.scan("emb")])
+            assert len(keys) > 0 and (shard_of(keys, 2) == rank).all() and st.step("emb") == 6
+    from damo_hybrid.dist.checkpoint import latest_sharded_checkpoint
+
+    ck, marker = latest_sharded_checkpoint(tmp_path / "s.ckpt")
+    assert marker == {"world": 2, "sharding_version": 1, "step": 6} and (ck / "trainer.pt").is_file()
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "restore_shard" in r.stderr

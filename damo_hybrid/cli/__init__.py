@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -95,7 +96,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    """A CTR model (DeepFM by default) on synthetic or Criteo TSV data, sparse rows in RocksDB."""
+    """A CTR model (DeepFM by default) on synthetic or Criteo TSV data, sparse rows in RocksDB;
+    one rank of a sharded run under torchrun (:mod:`damo_hybrid.cli.distributed`)."""
+    from .distributed import distributed_run
+
+    with distributed_run(args) as ranks:
+        return _train_run(args, ranks)
+
+
+def _train_run(args: argparse.Namespace, ranks: Any) -> int:
     import torch
     from tqdm import tqdm
 
@@ -192,7 +201,10 @@ def _train(args: argparse.Namespace) -> int:
                       f"of {floor:,} rows per table, so they hold {floor:,} rows "
                       f"({sum(c.capacity * c.nbytes_per_row(c.dim, c.width, c.prec.itemsize) for c in model.sparse.caches.values()) / 2**20:,.1f} MiB in all)")
             dense_opt = torch.optim.Adam(model.parameters(), lr=args.dense_lr)
-            trainer = Trainer(model, dense_opt, getattr(data, "batch", data), getattr(held_out, "batch", held_out))
+            train_fn, eval_fn = getattr(data, "batch", data), getattr(held_out, "batch", held_out)
+            if ranks is not None:  # this rank's slice of every global batch
+                train_fn, eval_fn = ranks.part(train_fn), ranks.part(eval_fn)
+            trainer = Trainer(model, dense_opt, train_fn, eval_fn)
             if state is not None:
                 trainer.load_state(state)
             remaining = max(0, args.steps - trainer.step)

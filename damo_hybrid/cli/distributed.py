@@ -1,0 +1,84 @@
+"""``damo-hybrid train`` launched by ``torchrun``: one rank of a run whose tables are sharded.
+
+torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous (``MASTER_ADDR``,
+``MASTER_PORT``). With ``WORLD_SIZE`` above 1, :func:`distributed_run` joins the process group
+(gloo on the CPU, NCCL with CUDA), gives this rank its own store under ``--store``
+(``rank-RRRRR-of-WWWWW``) with the checkpoints of all ranks under one directory (``--store``'s
+``.ckpt``, or ``--checkpoint-dir``), hands it its slice of every global batch of
+``--batch-size`` rows, and lets rank 0 alone print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Ranks", "distributed_run"]
+
+
+@dataclass
+class Ranks:
+    """This process's place in the run."""
+
+    rank: int
+    world: int
+
+    def part(self, batch_fn: Callable[[int], Any] | None) -> Callable[[int], Any] | None:
+        """``batch_fn`` reduced to this rank's rows of each global batch."""
+        if batch_fn is None:
+            return None
+        rank, world = self.rank, self.world
+
+        def mine(i: int) -> Any:
+            b = batch_fn(i)
+            n = len(b.label)
+            s = slice(rank * n // world, (rank + 1) * n // world)
+            return type(b)({f: k[s] for f, k in b.sparse.items()}, b.dense[s], b.label[s])
+        return mine
+
+
+@contextlib.contextmanager
+def distributed_run(args: argparse.Namespace) -> Iterator[Ranks | None]:
+    """Join the torchrun process group when there is one of more than one rank (see the module doc);
+    None (and nothing changed) otherwise.
+
+    Raises:
+        ValueError: ``--resume`` (restore a sharded run with ``damo_hybrid.dist.restore_shard``).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield None
+        return
+    import torch
+    import torch.distributed as dist
+
+    from ..ops import Backend, resolve_backend
+
+    if args.resume:
+        raise ValueError("--resume of a run on several ranks is not in the command line yet: restore each rank's store "
+                         "with damo_hybrid.dist.restore_shard (docs/distributed.md)")
+    cuda = resolve_backend(args.backend) is Backend.CUDA
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=600))
+    ranks = Ranks(dist.get_rank(), dist.get_world_size())
+    try:
+        if args.store:
+            root = Path(args.store)
+            if not args.checkpoint_dir:  # one directory for every rank's part of a checkpoint
+                args.checkpoint_dir = str(root.with_name(root.name + ".ckpt"))
+            args.store = str(root / f"rank-{ranks.rank:05d}-of-{ranks.world:05d}")
+        if ranks.rank:
+            args.quiet, args.json = True, None
+        out = contextlib.redirect_stdout(io.StringIO()) if ranks.rank else contextlib.nullcontext()
+        with out:
+            yield ranks
+    finally:
+        dist.destroy_process_group()
