@@ -141,10 +141,12 @@ def _fit(root: Path, rank: int, world: int, prefetch: bool) -> dict[str, np.ndar
                                                            InitializerConfig.normal(std=0.1, seed=3))) as store:
         torch.manual_seed(rank)  # other weights on rank 1: DDP gives every rank rank 0's initial ones
         model = DeepFM(store, data.sparse_fields, 3, hidden=(16,), cache_mb=1e-9, min_cache_rows=400, backend="cpu")
-        Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), _Slice(data, rank, world)).fit(
-            STEPS, prefetch=prefetch)
+        held = SyntheticCriteo(BATCH, seed=1, vocab_min=200, vocab_max=3000, n_sparse=6, n_dense=3, split=1)
+        trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), _Slice(data, rank, world),
+                          _Slice(held, rank, world))
+        trainer.fit(STEPS, prefetch=prefetch)
         keys = np.concatenate([k for k, _ in store.scan("emb")])
-        out = {"keys": keys, "weights": store.read_rows("emb", keys)[0].weights}
+        out = {"keys": keys, "weights": store.read_rows("emb", keys)[0].weights, "eval": np.array(trainer.evaluate(3))}
         out.update({f"dense.{n}": p.detach().numpy() for n, p in model.state_dict().items()})
         return out
 
@@ -172,6 +174,8 @@ def test_the_trainers_pipelined_run_on_two_ranks_equals_one_sequential_process(t
     for name in (n for n in ref if n.startswith("dense.")):
         for o in outs:
             np.testing.assert_allclose(o[name], ref[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    for o in outs:  # every rank reports the AUC and logloss of all ranks' held-out slices together
+        np.testing.assert_allclose(o["eval"], ref["eval"], rtol=1e-5, atol=1e-6)
 
 
 def test_a_shard_store_records_its_rank_and_refuses_another(tmp_path):

@@ -313,7 +313,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, n_batches: int) -> tuple[float, float]:
-        """AUC and logloss over ``n_batches`` held-out batches (no updates)."""
+        """AUC and logloss over ``n_batches`` held-out batches (no updates); on a sharded model,
+        over every rank's slice of them."""
         if self.eval_batch is None or n_batches <= 0:
             raise ValueError("no eval data")
         was = self.model.training
@@ -337,6 +338,12 @@ class Trainer:
             # counting) runs in the host thread before any compute sets it
             self.model.train(was)
         y, p = np.concatenate(labels), np.concatenate(probs)
+        if self._sharded:  # every rank's slice of the held-out batches: the figures of them all
+            import torch.distributed as dist
+
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, (y, p))
+            y, p = np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
         return auc(y, p), logloss(y, p)
 
     EVAL_EVERY_BATCHES = 20  # held-out batches of each evaluation during training (eval_every)
