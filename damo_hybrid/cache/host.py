@@ -316,7 +316,9 @@ class HostCache:
         w, st = self.weights_of(slots), self.state[slots]
         cnt = self.count[slots] + 1
         self.opt.update(w, st, g, cnt, lr)
-        return self.prec.stochastic(w, self.keys[slots], cnt), st, cnt
+        if not self.prec.exact:  # 16-bit rows: back onto the grid (float32 tables skip the key gather)
+            w = self.prec.stochastic(w, self.keys[slots], cnt)
+        return w, st, cnt
 
     def commit_slots(self, slots: np.ndarray, w: np.ndarray, st: np.ndarray, cnt: np.ndarray,
                      keep: np.ndarray | None = None) -> None:

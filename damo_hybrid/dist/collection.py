@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from ..cache.host import CacheStats
 from ..keys.hashing import as_keys
-from ..nn.collection import EmbeddingCollection, Feature, FeatureInput, PreparedBatch
+from ..nn.collection import EmbeddingCollection, Feature, FeatureInput, PreparedBatch, refuse_unapplied
 from ..nn.gather import TableOutput
 from ..store import EmbeddingStore
 from .exchange import Exchange
@@ -133,13 +133,13 @@ class ShardedEmbeddingCollection(torch.nn.Module):
         if len(sizes) != 1:
             raise ValueError(f"every feature needs the same batch size, got {sorted(sizes)}")
         b = sizes.pop()
-        plan, sends, counts = {}, [], []
+        gathers, sends, counts = {}, [], []
         for t, feats in self._by_table.items():
             ukeys, inverse = np.unique(np.concatenate([keys_of[f] for f in feats]), return_inverse=True)
             order, n = split_by_owner(ukeys, self.world)
             pos = np.empty(len(ukeys), np.int64)
             pos[order] = np.arange(len(ukeys))
-            plan[t] = (torch.from_numpy(pos[inverse.reshape(-1)]), n)
+            gathers[t] = torch.from_numpy(pos[inverse.reshape(-1)])
             sends.append(ukeys[order])
             counts.append(n)
         send_counts = np.stack(counts, 1)  # (W, T)
@@ -157,7 +157,7 @@ class ShardedEmbeddingCollection(torch.nn.Module):
                      for r in range(self.world)]
             mine = np.concatenate(parts)
             local = self.local[t].prepare({t: mine}) if len(mine) else None
-            batch.tables[t] = _Shard(t, plan[t][0], send_counts[:, i], recv_counts[:, i], local)
+            batch.tables[t] = _Shard(t, gathers[t], send_counts[:, i], recv_counts[:, i], local)
         return batch
 
     # ------------------------------------------------------------- worker
@@ -167,10 +167,7 @@ class ShardedEmbeddingCollection(torch.nn.Module):
         if not isinstance(batch, ShardedBatch):
             batch = self.prepare(batch)
         train = self.training and torch.is_grad_enabled()
-        if train and self._pending is not None and self._pending is not batch and not self._pending.applied:
-            self.release(batch)
-            raise RuntimeError("the previous batch's gradients were not applied: call apply_gradients() "
-                               "(or release()) after each backward pass")
+        refuse_unapplied(self, batch, train)
         out: dict[str, TableOutput] = {}
         for t, sh in batch.tables.items():
             cfg = self.tiers[t].table.cfg

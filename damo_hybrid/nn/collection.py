@@ -109,6 +109,20 @@ class PreparedBatch:
     applied: bool = False
 
 
+def refuse_unapplied(coll: torch.nn.Module, batch: object, train: bool) -> None:
+    """Before a training forward of ``batch``: raise (releasing ``batch``) where the collection's
+    previous batch was neither applied nor released.
+
+    Raises:
+        RuntimeError: the previous batch's gradients were not applied.
+    """
+    pending = coll._pending  # type: ignore[attr-defined]
+    if train and pending is not None and pending is not batch and not pending.applied:
+        coll.release(batch)  # type: ignore[operator]
+        raise RuntimeError("the previous batch's gradients were not applied: call apply_gradients() "
+                           "(or release()) after each backward pass")
+
+
 def _out_dim(cfg: TableConfig) -> int:
     """Width of a feature's output from a table (a compressed table's combined row)."""
     return cfg.dim if cfg.compression is None else cfg.compression.out_dim(cfg.dim, cfg.linear_column)
@@ -330,10 +344,7 @@ class EmbeddingCollection(torch.nn.Module):
         if not isinstance(batch, PreparedBatch):
             batch = self.prepare(batch)
         train = self.training and torch.is_grad_enabled()
-        if train and self._pending is not None and self._pending is not batch and not self._pending.applied:
-            self.release(batch)
-            raise RuntimeError("the previous batch's gradients were not applied: call apply_gradients() "
-                               "(or release()) after each backward pass")
+        refuse_unapplied(self, batch, train)
         try:
             stacked: dict[str, torch.Tensor] = {}
             out: dict[str, torch.Tensor] = {}

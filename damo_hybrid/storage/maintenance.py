@@ -231,9 +231,9 @@ class StoreMaintenance:
                 raise RuntimeError(f"load_rows writes past the cache tiers: table {table!r} must not be cached yet")
             if len(keys):
                 self._io.write(t, keys, rows, ~self._io.read(t, keys)[1])
-            if step is not None:
+            if step is not None:  # the rows' count reaches meta.json with the next flush, as any write's
                 t.step = int(step)
-            self._write_meta()
+                self._write_meta()
 
     def compact(self) -> None:
         """Full RocksDB compaction: reclaims deleted rows, applies TTL."""
