@@ -4,9 +4,8 @@
 
 - the storage (RocksDB, or the in-memory reference) and its row I/O (:mod:`damo_hybrid.storage`);
 - the table registry: one :class:`~damo_hybrid.rows.table.Table` per table (its global step);
-- at most one :class:`~damo_hybrid.cache.tiers.TableTiers` per table (host tier, optional
-  device tier, writer), created by :meth:`EmbeddingStore.cache` and shared by every
-  collection, model and trainer over the table.
+- at most one :class:`~damo_hybrid.cache.tiers.TableTiers` per table (host tier, optional device
+  tier, writer), made by :meth:`EmbeddingStore.cache`, shared by every user of the table.
 
 Every public read (:meth:`~EmbeddingStore.lookup`, :meth:`~EmbeddingStore.read_rows`) sees the
 newest row in whatever tier it is; every scan (export, dump, expiry, checkpoint) and
@@ -51,6 +50,7 @@ from .errors import (
     UnknownTableError,
 )
 from .keys.hashing import as_keys
+from .keys.kernels import unique_inverse
 from .rows.codec import Rows
 from .rows.table import Table
 from .storage.backend import MemoryStorage, Storage
@@ -320,7 +320,7 @@ class EmbeddingStore(StoreMaintenance):
             t = self._table(table)
             if len(keys) == 0:
                 return np.zeros((0, t.dim), dtype=np.float32)
-            ukeys, inv = np.unique(keys, return_inverse=True)
+            ukeys, inv = unique_inverse(keys)
             rows, found = self._read(t, ukeys)
             out = np.empty((len(ukeys), t.dim), dtype=np.float32)
             out[found] = rows.weights

@@ -6,6 +6,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from damo_hybrid import InitializerConfig, hash_feature
 from damo_hybrid.keys.hashing import fnv1a64, mix64
@@ -113,3 +115,17 @@ def test_variable_length_strings_vectorized_equals_one_by_one():
 def test_hash_feature_rejects_other_types(bad):
     with pytest.raises(TypeError):
         hash_feature("f", bad)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 2**64 - 1), max_size=300), st.integers(1, 8))
+def test_unique_inverse_equals_numpy_unique(values, repeat):
+    from damo_hybrid.keys.kernels import unique_inverse
+
+    keys = np.array(values * repeat, dtype=np.uint64)
+    np.random.default_rng(len(values)).shuffle(keys)
+    want_u, want_inv = np.unique(keys, return_inverse=True)
+    got_u, got_inv = unique_inverse(keys)
+    assert got_u.dtype == np.uint64 and got_inv.dtype == np.int64
+    np.testing.assert_array_equal(got_u, want_u)
+    np.testing.assert_array_equal(got_inv, want_inv.reshape(-1))

@@ -1,18 +1,19 @@
-"""A vectorized uint64 -> slot hash index (open addressing, linear probing).
+"""A uint64 -> slot hash index (open addressing, linear probing), compiled.
 
-Every operation takes a whole batch and loops in Python only over probe rounds (a handful at
-load <= 0.5), never over keys: about 50 ns per key, against about 1 us for a Python dict at
-10^7 keys. Deletions leave tombstones; the table rebuilds itself when live entries plus
-tombstones pass 70% of its size.
+Every operation takes a whole batch and runs one compiled loop over its keys (numba, without the
+GIL, so the writer and the worker run beside it): about 20 ns per key, against about 1 us for a
+Python dict at 10^7 keys. Deletions leave tombstones; the table rebuilds itself when live entries
+plus tombstones pass 70% of its size.
 
 Not thread-safe: its owner (one cache) serialises calls.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
-from ..keys.hashing import mix64
+from ..keys.kernels import mix
 
 __all__ = ["KeyIndex"]
 
@@ -38,16 +39,11 @@ class KeyIndex:
     def _alloc(self, size: int) -> None:
         self._keys = np.zeros(size, dtype=np.uint64)
         self._slots = np.full(size, _EMPTY, dtype=np.int64)
-        self._claim = np.zeros(size, dtype=np.int64)  # scratch for insert's collision resolution
-        self._mask = np.uint64(size - 1)
         self.live = 0
         self._tombs = 0
 
     def __len__(self) -> int:
         return self.live
-
-    def _home(self, keys: np.ndarray) -> np.ndarray:
-        return (mix64(keys) & self._mask).astype(np.int64)
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Positions in the table and slots of ``keys``.
@@ -58,19 +54,10 @@ class KeyIndex:
             ``(pos int64 (N,), slot int64 (N,))``; slot is -1 where the key is absent
             (pos is then meaningless).
         """
-        n = len(keys)
-        slot = np.full(n, _EMPTY, dtype=np.int64)
-        pos = self._home(keys)
-        active = np.arange(n)
-        mask = int(self._mask)
-        while len(active):
-            p = pos[active]
-            s = self._slots[p]
-            hit = (s >= 0) & (self._keys[p] == keys[active])
-            slot[active[hit]] = s[hit]
-            go_on = ~hit & (s != _EMPTY)
-            active = active[go_on]
-            pos[active] = (p[go_on] + 1) & mask
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        pos = np.empty(len(keys), dtype=np.int64)
+        slot = np.empty(len(keys), dtype=np.int64)
+        _find(self._keys, self._slots, keys, pos, slot)
         return pos, slot
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
@@ -81,7 +68,7 @@ class KeyIndex:
         """Add keys that are not in the index.
 
         Args:
-            keys: uint64 (N,) distinct and absent (checked only by assertion cost-free paths).
+            keys: uint64 (N,) distinct and absent (not checked).
             slots: int64 (N,) >= 0.
         """
         n = len(keys)
@@ -89,35 +76,15 @@ class KeyIndex:
             return
         if self.live + self._tombs + n > 0.7 * len(self._slots):
             self._rebuild(extra=n)
-        pos = self._home(keys)
-        todo = np.arange(n)
-        mask = int(self._mask)
-        while len(todo):
-            p = pos[todo]
-            free = self._slots[p] < 0
-            cand = todo[free]
-            cp = p[free]
-            # batch members aiming at the same free position: scatter their ids, the one
-            # whose id stuck wins (no sort needed)
-            self._claim[cp] = cand
-            won_mask = self._claim[cp] == cand
-            won, wp = cand[won_mask], cp[won_mask]
-            self._tombs -= int(np.count_nonzero(self._slots[wp] == _TOMB))
-            self._keys[wp] = keys[won]
-            self._slots[wp] = slots[won]
-            placed = np.zeros(n, dtype=bool)
-            placed[won] = True
-            todo = todo[~placed[todo]]
-            pos[todo] = (pos[todo] + 1) & mask
+        reused = _insert(self._keys, self._slots, np.ascontiguousarray(keys, dtype=np.uint64),
+                         np.ascontiguousarray(slots, dtype=np.int64))
+        self._tombs -= reused
         self.live += n
 
     def delete(self, keys: np.ndarray) -> np.ndarray:
         """Remove keys; returns bool (N,) which were present."""
-        pos, slot = self.find(keys)
-        present = slot >= 0
-        p = pos[present]
-        self._slots[p] = _TOMB
-        k = int(present.sum())
+        present = np.empty(len(keys), dtype=np.bool_)
+        k = _delete(self._keys, self._slots, np.ascontiguousarray(keys, dtype=np.uint64), present)
         self.live -= k
         self._tombs += k
         return present
@@ -135,3 +102,52 @@ class KeyIndex:
         """All ``(keys uint64 (L,), slots int64 (L,))``."""
         live = self._slots >= 0
         return self._keys[live].copy(), self._slots[live].copy()
+
+
+@numba.njit(nogil=True, cache=True)
+def _probe(tkeys: np.ndarray, tslots: np.ndarray, k: np.uint64) -> tuple[int, int]:
+    """(position, slot) of ``k``: its entry, or the empty position that ends its probe (slot -1)."""
+    mask = len(tslots) - 1
+    p = np.int64(mix(k) & np.uint64(mask))
+    while True:
+        s = tslots[p]
+        if s == _EMPTY:
+            return p, -1
+        if s >= 0 and tkeys[p] == k:
+            return p, s
+        p = (p + 1) & mask
+
+
+@numba.njit(nogil=True, cache=True)
+def _find(tkeys, tslots, keys, pos, slot) -> None:
+    for i in range(len(keys)):
+        pos[i], slot[i] = _probe(tkeys, tslots, keys[i])
+
+
+@numba.njit(nogil=True, cache=True)
+def _insert(tkeys, tslots, keys, slots) -> int:
+    """Place absent keys at their first free (empty or tombstone) position; returns the
+    tombstones reused."""
+    mask = len(tslots) - 1
+    reused = 0
+    for i in range(len(keys)):
+        p = np.int64(mix(keys[i]) & np.uint64(mask))
+        while tslots[p] >= 0:
+            p = (p + 1) & mask
+        if tslots[p] == _TOMB:
+            reused += 1
+        tkeys[p] = keys[i]
+        tslots[p] = slots[i]
+    return reused
+
+
+@numba.njit(nogil=True, cache=True)
+def _delete(tkeys, tslots, keys, present) -> int:
+    gone = 0
+    for i in range(len(keys)):
+        p, s = _probe(tkeys, tslots, keys[i])
+        present[i] = s >= 0
+        if s >= 0:
+            tslots[p] = _TOMB
+            gone += 1
+    return gone

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from ..cache.host import CacheStats
 from ..keys.hashing import as_keys
+from ..keys.kernels import unique_inverse
 from ..nn.collection import EmbeddingCollection, Feature, FeatureInput, PreparedBatch, refuse_unapplied
 from ..nn.gather import TableOutput
 from ..store import EmbeddingStore
@@ -135,7 +136,7 @@ class ShardedEmbeddingCollection(torch.nn.Module):
         b = sizes.pop()
         gathers, sends, counts = {}, [], []
         for t, feats in self._by_table.items():
-            ukeys, inverse = np.unique(np.concatenate([keys_of[f] for f in feats]), return_inverse=True)
+            ukeys, inverse = unique_inverse(np.concatenate([keys_of[f] for f in feats]))
             order, n = split_by_owner(ukeys, self.world)
             pos = np.empty(len(ukeys), np.int64)
             pos[order] = np.arange(len(ukeys))

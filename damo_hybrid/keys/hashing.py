@@ -26,12 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from .kernels import FNV_OFFSET, fnv_packed, mix_inplace
+
 __all__ = ["mix64", "fnv1a64", "fnv1a64_packed", "hash_feature", "hash_packed", "as_keys"]
 
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_FNV_PRIME = np.uint64(0x100000001B3)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
 _TAG_INT = np.uint64(1)
 _TAG_BYTES = np.uint64(2)
 
@@ -45,15 +43,8 @@ def mix64(x: np.ndarray) -> np.ndarray:
         uint64 array of the same shape (a new array).
     """
     x = np.array(x, dtype=np.uint64, copy=True, ndmin=1)
-    x ^= x >> np.uint64(30)
-    x *= _M1
-    x ^= x >> np.uint64(27)
-    x *= _M2
-    x ^= x >> np.uint64(31)
+    mix_inplace(x.reshape(-1))
     return x
-
-
-_SHORT = 16  # longest strings hashed without sorting by length
 
 
 def fnv1a64(values: Sequence[bytes]) -> np.ndarray:
@@ -66,7 +57,7 @@ def fnv1a64(values: Sequence[bytes]) -> np.ndarray:
     """
     n = len(values)
     if n == 0:
-        return np.full(0, _FNV_OFFSET, dtype=np.uint64)
+        return np.full(0, FNV_OFFSET, dtype=np.uint64)
     lens = np.fromiter(map(len, values), dtype=np.int64, count=n)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lens, out=offsets[1:])
@@ -76,43 +67,21 @@ def fnv1a64(values: Sequence[bytes]) -> np.ndarray:
 def fnv1a64_packed(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """FNV-1a 64 of N byte strings packed end to end (Arrow's string layout), with no per-string Python.
 
-    Rows are sorted by length so that byte position ``j`` touches only the rows at least
-    ``j + 1`` bytes long; the Python loop runs over byte positions, never over rows.
-
     Args:
         data: uint8 (M,) the strings' bytes.
         offsets: int (N + 1,) string ``i`` is ``data[offsets[i]:offsets[i + 1]]``.
     Returns:
         uint64 (N,), equal to :func:`fnv1a64` of the same strings.
     """
-    offsets = np.asarray(offsets, dtype=np.int64)
+    offsets = np.ascontiguousarray(offsets)
+    if offsets.dtype not in (np.int32, np.int64):
+        offsets = offsets.astype(np.int64)
     n = len(offsets) - 1
-    out = np.full(n, _FNV_OFFSET, dtype=np.uint64)
-    if n <= 0:
-        return out
-    lens = np.diff(offsets)
-    maxlen = int(lens.max())
-    if maxlen <= _SHORT:
-        # short strings (ids, hex hashes): every row at every position, masked; no sort
-        starts = offsets[:-1]
-        last = max(len(data) - 1, 0)
-        for j in range(maxlen):
-            live = lens > j
-            b = data[np.minimum(starts + j, last)].astype(np.uint64) if len(data) else np.zeros(n, np.uint64)
-            np.copyto(out, (out ^ b) * _FNV_PRIME, where=live)
-        return out
-    order = np.argsort(-lens, kind="stable")
-    slens = lens[order]
-    soffs = offsets[:-1][order]
-    h = out[order]
-    maxlen = int(slens[0])
-    # active[j] = number of rows longer than j (rows are sorted longest first)
-    active = np.searchsorted(-slens, -np.arange(maxlen), side="left")
-    for j in range(maxlen):
-        a = int(active[j])
-        h[:a] ^= data[soffs[:a] + j].astype(np.uint64)
-        h[:a] *= _FNV_PRIME
-    out[order] = h
+    out = np.empty(max(n, 0), dtype=np.uint64)
+    if n > 0:
+        if len(offsets) and (offsets[0] < 0 or offsets[-1] > len(data) or (np.diff(offsets) < 0).any()):
+            raise ValueError(f"offsets must rise from 0 to at most {len(data)} (the data's length)")
+        fnv_packed(np.ascontiguousarray(data, dtype=np.uint8), offsets, out)
     return out
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..cache.tiers import TableTiers
 from ..keys.compression import CompressionConfig, CompressionKind
+from ..keys.kernels import unique_inverse
 
 __all__ = ["partition_keys", "admit"]
 
@@ -31,7 +32,7 @@ def partition_keys(comp: CompressionConfig, tiers: TableTiers, items: list[tuple
     """
     if comp.kind is not CompressionKind.DOUBLE_HASH:
         return [(f, comp.subkeys(k).reshape(-1), offs) for f, k, offs in items]
-    raw, inv = np.unique(np.concatenate([k for _, k, _ in items]), return_inverse=True)
+    raw, inv = unique_inverse(np.concatenate([k for _, k, _ in items]))
     occ = np.bincount(inv, minlength=len(raw)) if counting else np.zeros(len(raw), np.int64)
     with tiers.lock:
         frequent = (tiers.table.filter.count(raw) + occ >= comp.min_count)[inv]  # type: ignore[union-attr]

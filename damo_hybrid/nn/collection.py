@@ -46,6 +46,7 @@ from ..cache.tiers import TableTiers
 from ..config import TableConfig
 from ..errors import DamoHybridError, StoreClosedError
 from ..keys.hashing import as_keys
+from ..keys.kernels import unique_inverse
 from ..ops import Backend, resolve_backend
 from ..store import EmbeddingStore
 from ..timing import CLOCK
@@ -250,7 +251,7 @@ class EmbeddingCollection(torch.nn.Module):
                 ident = tuple(id(k) for _, k, _ in items)
                 if ident not in dedup:
                     with CLOCK("dedup"):
-                        dedup[ident] = np.unique(np.concatenate([k for _, k, _ in items]), return_inverse=True)
+                        dedup[ident] = unique_inverse(np.concatenate([k for _, k, _ in items]))
                 ukeys, inv = dedup[ident]
                 arrays: dict[str, np.ndarray] = {}
                 single = all(offs is None for _, _, offs in items)
