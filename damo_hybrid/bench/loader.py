@@ -7,7 +7,9 @@ each through :class:`~damo_hybrid.data.stream.DelimitedStream` (or
 :class:`~damo_hybrid.data.parquet_stream.ParquetStream`) into batches of ``batch`` rows. It reports rows/s
 (median of ``repeats`` passes) and the process's resident memory sampled every 2% of the file, so
 that a flat curve shows memory does not grow with the file; from rows/s it projects the full
-Criteo Kaggle set (45,840,617 rows).
+Criteo Kaggle set (45,840,617 rows). Each text pass is followed by one of the same file through
+the pyarrow path (``compiled=False``, the reader before the compiled fast path): the baseline,
+measured beside it.
 """
 
 from __future__ import annotations
@@ -99,13 +101,14 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _pass(path: Path, batch: int, block_mb: float, rows: int, sample: bool) -> tuple[float, list[tuple[float, float]]]:
+def _pass(path: Path, batch: int, block_mb: float, rows: int, sample: bool,
+          compiled: bool = True) -> tuple[float, list[tuple[float, float]]]:
     s = FORMATS["criteo"]
     assert s is not None
     if path.suffix == ".parquet":
         stream: DelimitedStream = ParquetStream(path, replace(s, columns=()), batch_size=batch)
     else:
-        stream = DelimitedStream(path, s, batch_size=batch, block_mb=block_mb)
+        stream = DelimitedStream(path, s, batch_size=batch, block_mb=block_mb, compiled=compiled)
     curve: list[tuple[float, float]] = []
     step = max(1, rows // batch // 50)
     n = 0
@@ -138,17 +141,24 @@ def run_loader_bench(rows: int = 10_000_000, batch: int = 4096, block_mb: float 
             log(f"wrote {path.name}: {rows:,} rows, {path.stat().st_size / 2**20:,.0f} MiB on disk "
                 + (f"({text_bytes / 2**20:,.0f} MiB of text) " if text_bytes else "") + f"in {time.perf_counter() - t0:.0f} s")
             rss0 = _rss_mb()
-            rates, curve = [], []
+            rates, curve, arrow = [], [], []
             for r in range(repeats):
                 rate, c = _pass(path, batch, block_mb, rows, sample=r == 0)
                 rates.append(rate)
                 curve = curve or c
+                if fmt != "parquet":  # the pyarrow path, pass for pass beside it: the baseline
+                    arrow.append(_pass(path, batch, block_mb, rows, sample=False, compiled=False)[0])
             med = statistics.median(rates)
             peak = max(m for _, m in curve)
             first = [m for f, m in curve if f >= 0.1][0]
             res["formats"][fmt] = {"rows_per_s": med, "passes": rates, "rss_curve": curve, "rss_before_mb": rss0,
                                    "rss_peak_mb": peak, "rss_at_10pct_mb": first, "rss_growth_mb": peak - first,
                                    "kaggle_projection_s": KAGGLE_ROWS / med}
+            if arrow:
+                res["formats"][fmt].update(pyarrow_rows_per_s=statistics.median(arrow), pyarrow_passes=arrow,
+                                           vs_pyarrow=med / statistics.median(arrow))
+                log(f"{fmt}, pyarrow path (the previous reader, measured beside it): "
+                    f"{statistics.median(arrow):,.0f} rows/s; the compiled path is {med / statistics.median(arrow):.2f}x")
             log(f"{fmt}: {med:,.0f} rows/s (median of {repeats}), RSS {rss0:,.0f} MiB before, {first:,.0f} at 10% "
                 f"of the file, peak {peak:,.0f} (growth {peak - first:+,.0f} MiB from 10% to the end); "
                 f"the Criteo Kaggle set's {KAGGLE_ROWS:,} rows would take {KAGGLE_ROWS / med / 60:,.1f} min")

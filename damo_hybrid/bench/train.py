@@ -14,6 +14,10 @@ process, one after the other:
 damo_hybrid is measured in steady state: it trains until its host cache evicts, ``warmup``
 more steps, then times ``steps`` steps, with the per-stage breakdown of :mod:`damo_hybrid.timing`.
 Throughput is the median samples/s over the timed steps.
+
+With a data file (``bench --train --data FILE``) both sides train on its batches instead, read by
+the streaming reader (damo_hybrid's in its loader thread), and the run reports how long the worker
+waited for its input and the host manager for the loader: the loader must never starve the worker.
 """
 
 from __future__ import annotations
@@ -58,12 +62,37 @@ def fit_timed(trainer: Trainer, steps: int) -> tuple[TrainSummary, list[float]]:
     return trainer.fit(steps, progress=progress), times
 
 
+class FileBatches:
+    """Batches of a delimited file in a known format, streamed epoch after epoch (``--data``).
+
+    Args:
+        path: the file (or a glob or directory of them).
+        batch_size: samples per batch.
+        fmt: a format of :data:`~damo_hybrid.data.readers.FORMATS` (Criteo by default).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], batch_size: int, fmt: str = "criteo") -> None:
+        from ..data.readers import FORMATS
+        from ..data.source import StreamSource
+        from ..data.stream import DelimitedStream
+
+        schema = FORMATS.get(fmt)
+        if schema is None:
+            raise ValueError(f"unknown data format {fmt!r}; known: {sorted(k for k, v in FORMATS.items() if v)}")
+        self.source = StreamSource(DelimitedStream(path, schema, batch_size))
+        self.batch_size = batch_size
+        self.sparse_fields, self.dense_fields = self.source.sparse_fields, self.source.dense_fields
+
+    def batch(self, i: int) -> Any:
+        return self.source(i)
+
+
 def median_rate(times: list[float], batch: int, warmup: int) -> float:
     steady = times[warmup:] if len(times) > warmup else times
     return batch / statistics.median(steady)
 
 
-def bench_torch(data: SyntheticCriteo, rows: int, steps: int, warmup: int, dim: int, lr: float) -> dict[str, Any]:
+def bench_torch(data: SyntheticCriteo | FileBatches, rows: int, steps: int, warmup: int, dim: int, lr: float) -> dict[str, Any]:
     torch.manual_seed(0)
     rows_module = InMemoryEmbeddings(data.sparse_fields, rows, dim, modulo_index(rows), lin=True)
     m = DeepFM(None, data.sparse_fields, len(data.dense_fields), hidden=(400, 400), embedding_module=rows_module)
@@ -82,7 +111,7 @@ STAGES = ("dedup", "index", "victims", "evict", "overlay", "rocksdb_read", "deco
           "rocksdb_write", "forward", "backward", "sparse_step", "dense_step")
 
 
-def bench_damo(data: SyntheticCriteo, cache_mb: float, steps: int, warmup: int, dim: int, lr: float,
+def bench_damo(data: SyntheticCriteo | FileBatches, cache_mb: float, steps: int, warmup: int, dim: int, lr: float,
                root: Path, threads: int, prefetch: bool = True, max_warmup: int = 400,
                row_dtype: str = "float32") -> dict[str, Any]:
     """Train until the host cache evicts (steady state), ``warmup`` more steps, then time ``steps``.
@@ -114,11 +143,12 @@ def bench_damo(data: SyntheticCriteo, cache_mb: float, steps: int, warmup: int, 
                 window.update(start=step + warmup, filled=evicting, filled_at=step)
             if window.get("start") == step:  # the timed window begins after this step
                 CLOCK.enable()
-                window.update(t0=now, write_backs=write_backs())
+                window.update(t0=now, write_backs=write_backs(), stalls=_stalls(trainer))
             elif "t0" in window:
                 times.append(now - last[0])
                 if len(times) == steps:
-                    window.update(seconds=CLOCK.snapshot(), counts=CLOCK.counts(),
+                    stalls = {k: v - window["stalls"][k] for k, v in _stalls(trainer).items()}
+                    window.update(seconds=CLOCK.snapshot(), counts=CLOCK.counts(), stalls=stalls, wall=now - window["t0"],
                                   write_backs=write_backs() - window["write_backs"])
                     CLOCK.disable()
                     raise _Done
@@ -140,25 +170,38 @@ def bench_damo(data: SyntheticCriteo, cache_mb: float, steps: int, warmup: int, 
                 "timed_steps": len(times), "torch_threads": torch.get_num_threads(),
                 "hit_rate": keys["hits"] / keys["unique"] if keys["unique"] else 0.0,
                 "per_step_ms": per_step_ms, "per_step_keys": keys,
-                "cache_rows": sum(c.capacity for c in caches), "peak_rss_mb": peak_rss_mb()}
+                "cache_rows": sum(c.capacity for c in caches), "peak_rss_mb": peak_rss_mb(),
+                # shares of the timed window's wall time: the worker waiting for its input (host
+                # manager and loader together), the host manager waiting for the loader
+                "worker_stall_share": window["stalls"]["worker_stall"] / window["wall"],
+                "loader_wait_share": window["stalls"]["loader_wait"] / window["wall"],
+                "load_ms": 1000.0 * window["stalls"]["load"] / steps}
+
+
+def _stalls(trainer: Trainer) -> dict[str, float]:
+    ps = trainer.pipeline_stats
+    return {"worker_stall": ps.worker_stall if ps else 0.0, "loader_wait": ps.loader_wait if ps else 0.0,
+            "load": ps.load if ps else 0.0}
 
 
 def run_train_bench(steps: int = 100, warmup: int = 20, rows: int = 4_200_000, fractions: tuple[float, ...] = (0.25, 0.05),
                     dim: int = 16, lr: float = 0.05, threads: int | None = None, max_warmup: int = 400,
-                    batch: int = 4096, row_dtypes: tuple[str, ...] = ("float32",),
-                    log: Callable[[str], None] = _log.info) -> dict[str, Any]:
+                    batch: int = 4096, row_dtypes: tuple[str, ...] = ("float32",), data_path: str | None = None,
+                    data_format: str = "criteo", log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """In-memory torch (all ``threads``), then damo_hybrid at each cache fraction in steady state
     (the worker on ``worker_threads(threads)``, a core left to the host side), once per row dtype
     (``float32``, or 16-bit rows: the same budget in bytes then holds more rows).
 
     Torch is measured again after each damo_hybrid run, and each ratio is taken against the mean
     of the two torch runs around it: a shared machine's speed drifts over minutes, and this keeps
-    the drift out of the ratios (``torch_runs`` holds every torch figure).
+    the drift out of the ratios (``torch_runs`` holds every torch figure). ``data_path``: train
+    both sides on that file's batches (streamed), not the synthetic ones.
     """
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    data = SyntheticCriteo(batch, seed=0)
-    res: dict[str, Any] = {"steps": steps, "warmup": warmup, "threads": threads, "machine": machine()}
+    data = SyntheticCriteo(batch, seed=0) if data_path is None else FileBatches(data_path, batch, data_format)
+    res: dict[str, Any] = {"steps": steps, "warmup": warmup, "threads": threads, "machine": machine(),
+                           "data": str(data_path) if data_path else "synthetic"}
 
     def measure_torch() -> dict[str, Any]:
         torch.set_num_threads(threads)
@@ -196,4 +239,6 @@ def run_train_bench(steps: int = 100, warmup: int = 20, rows: int = 4_200_000, f
                 f"torch's {r['torch_samples_per_s']:,.0f}, the mean of the runs before and after)")
             log("  per step: " + ", ".join(f"{n} {v:,.0f}" for n, v in k.items()) + " keys")
             log("  per step ms: " + ", ".join(f"{n} {v:.1f}" for n, v in ms.items()))
+            log(f"  worker waiting for its input {r['worker_stall_share']:.2%} of the time, host manager waiting "
+                f"for the loader {r['loader_wait_share']:.2%}; loader {r['load_ms']:.1f} ms per batch")
     return res

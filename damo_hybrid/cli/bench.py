@@ -70,13 +70,19 @@ def run_bench(args: argparse.Namespace) -> int | None:
         if bad:
             raise ValueError(f"unknown row dtypes {bad}; known: {[d.value for d in RowDtype]}")
         res = run_train_bench(steps=args.train_steps, fractions=tuple(float(x) for x in args.fractions.split(",")),
-                              row_dtypes=dtypes, log=print)
+                              row_dtypes=dtypes, data_path=args.data, data_format=args.data_format, log=print)
     elif args.dist:
         res = _dist(args)
     elif args.host:
         from ..bench.host import run_host_bench
 
         res = run_host_bench(threads=tuple(int(x) for x in args.host_threads.split(",")), log=print)
+    elif args.write_criteo:
+        from ..bench.loader import write_criteo_file
+
+        n = write_criteo_file(Path(args.write_criteo), args.loader_rows)
+        print(f"wrote {args.write_criteo}: {args.loader_rows:,} Criteo-format rows, {n / 2**20:,.0f} MiB of text")
+        return 0
     elif args.loader:
         from ..bench.loader import run_loader_bench
 
@@ -137,6 +143,11 @@ def add_bench_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--loader", action="store_true",
                    help="the streaming reader on a Criteo TSV it writes (plain and gzip): rows/s and RSS")
     b.add_argument("--loader-rows", type=int_in(1), default=10_000_000)
+    b.add_argument("--write-criteo", metavar="FILE",
+                   help="instead: write a Criteo-format file of --loader-rows rows there (gzip if it ends in .gz)")
+    b.add_argument("--data", help="with --train: train both sides on this file's batches, streamed (default: "
+                   "synthetic batches); reports how long the worker waits for the loader")
+    b.add_argument("--data-format", default="criteo", help="the --data file's format (with --train)")
     b.add_argument("--loader-repeats", type=int_in(1), default=3)
     b.add_argument("--fractions", default="0.25,0.05", help="cache budgets as fractions of the torch table's bytes")
     b.add_argument("--row-dtypes", default="float32", help="with --train: the row dtypes to run at each budget, "

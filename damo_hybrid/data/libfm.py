@@ -92,6 +92,10 @@ class LibfmStream(DelimitedStream):
         self.width = _width(expand_paths(paths)[0])
         super().__init__(paths, libfm_schema(self.width, OnError(on_error)), batch_size, **kw)
 
+    def _text(self, body: bytes) -> None:
+        """No compiled fast path: libFM values are ``idx:val``, which the delimited one does not read."""
+        return None
+
     def _arrow_options(self) -> tuple[object, object, object]:
         import pyarrow as pa
         import pyarrow.csv as pacsv

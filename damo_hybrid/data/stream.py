@@ -1,16 +1,22 @@
-"""Streaming delimited input: files of any size in flat memory, parsed by pyarrow a block at a time.
+"""Streaming delimited input: files of any size in flat memory, parsed a block at a time.
 
 :class:`DelimitedStream` reads one or more CSV/TSV files (Criteo, Avazu or any
 :class:`~damo_hybrid.data.readers.Schema`; ``.gz`` decompressed on the fly) in blocks of about
-``block_mb`` cut at line ends. Each block is parsed by pyarrow's multi-threaded CSV parser with
-the schema's column types, and its columns become keys, dense features and labels without a
-Python object per value: string columns are hashed straight from Arrow's packed bytes
-(:func:`~damo_hybrid.keys.hashing.hash_packed`, the same keys as the line reader), dense columns
-go through the same vectorized transforms. Batches are cut across block and file boundaries, so
-memory holds one block and one batch, whatever the file size.
+``block_mb`` cut at line ends, in a thread of its own. Each block goes to the first of three
+judges that takes it whole:
 
-A block that pyarrow refuses, or whose values the schema rejects (a wrong column count, a label
-that is not 0/1, a dense value that is not a number ...), is parsed again line by line by the
+1. the compiled fast path (:mod:`~damo_hybrid.data.textparse`): labels, dense values and keys
+   in one pass over the bytes, lines split over threads, for lines of plain numbers and ASCII ids;
+2. pyarrow's multi-threaded CSV parser with the schema's column types (when pyarrow is
+   installed), its string columns hashed straight from Arrow's packed bytes
+   (:func:`~damo_hybrid.keys.hashing.hash_packed`);
+3. the reference line reader.
+
+All three give the same keys, dense features and labels. Batches are cut across block and file
+boundaries, so memory holds a few blocks and one batch, whatever the file size.
+
+A block that the first two refuse, or whose values the schema rejects (a wrong column count, a
+label that is not 0/1, a dense value that is not a number ...), is parsed line by line by the
 reference reader (:func:`~damo_hybrid.data.readers.delimited_lines`), so errors name the same
 file and line as :func:`~damo_hybrid.data.readers.read_dataset`, and ``on_error="skip"`` drops
 the same lines.
@@ -22,28 +28,25 @@ one exactly, seeking in a plain file (a gzip file is decompressed again up to th
 
 from __future__ import annotations
 
-import glob
 import gzip
 import io
 import os
-import queue
-import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from ..keys.hashing import hash_feature, hash_packed, mix64
+from .files import ahead, expand_paths, skip_bytes
 from .readers import DenseMode, Schema, _buckets, delimited_lines
 from .synthetic import Batch
 
 __all__ = ["DelimitedStream", "Position", "Holdout", "expand_paths"]
 
 _BOM = b"\xef\xbb\xbf"
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -85,28 +88,6 @@ class Holdout:
         return held if self.held_out else ~held
 
 
-def expand_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Files of a path, a glob, a directory (its files, sorted) or a list of those.
-
-    Raises:
-        FileNotFoundError: a path matches no file.
-    """
-    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    out: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith("."))
-        elif any(ch in str(item) for ch in "*?["):
-            found = sorted(Path(q) for q in glob.glob(str(item)) if Path(q).is_file())
-        else:
-            found = [p] if p.is_file() else []
-        if not found:
-            raise FileNotFoundError(f"no data file at {item}")
-        out += found
-    return out
-
-
 @dataclass
 class _Block:
     """Parsed rows of one block."""
@@ -141,11 +122,13 @@ class DelimitedStream:
         shuffle_buffer: shuffle rows within consecutive windows of this many rows, each by a
             permutation drawn from ``(seed, window number)``: reproducible, and resumable from a
             :class:`Position` (0: file order).
+        compiled: try the compiled fast path first (False: pyarrow first; the same batches, for
+            comparisons).
     """
 
     def __init__(self, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], schema: Schema,
                  batch_size: int = 4096, block_mb: float = 8.0, holdout: Holdout | None = None,
-                 shuffle_buffer: int = 0, seed: int = 0) -> None:
+                 shuffle_buffer: int = 0, seed: int = 0, compiled: bool = True) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not block_mb > 0:
@@ -163,6 +146,9 @@ class DelimitedStream:
         self.dense_fields = list(s.dense) if s.dense_mode in (DenseMode.LOG1P, DenseMode.BOTH) else []
         self.sparse_fields = list(s.sparse) + (list(s.dense) if s.dense_mode in (DenseMode.BUCKETIZE, DenseMode.BOTH) else [])
         self._convert = self._arrow_options()
+        from .textparse import plan_text
+
+        self._plan = plan_text(schema) if compiled else None
 
     # ------------------------------------------------------------ batches
     def batches(self, start: Position = Position()) -> Iterator[tuple[Batch, Position]]:
@@ -228,7 +214,7 @@ class DelimitedStream:
         """``(block, rows used -> Position after them)`` from ``start`` on. A thread reads and
         parses (pyarrow, without the GIL) the next blocks while this one is converted."""
         rows = 0
-        for fi, off, ln, raw, nlines, table in _ahead(self._tables(start), depth=2):
+        for fi, off, ln, raw, nlines, table in ahead(self._tables(start), depth=2):
             block = self._convert_table(self.paths[fi], raw, ln, off == 0, table)
             block, skip, first, rows = self._frame(start, fi, off, block, rows)
 
@@ -261,11 +247,15 @@ class DelimitedStream:
         return block, skip, first, rows
 
     def _tables(self, start: Position) -> Iterator[tuple[int, int, int, bytes, int, object]]:
-        """``(file, offset, line, raw bytes, newlines, Arrow table or None)`` of each block."""
+        """``(file, offset, line, raw bytes, newlines, parsed)`` of each block: parsed is a
+        :class:`_Block` from the compiled fast path, else an Arrow table, else None."""
         for fi in range(start.file, len(self.paths)):
             offset, line = (start.offset, start.line) if fi == start.file else (0, 1)
-            for off, ln, raw, nlines in self._raw_blocks(self.paths[fi], offset, line):
-                yield fi, off, ln, raw, nlines, self._arrow(_body(raw, self.schema, off == 0))
+            # reading (and gunzip) runs a thread of its own, a block ahead of the parse
+            for off, ln, raw, nlines in ahead(self._raw_blocks(self.paths[fi], offset, line), 2, "damo-read"):
+                body = _body(raw, self.schema, off == 0)
+                block = self._text(body)
+                yield fi, off, ln, raw, nlines, block if block is not None else self._arrow(body)
 
     def _raw_blocks(self, path: Path, offset: int, line: int) -> Iterator[tuple[int, int, bytes, int]]:
         """``(byte offset, first line number, bytes ending at a line end, newlines in them)``."""
@@ -274,7 +264,7 @@ class DelimitedStream:
             with opener(path, "rb") as f:
                 if offset:
                     if path.suffix == ".gz":
-                        _skip(f, offset)
+                        skip_bytes(f, offset)
                     else:
                         f.seek(offset)
                 rest = b""
@@ -298,9 +288,14 @@ class DelimitedStream:
             raise ValueError(f"{path}:{line}: unreadable after {line - 1} lines (truncated or corrupt file?): {e}") from e
 
     # ------------------------------------------------------------ parsing
-    def _arrow_options(self) -> tuple[object, object, object]:
-        import pyarrow as pa
-        import pyarrow.csv as pacsv
+    def _arrow_options(self) -> tuple[object, object, object] | None:
+        """pyarrow's options for the schema, or None without pyarrow (the compiled path then hands
+        a block it cannot judge straight to the line reader)."""
+        try:
+            import pyarrow as pa
+            import pyarrow.csv as pacsv
+        except ImportError:
+            return None
 
         s = self.schema
         types = {s.label: pa.float64(), **{c: pa.float64() for c in s.dense},
@@ -313,7 +308,7 @@ class DelimitedStream:
         return read, parse, convert
 
     def _convert_table(self, path: Path, raw: bytes, line: int, file_start: bool, table: object) -> _Block:
-        block = self._fast(table) if table is not None else None
+        block = table if isinstance(table, _Block) else self._fast(table) if table is not None else None
         if block is None:  # a value the fast path will not judge: the reference line reader decides
             text = raw.decode("utf-8-sig" if file_start else "utf-8")
             lines = text.split("\n")
@@ -330,12 +325,14 @@ class DelimitedStream:
 
     def _arrow(self, body: bytes) -> object:
         """The block parsed by pyarrow with the schema's types, or None where it refuses it."""
+        if self._convert is None:
+            return None
         import pyarrow as pa
         import pyarrow.csv as pacsv
 
         if not body.strip():
             return pa.table({})
-        read, parse, convert = self._convert
+        read, parse, convert = self._convert  # type: ignore[misc]
         try:
             return pacsv.read_csv(io.BytesIO(body), read_options=read, parse_options=parse, convert_options=convert)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError):
@@ -350,10 +347,6 @@ class DelimitedStream:
                           np.zeros((0, len(self.dense_fields)), np.float32), np.zeros(0, np.float32))
         label = _floats(t.column(s.label))
         if label is None or np.isnan(label).any():
-            return None
-        if s.label_threshold is not None:
-            label = (label >= s.label_threshold).astype(np.float32)
-        elif not np.isin(label, (0.0, 1.0)).all():
             return None
         dense = np.zeros((t.num_rows, len(s.dense)), np.float64)  # type: ignore[attr-defined]
         for j, c in enumerate(s.dense):
@@ -371,13 +364,35 @@ class DelimitedStream:
                 sparse[c] = hash_feature(c, col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False))
             else:
                 sparse[c] = _hash_strings(c, col)
-        if s.dense and s.dense_mode in (DenseMode.BUCKETIZE, DenseMode.BOTH):
-            for j, c in enumerate(s.dense):
-                sparse[c] = hash_feature(c, _buckets(dense[:, j]))
-        out = np.zeros((t.num_rows, 0), np.float32)  # type: ignore[attr-defined]
-        if s.dense and s.dense_mode in (DenseMode.LOG1P, DenseMode.BOTH):
-            out = np.log1p(np.maximum(np.nan_to_num(dense, nan=0.0), 0.0)).astype(np.float32)
-        return _Block(sparse, out, label.astype(np.float32))
+        return _finish(s, label, dense, sparse)
+
+    def _text(self, body: bytes) -> _Block | None:
+        """The block parsed by the compiled fast path, or None where it hands the block on."""
+        if self._plan is None:
+            return None
+        from .textparse import parse_text
+
+        parsed = parse_text(body, self._plan)
+        if parsed is None:
+            return None
+        return _finish(self.schema, parsed.label, parsed.dense, dict(zip(self.schema.sparse, parsed.keys)))
+
+
+def _finish(s: Schema, label: np.ndarray, dense: np.ndarray, sparse: dict[str, np.ndarray]) -> _Block | None:
+    """A block from raw float64 labels (N,), dense values (N, D) (NaN: missing) and the sparse
+    columns' keys: the schema's label rule and dense transforms applied; None if a label breaks
+    the rule (the line reader then names the line)."""
+    if s.label_threshold is not None:
+        label = (label >= s.label_threshold).astype(np.float32)
+    elif not np.isin(label, (0.0, 1.0)).all():
+        return None
+    if s.dense and s.dense_mode in (DenseMode.BUCKETIZE, DenseMode.BOTH):
+        for j, c in enumerate(s.dense):
+            sparse[c] = hash_feature(c, _buckets(dense[:, j]))
+    out = np.zeros((len(label), 0), np.float32)
+    if s.dense and s.dense_mode in (DenseMode.LOG1P, DenseMode.BOTH):
+        out = np.log1p(np.maximum(np.nan_to_num(dense, nan=0.0), 0.0)).astype(np.float32)
+    return _Block(sparse, out, label.astype(np.float32))
 
 
 def _body(raw: bytes, s: Schema, file_start: bool) -> bytes:
@@ -390,45 +405,6 @@ def _body(raw: bytes, s: Schema, file_start: bool) -> bytes:
     if s.header or (s.header is None and head.decode("utf-8", "replace").split(s.sep) == list(s.columns)):
         return body[end + 1:] if end >= 0 else b""
     return body
-
-
-_DONE = object()
-
-
-def _ahead(items: Iterator[T], depth: int) -> Iterator[T]:
-    """``items``, produced by a thread up to ``depth`` ahead (its exceptions re-raised here);
-    closing the iterator stops the thread."""
-    q: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-
-    def run() -> None:
-        try:
-            for x in items:
-                while not stop.is_set():
-                    try:
-                        q.put(x, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(_DONE)
-        except BaseException as e:  # handed to the consumer
-            q.put(e)
-
-    th = threading.Thread(target=run, name="damo-parse", daemon=True)
-    th.start()
-    try:
-        while True:
-            x = q.get()
-            if x is _DONE:
-                return
-            if isinstance(x, BaseException):
-                raise x
-            yield x
-    finally:
-        stop.set()
-        th.join(timeout=5)
 
 
 def _floats(col: object, missing: float | None = None) -> np.ndarray | None:
@@ -465,12 +441,3 @@ def _concat(parts: list[_Block]) -> Batch:
         return Batch(dict(p.sparse), p.dense, p.label)
     return Batch({f: np.concatenate([p.sparse[f] for p in parts]) for f in parts[0].sparse},
                  np.concatenate([p.dense for p in parts]), np.concatenate([p.label for p in parts]))
-
-
-def _skip(f: io.BufferedIOBase, n: int) -> None:
-    """Read past ``n`` bytes of a stream that cannot seek (gzip)."""
-    while n:
-        got = f.read(min(n, 1 << 24))
-        if not got:
-            return
-        n -= len(got)

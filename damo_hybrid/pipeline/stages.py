@@ -58,6 +58,7 @@ class PipelineStats:
     load: float = 0.0
     prepare: float = 0.0
     prepare_stall: float = 0.0
+    loader_wait: float = 0.0  # the part of prepare_stall spent waiting for the loader (not for permits)
     worker_stall: float = 0.0
     batches: int = 0
     # with Pipeline(timeline=[...]): (stage, start, end) perf_counter intervals of load and prepare
@@ -146,7 +147,9 @@ class Pipeline(Generic[B, P]):
             while True:
                 t0 = time.perf_counter()
                 item = self._get(self._q1)
-                self.stats.prepare_stall += time.perf_counter() - t0
+                waited = time.perf_counter() - t0
+                self.stats.prepare_stall += waited
+                self.stats.loader_wait += waited
                 if isinstance(item, (_Done, _Failed)):
                     self._put(self._q2, item)
                     return

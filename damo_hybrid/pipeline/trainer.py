@@ -295,6 +295,7 @@ class Trainer:
             sparse = self.sparse
             with Pipeline(self.train_batch, lambda b: self.model.prepare(b.sparse), sparse.release,
                           self.step, self.step + steps, timeline=self.timeline) as pipe:
+                self.pipeline_stats = pipe.stats  # live: a progress callback may read it
                 for _, b, prepared in pipe:
                     losses.append(self._compute_apply(b, prepared))
                     if progress is not None:
