@@ -129,3 +129,46 @@ def test_unique_inverse_equals_numpy_unique(values, repeat):
     assert got_u.dtype == np.uint64 and got_inv.dtype == np.int64
     np.testing.assert_array_equal(got_u, want_u)
     np.testing.assert_array_equal(got_inv, want_inv.reshape(-1))
+
+
+def _reference_rows(cfg: InitializerConfig, table: str, dim: int, keys: np.ndarray) -> np.ndarray:
+    """The module doc's algorithm in numpy, a pass per column (the compiled loops' reference)."""
+    import math
+
+    golden, inv24 = np.uint64(0x9E3779B97F4A7C15), 1.0 / (1 << 24)
+    salt = mix64(np.uint64(cfg.seed) ^ fnv1a64([table.encode()])[0])[0]
+    base = mix64(keys ^ salt)
+
+    def bits(first: int) -> np.ndarray:
+        return mix64(base[:, None] + np.arange(first + 1, first + dim + 1, dtype=np.uint64)[None, :] * golden)
+
+    def normal(first: int) -> np.ndarray:
+        b = bits(first)
+        u1 = ((b >> np.uint64(40)).astype(np.float64) + 0.5) * inv24
+        u2 = (((b >> np.uint64(16)) & np.uint64(0xFFFFFF)).astype(np.float64) + 0.5) * inv24
+        return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
+
+    kind = cfg.kind.value
+    if kind in ("uniform", "xavier_uniform"):
+        u = ((bits(0) >> np.uint64(40)).astype(np.float64) + 0.5) * inv24
+        if kind == "uniform":
+            return (float(cfg.low) + (float(cfg.high) - float(cfg.low)) * u).astype(np.float32)
+        b = math.sqrt(6.0 / (1.0 + dim))
+        return (-b + 2.0 * b * u).astype(np.float32)
+    z = normal(0)
+    if kind != "normal":
+        for r in range(1, 8):
+            bad = np.abs(z) > 2.0
+            z = np.where(bad, normal(dim * r), z)
+        z = np.clip(z, -2.0, 2.0)
+    return (float(cfg.mean) + float(cfg.std) * z).astype(np.float32)
+
+
+@pytest.mark.parametrize("cfg", [InitializerConfig.normal(std=0.01), InitializerConfig.normal(mean=0.5, std=2.0, seed=3),
+                                 InitializerConfig.truncated_normal(std=0.05), InitializerConfig.uniform(-0.2, 0.3),
+                                 InitializerConfig.xavier_uniform()])
+def test_compiled_rows_equal_the_documented_algorithm(cfg):
+    keys = np.random.default_rng(5).integers(0, 2**64, 20_000, dtype=np.uint64)
+    for dim in (1, 16, 17):
+        got = RowInitializer(cfg, "emb", dim)(keys)
+        np.testing.assert_array_equal(got.view(np.uint32), _reference_rows(cfg, "emb", dim, keys).view(np.uint32))

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..config import InitializerConfig, OptimizerConfig, TableConfig
 from ..data.synthetic import SyntheticCriteo, zipf_keys
+from ..keys.kernels import unique_inverse
 from ..store import EmbeddingStore
 from . import machine
 
@@ -42,7 +43,7 @@ def _worker(store: EmbeddingStore, table: str, seed: int, batch: int, vocab: int
     g = np.full((batch, t.dim), 1e-3, np.float32)
 
     def step(keys: np.ndarray) -> int:
-        ukeys = np.unique(keys)
+        ukeys = unique_inverse(keys)[0]  # the host manager's de-dup
         with tiers.lock:
             slots = host.make_resident(ukeys, pin=True)
         try:

@@ -30,10 +30,12 @@ import operator
 from dataclasses import dataclass
 from itertools import compress, repeat
 
+import numba
 import numpy as np
 
 from ..errors import CorruptRowError
 from ..keys.hashing import mix64
+from ..keys.kernels import mix
 from ..precision import CODES, RowDtype, RowPrecision
 
 __all__ = ["LAYOUT_VERSION", "HEADER_WORDS", "Rows", "RowCodec"]
@@ -105,9 +107,11 @@ class RowCodec:
         self._mult = mix64(np.arange(1, self.words, dtype=np.uint64)) | np.uint64(1)
 
     def _checksum(self, keys: np.ndarray, words: np.ndarray) -> np.ndarray:
-        body = words[:, :-1].astype(np.uint64)
-        h = (body * self._mult).sum(axis=1, dtype=np.uint64)
-        return (mix64(h ^ mix64(keys)) & _U32_MAX).astype(np.uint32)
+        """uint32 (N,): ``mix64(sum_j words[:, j] * mult[j] ^ mix64(key))`` over every word but the
+        last (wrapping uint64 arithmetic), low 32 bits."""
+        out = np.empty(len(keys), dtype=np.uint32)
+        _checksum_rows(np.ascontiguousarray(words), np.ascontiguousarray(keys, dtype=np.uint64), self._mult, out)
+        return out
 
     def encode(self, keys: np.ndarray, rows: Rows) -> list[bytes]:
         """Serialise rows.
@@ -191,3 +195,11 @@ class RowCodec:
         )
         return rows, found
 
+
+@numba.njit(nogil=True, cache=True)
+def _checksum_rows(words, keys, mult, out) -> None:
+    for i in range(len(keys)):
+        h = np.uint64(0)
+        for j in range(len(mult)):
+            h += np.uint64(words[i, j]) * mult[j]
+        out[i] = np.uint32(mix(h ^ mix(keys[i])) & _U32_MAX)

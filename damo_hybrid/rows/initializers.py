@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 
 from ..config import InitializerConfig, InitializerKind
 from ..keys.hashing import fnv1a64, mix64
+from ..keys.kernels import mix
 
 __all__ = ["RowInitializer"]
 
@@ -61,20 +63,6 @@ class RowInitializer:
         # (counter + 1) * golden for counters 0 .. rounds * dim - 1
         self._cols = (np.arange(1, _TRUNC_ROUNDS * dim + 1, dtype=np.uint64) * _GOLDEN)
 
-    def _bits(self, base: np.ndarray, first: int) -> np.ndarray:
-        """uint64 (N, dim) hashes of counters first .. first + dim - 1."""
-        return mix64(base[:, None] + self._cols[None, first:first + self.dim])
-
-    def _uniform(self, base: np.ndarray) -> np.ndarray:
-        """float64 (N, dim) uniforms in (0, 1)."""
-        return ((self._bits(base, 0) >> np.uint64(40)).astype(np.float64) + 0.5) * _INV24
-
-    def _normal(self, base: np.ndarray, first: int) -> np.ndarray:
-        bits = self._bits(base, first)
-        u1 = ((bits >> np.uint64(40)).astype(np.float64) + 0.5) * _INV24
-        u2 = (((bits >> np.uint64(16)) & _LOW24).astype(np.float64) + 0.5) * _INV24
-        return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
-
     def __call__(self, keys: np.ndarray) -> np.ndarray:
         """Initial rows.
 
@@ -94,26 +82,47 @@ class RowInitializer:
             return np.zeros((n, d), dtype=np.float32)
         if self.kind is InitializerKind.ONES:
             return np.ones((n, d), dtype=np.float32)
-        base = mix64(keys.astype(np.uint64, copy=False) ^ self.salt)
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        out = np.empty((n, d), dtype=np.float32)
         if self.kind is InitializerKind.UNIFORM:
-            u = self._uniform(base)
-            return (self.low + (self.high - self.low) * u).astype(np.float32)
-        if self.kind is InitializerKind.XAVIER_UNIFORM:
+            _uniform_rows(keys, self.salt, self._cols, self.low, self.high - self.low, out)
+        elif self.kind is InitializerKind.XAVIER_UNIFORM:
             b = math.sqrt(6.0 / (1.0 + d))
-            return (-b + 2.0 * b * self._uniform(base)).astype(np.float32)
-        if self.kind is InitializerKind.NORMAL:
-            return (self.mean + self.std * self._normal(base, 0)).astype(np.float32)
-        # truncated normal within 2 sigma: redraw the out-of-range values
-        z = self._normal(base, 0)
-        for r in range(1, _TRUNC_ROUNDS):
-            bad = np.abs(z) > 2.0
-            if not bad.any():
-                break
-            rows = np.nonzero(bad.any(axis=1))[0]
-            z2 = self._normal(base[rows], d * r)
-            zr = z[rows]
-            m = bad[rows]
-            zr[m] = z2[m]
-            z[rows] = zr
-        np.clip(z, -2.0, 2.0, out=z)
-        return (self.mean + self.std * z).astype(np.float32)
+            _uniform_rows(keys, self.salt, self._cols, -b, 2.0 * b, out)
+        else:
+            trunc = self.kind is not InitializerKind.NORMAL
+            _normal_rows(keys, self.salt, self._cols, self.mean, self.std, _TRUNC_ROUNDS if trunc else 0, out)
+        return out
+
+
+# One compiled loop per row (numba, GIL-free): the documented algorithm above, value by value.
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _u24(bits: np.uint64, shift: int) -> float:
+    return (np.float64((bits >> np.uint64(shift)) & _LOW24) + 0.5) * _INV24
+
+
+@numba.njit(nogil=True, cache=True)
+def _uniform_rows(keys, salt, cols, low, scale, out) -> None:
+    for i in range(len(keys)):
+        base = mix(keys[i] ^ salt)
+        for j in range(out.shape[1]):
+            out[i, j] = np.float32(low + scale * _u24(mix(base + cols[j]), 40))
+
+
+@numba.njit(nogil=True, cache=True)
+def _normal_rows(keys, salt, cols, mean, std, rounds, out) -> None:
+    d = out.shape[1]
+    for i in range(len(keys)):
+        base = mix(keys[i] ^ salt)
+        for j in range(d):
+            bits = mix(base + cols[j])
+            z = np.sqrt(-2.0 * np.log(_u24(bits, 40))) * np.cos(2.0 * math.pi * _u24(bits, 16))
+            if rounds:  # truncated: redraw beyond 2 sigma from counter d * r + j, then clip
+                r = 1
+                while r < rounds and abs(z) > 2.0:
+                    bits = mix(base + cols[d * r + j])
+                    z = np.sqrt(-2.0 * np.log(_u24(bits, 40))) * np.cos(2.0 * math.pi * _u24(bits, 16))
+                    r += 1
+                z = min(max(z, -2.0), 2.0)
+            out[i, j] = np.float32(mean + std * z)
