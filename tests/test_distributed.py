@@ -442,10 +442,14 @@ def test_train_under_torchrun_shards_the_tables_over_the_ranks(tmp_path):
     import sys
 
     store = tmp_path / "s"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "-m", "damo_hybrid.cli", "train", "--steps", "6", "--batch-size", "256", "--dim", "8", "--vocab-min", "300",
-           "--vocab-max", "3000", "--eval-batches", "1", "--quiet", "--backend", "cpu", "--store", str(store),
-           "--checkpoint-every", "3"]
+    train = ["-m", "damo_hybrid.cli", "train", "--batch-size", "256", "--dim", "8", "--vocab-min", "300", "--vocab-max",
+             "3000", "--eval-batches", "1", "--quiet", "--backend", "cpu", "--store", str(store), "--checkpoint-every", "3"]
+
+    def ranks(n: int) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
+                str(_free_port())]
+
+    cmd = ranks(2) + train + ["--steps", "6"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("samples/s") == 1  # rank 0 alone prints
@@ -457,5 +461,22 @@ def test_train_under_torchrun_shards_the_tables_over_the_ranks(tmp_path):
 
     ck, marker = latest_sharded_checkpoint(tmp_path / "s.ckpt")
     assert marker == {"world": 2, "sharding_version": 1, "step": 6} and (ck / "trainer.pt").is_file()
-    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "restore_shard" in r.stderr
+    saved = set()
+    for rank in range(2):
+        with EmbeddingStore(store / f"rank-{rank:05d}-of-00002", read_only=True) as st:
+            saved |= set(np.concatenate([k for k, _ in st.scan("emb")]).tolist())
+    # --resume on 2 ranks: every rank restores its shard of the newest checkpoint and trains on
+    r = subprocess.run(ranks(2) + train + ["--steps", "9", "--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 6" in r.stdout
+    for rank in range(2):
+        with EmbeddingStore(store / f"rank-{rank:05d}-of-00002", read_only=True) as st:
+            assert st.step("emb") == 9
+    # one process resumes the sharded run: the shards of its newest checkpoint merged into one store
+    r = subprocess.run([sys.executable] + train + ["--steps", "12", "--resume"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 9" in r.stdout
+    with EmbeddingStore(store, read_only=True) as st:
+        assert st.step("emb") == 12
+        assert saved <= set(np.concatenate([k for k, _ in st.scan("emb")]).tolist())

@@ -113,6 +113,7 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
     from ..pipeline.checkpoint import complete_checkpoints, load_latest
     from ..pipeline.stages import worker_threads
     from ..pipeline.trainer import Trainer, check_model_class
+    from .distributed import Ranks
 
     torch.manual_seed(args.seed)
     # with prefetch the host manager needs a core of its own while torch computes
@@ -157,12 +158,15 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
           f"dim {args.dim}, batch {args.batch_size}, {args.steps if args.steps < NO_END else f'{args.epochs} epoch(s) of'} steps, {args.optimizer} lr {args.lr}, "
           f"cache {args.cache_mb} MiB, backend {resolve_backend(args.backend).value}, store {store_dir}")
     state = None
+    ckr = ranks  # how checkpoints are found and restored: per rank, or one process resuming a sharded run
+    if ranks is None and args.resume and not complete_checkpoints(ckpt_root) and Ranks(0, 1).has_checkpoint(ckpt_root):
+        ckr = Ranks(0, 1)
     try:
-        had = bool(complete_checkpoints(ckpt_root))
+        had = bool(complete_checkpoints(ckpt_root)) if ckr is None else ckr.has_checkpoint(ckpt_root)
         if had and args.checkpoint_every and not args.resume:
             raise ValueError(f"{ckpt_root} already holds checkpoints of an earlier run: pass --resume to continue it, "
                              "or give another --checkpoint-dir (or --store) to start anew")
-        found = load_latest(ckpt_root, log=print) if args.resume else None
+        found = None if not args.resume else load_latest(ckpt_root, log=print) if ckr is None else ckr.latest(ckpt_root)
         if found is not None:
             ck, state = found
             check_model_class(state, MODELS[args.model].__name__, args.dense_mode, field_tables)  # before the store is touched
@@ -175,7 +179,10 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
             for d in (staging, trash):
                 if d.exists():
                     shutil.rmtree(d)
-            EmbeddingStore.from_checkpoint(ck / "store", staging, tables, store_cfg).close()
+            if ckr is None:
+                EmbeddingStore.from_checkpoint(ck / "store", staging, tables, store_cfg).close()
+            else:  # this rank's shard, re-sharded when the checkpoint was taken on another number of ranks
+                ckr.restore(ck, staging, store_cfg)
             if store_dir.exists():
                 store_dir.rename(trash)
             staging.rename(store_dir)

@@ -43,14 +43,35 @@ class Ranks:
             return type(b)({f: k[s] for f, k in b.sparse.items()}, b.dense[s], b.label[s])
         return mine
 
+    def has_checkpoint(self, root: Path) -> bool:
+        """Whether ``root`` holds a complete sharded checkpoint."""
+        from ..dist.checkpoint import latest_sharded_checkpoint
+
+        return latest_sharded_checkpoint(root) is not None
+
+    def latest(self, root: Path) -> tuple[Path, dict[str, Any]] | None:
+        """The newest complete sharded checkpoint under ``root`` and its trainer state, or None."""
+        from ..dist.checkpoint import latest_sharded_checkpoint
+        from ..pipeline.checkpoint import load_trainer_state
+
+        found = latest_sharded_checkpoint(root)
+        return None if found is None else (found[0], load_trainer_state(found[0]))
+
+    def restore(self, ck: Path, dest: Path, config: Any) -> None:
+        """This rank's store at ``dest`` (a new directory) from sharded checkpoint ``ck``, saved by
+        this number of ranks (a copy of the shard) or another (the rows re-sharded)."""
+        from ..dist.checkpoint import restore_shard
+
+        restore_shard(ck, dest, self.rank, self.world, config).close()
+
 
 @contextlib.contextmanager
 def distributed_run(args: argparse.Namespace) -> Iterator[Ranks | None]:
     """Join the torchrun process group when there is one of more than one rank (see the module doc);
     None (and nothing changed) otherwise.
 
-    Raises:
-        ValueError: ``--resume`` (restore a sharded run with ``damo_hybrid.dist.restore_shard``).
+    ``--resume`` restores every rank from the newest complete sharded checkpoint, on this or
+    another number of ranks (:func:`damo_hybrid.dist.checkpoint.restore_shard`).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -61,9 +82,6 @@ def distributed_run(args: argparse.Namespace) -> Iterator[Ranks | None]:
 
     from ..ops import Backend, resolve_backend
 
-    if args.resume:
-        raise ValueError("--resume of a run on several ranks is not in the command line yet: restore each rank's store "
-                         "with damo_hybrid.dist.restore_shard (docs/distributed.md)")
     cuda = resolve_backend(args.backend) is Backend.CUDA
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
