@@ -27,6 +27,7 @@ import logging
 import os
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -143,11 +144,14 @@ def bench_damo(data: SyntheticCriteo | FileBatches, cache_mb: float, steps: int,
                 window.update(start=step + warmup, filled=evicting, filled_at=step)
             if window.get("start") == step:  # the timed window begins after this step
                 CLOCK.enable()
-                window.update(t0=now, write_backs=write_backs(), stalls=_stalls(trainer))
+                window.update(t0=now, write_backs=write_backs(), stalls=_stalls(trainer), cpu=thread_cpu(),
+                              cpu0=time.process_time())
             elif "t0" in window:
                 times.append(now - last[0])
                 if len(times) == steps:
                     stalls = {k: v - window["stalls"][k] for k, v in _stalls(trainer).items()}
+                    cpu = {k: 1000.0 * (v - window["cpu"].get(k, 0.0)) / steps for k, v in thread_cpu().items()}
+                    window.update(cpu=cpu, cpu_ms=1000.0 * (time.process_time() - window["cpu0"]) / steps)
                     window.update(seconds=CLOCK.snapshot(), counts=CLOCK.counts(), stalls=stalls, wall=now - window["t0"],
                                   write_backs=write_backs() - window["write_backs"])
                     CLOCK.disable()
@@ -175,7 +179,41 @@ def bench_damo(data: SyntheticCriteo | FileBatches, cache_mb: float, steps: int,
                 # manager and loader together), the host manager waiting for the loader
                 "worker_stall_share": window["stalls"]["worker_stall"] / window["wall"],
                 "loader_wait_share": window["stalls"]["loader_wait"] / window["wall"],
-                "load_ms": 1000.0 * window["stalls"]["load"] / steps}
+                "load_ms": 1000.0 * window["stalls"]["load"] / steps,
+                # CPU of the whole process per timed step, and by thread (main: the worker)
+                "cpu_ms_per_step": window["cpu_ms"], "cpu_ms_by_thread": window["cpu"]}
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) of this process's live threads, summed by the group their name
+    starts with: ``main`` (the worker), ``damo-host``, ``damo-writer``, ``damo-read``, ``rocksdb``
+    ..., ``other`` (Linux; empty elsewhere). Threads that ended are not counted."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    main = str(os.getpid())
+    names = {str(t.native_id): t.name for t in threading.enumerate()}  # Python names; RocksDB names its own
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2:].split()
+        name = "main" if tid == main else _thread_group(names.get(tid, comm))
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _thread_group(comm: str) -> str:
+    for prefix in ("damo-host", "damo-loader", "damo-writer", "damo-read", "damo-parse", "damo-textparse", "rocksdb"):
+        if comm.startswith(prefix):
+            return prefix
+    return "other"
 
 
 def _stalls(trainer: Trainer) -> dict[str, float]:
@@ -239,6 +277,8 @@ def run_train_bench(steps: int = 100, warmup: int = 20, rows: int = 4_200_000, f
                 f"torch's {r['torch_samples_per_s']:,.0f}, the mean of the runs before and after)")
             log("  per step: " + ", ".join(f"{n} {v:,.0f}" for n, v in k.items()) + " keys")
             log("  per step ms: " + ", ".join(f"{n} {v:.1f}" for n, v in ms.items()))
+            log(f"  CPU per step {r['cpu_ms_per_step']:.0f} ms: " + ", ".join(
+                f"{n} {v:.0f}" for n, v in sorted(r["cpu_ms_by_thread"].items(), key=lambda x: -x[1]) if v >= 0.5))
             log(f"  worker waiting for its input {r['worker_stall_share']:.2%} of the time, host manager waiting "
                 f"for the loader {r['loader_wait_share']:.2%}; loader {r['load_ms']:.1f} ms per batch")
     return res
