@@ -4,6 +4,7 @@ batch; each rank's store holds exactly the keys it owns."""
 
 from __future__ import annotations
 
+import json
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -461,10 +462,29 @@ def test_train_under_torchrun_shards_the_tables_over_the_ranks(tmp_path):
 
     ck, marker = latest_sharded_checkpoint(tmp_path / "s.ckpt")
     assert marker == {"world": 2, "sharding_version": 1, "step": 6} and (ck / "trainer.pt").is_file()
-    saved = set()
+    saved, weights = set(), {}
     for rank in range(2):
         with EmbeddingStore(store / f"rank-{rank:05d}-of-00002", read_only=True) as st:
-            saved |= set(np.concatenate([k for k, _ in st.scan("emb")]).tolist())
+            for k, rows in st.scan("emb"):
+                saved |= set(k.tolist())
+                weights.update(zip(k.tolist(), rows.weights))
+    # export, dump (both formats) and inspect read the run's rank stores as one store: one output
+    cli = [sys.executable, "-m", "damo_hybrid.cli"]
+    for cmd_out in (["export", "--out", str(tmp_path / "rows.npz")], ["dump", "--out", str(tmp_path / "dump.npz")],
+                    ["dump", "--format", "seed", "--out", str(tmp_path / "seed.bin")]):
+        r = subprocess.run(cli + [cmd_out[0], "--store", str(store)] + cmd_out[1:], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+    with np.load(tmp_path / "rows.npz") as z:
+        keys = z["keys_emb"]
+        assert set(keys.tolist()) == saved and (keys[1:] > keys[:-1]).all()  # every shard's rows, sorted by key
+        np.testing.assert_array_equal(z["weights_emb"], np.stack([weights[k] for k in keys.tolist()]))
+    from damo_hybrid.compat.seed_format import read_seed_format
+
+    assert set(np.concatenate([k for k, _ in read_seed_format(tmp_path / "seed.bin").values()]).tolist()) == saved
+    r = subprocess.run(cli + ["inspect", "--store", str(store), "--json"], capture_output=True, text=True, timeout=120)
+    info = json.loads(r.stdout)["tables"]["emb"]
+    assert info["rows"] == len(saved) and info["step"] == 6
     # --resume on 2 ranks: every rank restores its shard of the newest checkpoint and trains on
     r = subprocess.run(ranks(2) + train + ["--steps", "9", "--resume"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -480,3 +500,20 @@ def test_train_under_torchrun_shards_the_tables_over_the_ranks(tmp_path):
     with EmbeddingStore(store, read_only=True) as st:
         assert st.step("emb") == 12
         assert saved <= set(np.concatenate([k for k, _ in st.scan("emb")]).tolist())
+
+
+def test_a_sharded_runs_store_directory_is_read_whole_or_refused(tmp_path):
+    from damo_hybrid.dist.shards import shard_dirs
+    from damo_hybrid.errors import DamoHybridError
+
+    assert shard_dirs(tmp_path / "absent") is None
+    (tmp_path / "rank-00001-of-00002").mkdir()
+    with pytest.raises(DamoHybridError, match=r"lacks the stores of ranks \[0\] of 2"):
+        shard_dirs(tmp_path)
+    (tmp_path / "rank-00000-of-00002").mkdir()
+    assert [p.name for p in shard_dirs(tmp_path)] == ["rank-00000-of-00002", "rank-00001-of-00002"]
+    (tmp_path / "rank-00000-of-00003").mkdir()
+    with pytest.raises(DamoHybridError, match=r"runs on \[2, 3\] ranks"):
+        shard_dirs(tmp_path)
+    (tmp_path / "meta.json").write_text("{}")  # a store of its own
+    assert shard_dirs(tmp_path) is None

@@ -252,7 +252,11 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    with EmbeddingStore(args.store, read_only=True) as s:
+    from ..dist.shards import (
+        open_for_reading,  # a sharded run's rank stores read as one
+    )
+
+    with open_for_reading(args.store) as s:
         st = s.stats()
         out = {
             "store": str(args.store),
@@ -284,22 +288,26 @@ def _export(args: argparse.Namespace) -> int:
     if not args.out:
         raise ValueError("export needs --out FILE.npz (the rows), or --onnx DIR (a model for serving)")
     check_writable("--out", args.out)
-    with EmbeddingStore(args.store, read_only=True) as s:
+    from ..dist.shards import open_for_reading
+
+    with open_for_reading(args.store) as s:
         n = s.export(args.out, tables=args.table or None)
     print(f"wrote {args.out}: " + ", ".join(f"{t} {c:,} rows" for t, c in n.items()))
     return 0
 
 
 def _dump(args: argparse.Namespace) -> int:
+    from ..dist.shards import open_for_reading
+
     check_writable("--out", args.out)
     if args.format == "seed":
         from ..compat.seed_format import dump_seed_format
 
-        with EmbeddingStore(args.store, read_only=True) as s:
+        with open_for_reading(args.store) as s:
             n = dump_seed_format(s, args.out, tables=args.table or None, min_count=args.min_count,
                                  expire_days=args.expire_days)
     else:
-        with EmbeddingStore(args.store, read_only=True) as s:
+        with open_for_reading(args.store) as s:
             n = s.dump(args.out, tables=args.table or None, min_count=args.min_count, expire_days=args.expire_days)
     print(f"wrote {args.out}: " + ", ".join(f"{t} {c:,} rows" for t, c in n.items()))
     return 0

@@ -20,6 +20,12 @@ def export_onnx_from_checkpoint(args: argparse.Namespace) -> int:
     root = Path(args.checkpoint_dir) if args.checkpoint_dir else store_dir.with_name(store_dir.name + ".ckpt")
     found = load_latest(root, log=print)
     if found is None:
+        from ..dist.checkpoint import latest_sharded_checkpoint
+
+        if latest_sharded_checkpoint(root) is not None:
+            raise DamoHybridError(f"the checkpoints under {root} are a sharded run's: resume it once in one process "
+                                  "(train --resume --steps N without torchrun, N its last step) to merge the shards, "
+                                  "then export --onnx")
         raise DamoHybridError(f"no complete training checkpoint under {root}: train with --checkpoint-every N "
                               "(or give --checkpoint-dir)")
     ck, state = found
