@@ -486,7 +486,8 @@ def test_train_under_torchrun_shards_the_tables_over_the_ranks(tmp_path):
     info = json.loads(r.stdout)["tables"]["emb"]
     assert info["rows"] == len(saved) and info["step"] == 6
     # --resume on 2 ranks: every rank restores its shard of the newest checkpoint and trains on
-    r = subprocess.run(ranks(2) + train + ["--steps", "9", "--resume"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable] + train + ["--steps", "9", "--resume", "--nproc", "2"], capture_output=True,
+                       text=True, timeout=300)  # --nproc: the command launches torchrun itself
     assert r.returncode == 0, r.stderr[-3000:]
     assert "at step 6" in r.stdout
     for rank in range(2):

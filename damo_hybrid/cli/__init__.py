@@ -98,8 +98,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     """A CTR model (DeepFM by default) on synthetic or Criteo TSV data, sparse rows in RocksDB;
     one rank of a sharded run under torchrun (:mod:`damo_hybrid.cli.distributed`)."""
-    from .distributed import distributed_run
+    from .distributed import distributed_run, launch_local_ranks
 
+    if args.nproc > 1:  # this command again, on N local ranks under torchrun
+        return launch_local_ranks(args)
     with distributed_run(args) as ranks:
         return _train_run(args, ranks)
 
@@ -364,6 +366,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     t.add_argument("--vocab-max", type=int_in(1), default=10**7)
     t.add_argument("--eval-batches", type=int_in(0), default=5, help="held-out batches (with --eval-data: 0 = all)")
     t.add_argument("--eval-every", type=int_in(0), default=0, help="also evaluate every N steps (on at most 20 held-out batches)")
+    t.add_argument("--nproc", type=int_in(1), default=1,
+                   help="train on N local ranks, the tables sharded over them: runs this command under torchrun "
+                        "--standalone --nproc-per-node N (several machines: launch torchrun yourself)")
     t.add_argument("--threads", type=int_in(1), default=None,
                    help="torch threads (default: all cores, or all but one when prefetching)")
     t.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)
@@ -457,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     try:
         args = _parse(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
     except (FileNotFoundError, ValueError) as e:
         print(f"damo-hybrid: error: {e}", file=sys.stderr)
         return 2

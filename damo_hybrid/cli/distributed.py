@@ -14,13 +14,16 @@ import argparse
 import contextlib
 import io
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Ranks", "distributed_run"]
+__all__ = ["Ranks", "distributed_run", "launch_local_ranks"]
 
 
 @dataclass
@@ -63,6 +66,35 @@ class Ranks:
         from ..dist.checkpoint import restore_shard
 
         restore_shard(ck, dest, self.rank, self.world, config).close()
+
+
+def launch_local_ranks(args: argparse.Namespace) -> int:
+    """``train --nproc N``: the same command on N local ranks, launched by torchrun with a standalone
+    rendezvous; returns torchrun's exit status. An interrupt (Ctrl-C, SIGTERM) is passed on as
+    SIGTERM, on which torchrun stops its ranks and each flushes what it trained.
+
+    Raises:
+        ValueError: already one rank of a torchrun launch.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--nproc under torchrun: torchrun already launched the ranks; drop --nproc")
+    argv, skip = [], False
+    for a in args.argv:  # every option but --nproc
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+           "-m", "damo_hybrid.cli", *argv]
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        raise
 
 
 @contextlib.contextmanager
