@@ -120,3 +120,28 @@ def test_a_stream_needs_no_pyarrow_for_text(monkeypatch, tmp_path):
         np.testing.assert_array_equal(np.concatenate([b.sparse[f] for b, _ in got]), ref.sparse[f])
     np.testing.assert_array_equal(np.concatenate([b.dense for b, _ in got]), ref.dense)
     np.testing.assert_array_equal(np.concatenate([b.label for b, _ in got]), ref.label)
+
+
+def _parse_in_child(body: bytes, q) -> None:
+    got = parse_text(body, plan_text(FORMATS["criteo"]))
+    q.put(None if got is None else len(got.label))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_the_parse_threads_work_in_a_forked_child():
+    import multiprocessing
+
+    rng = np.random.default_rng(1)
+    body = "\n".join("\t".join(["1"] + [str(int(v)) for v in rng.integers(0, 99, 13)] + ["ab"] * 26)
+                     for _ in range(12_000)).encode()
+    assert len(parse_text(body, plan_text(FORMATS["criteo"])).label) == 12_000  # the parent's pool now runs
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_parse_in_child, args=(body, q))
+    p.start()
+    p.join(60)
+    alive = p.is_alive()
+    if alive:
+        p.kill()
+    assert not alive, "the child's parse waited for threads that only exist in the parent"
+    assert q.get(timeout=5) == 12_000

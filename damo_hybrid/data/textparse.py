@@ -132,6 +132,16 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def _forget_pool() -> None:
+    """In a forked child: the parent's pool threads do not exist there, so start a new pool."""
+    global _POOL
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _split(n: int) -> list[tuple[int, int]]:
     k = max(1, min(_threads(), n // _MIN_ROWS_PER_THREAD))
     cuts = np.linspace(0, n, k + 1).astype(np.int64)
