@@ -315,3 +315,21 @@ def test_parquet_streams_by_row_group_with_the_loaded_readers_keys_and_resumes(t
     want = _err(lambda: read_dataset(tmp_path / "bad.parquet", "parquet", 128, PQ_SCHEMA))
     assert want is not None and ":251:" in want
     assert _err(lambda: _all(ParquetStream(tmp_path / "bad.parquet", PQ_SCHEMA, 128))) == want
+
+
+def test_closing_a_read_ahead_early_stops_its_thread_at_once():
+    """The producer finished while the queue was full: closing must not wait for a put that
+    nobody will take (it stalled the close for seconds and left the thread behind)."""
+    import threading
+    import time
+
+    from damo_hybrid.data.files import ahead
+
+    it = ahead(iter([1, 2]), depth=1, name="damo-test-ahead")
+    assert next(it) == 1
+    time.sleep(0.3)  # the producer has put 2 and now offers its end marker to a full queue
+    t0 = time.perf_counter()
+    it.close()
+    assert time.perf_counter() - t0 < 1.0
+    time.sleep(0.3)
+    assert not any(t.name == "damo-test-ahead" for t in threading.enumerate())

@@ -48,20 +48,24 @@ def ahead(items: Iterator[T], depth: int, name: str = "damo-parse") -> Iterator[
     q: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
 
+    def put(x: object) -> bool:
+        """Hand ``x`` over unless the consumer has closed; True when handed over."""
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def run() -> None:
         try:
             for x in items:
-                while not stop.is_set():
-                    try:
-                        q.put(x, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(x):
                     return
-            q.put(_DONE)
+            put(_DONE)
         except BaseException as e:  # handed to the consumer
-            q.put(e)
+            put(e)
 
     th = threading.Thread(target=run, name=name, daemon=True)
     th.start()
