@@ -518,3 +518,35 @@ def test_a_sharded_runs_store_directory_is_read_whole_or_refused(tmp_path):
         shard_dirs(tmp_path)
     (tmp_path / "meta.json").write_text("{}")  # a store of its own
     assert shard_dirs(tmp_path) is None
+
+
+@pytest.mark.parametrize("how", ["config", "abbreviation"])
+def test_nproc_launches_ranks_that_each_run_once(tmp_path, monkeypatch, how):
+    """--nproc from a config file, or abbreviated, reached every rank too, and each rank launched
+    ranks of its own (or failed) in place of training."""
+    import subprocess
+
+    from damo_hybrid.cli import _parse
+    from damo_hybrid.cli.distributed import launch_local_ranks
+
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[train]\nnproc = 2\nsteps = 3\n")
+    argv = ["train", "--config", str(cfg)] if how == "config" else ["train", "--npr", "2", "--steps", "3"]
+    args = _parse(argv)
+    args.argv = argv
+    assert args.nproc == 2
+    launched = []
+
+    class Proc:
+        def __init__(self, cmd):
+            launched.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Proc)
+    assert launch_local_ranks(args) == 0
+    cmd = launched[0]
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "2"
+    rank_argv = cmd[cmd.index("damo_hybrid.cli") + 1:]
+    assert _parse(rank_argv).nproc == 1

@@ -86,8 +86,9 @@ def launch_local_ranks(args: argparse.Namespace) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             argv.append(a)
+    # each rank runs once: a trailing --nproc 1 wins over a config file's nproc and an abbreviation
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
-           "-m", "damo_hybrid.cli", *argv]
+           "-m", "damo_hybrid.cli", *argv, "--nproc", "1"]
     proc = subprocess.Popen(cmd)
     try:
         return proc.wait()
