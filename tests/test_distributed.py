@@ -366,7 +366,7 @@ def test_a_sharded_checkpoint_restores_onto_any_number_of_ranks(tmp_path):
         assert store.step("emb") == 8
     (ck / "COMPLETE.json").unlink()  # a checkpoint a rank left incomplete is never used
     assert latest_sharded_checkpoint(tmp_path / "ck") is None
-    with pytest.raises(DamoHybridError, match="not a complete sharded checkpoint"):
+    with pytest.raises(DamoHybridError, match="not a complete checkpoint"):
         restore_shard(ck, tmp_path / "never", 0, 1)
 
 
@@ -501,6 +501,22 @@ def test_train_under_torchrun_shards_the_tables_over_the_ranks(tmp_path):
     with EmbeddingStore(store, read_only=True) as st:
         assert st.step("emb") == 12
         assert saved <= set(np.concatenate([k for k, _ in st.scan("emb")]).tolist())
+    # 3 ranks resume from the newest checkpoint of either kind: the one process's, at step 12 (the
+    # sharded one at step 9 is older); its store gives way to the ranks' stores
+    r = subprocess.run([sys.executable] + train + ["--steps", "15", "--resume", "--nproc", "3"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 12" in r.stdout
+    # then 2 ranks: the 3 ranks' stores go, so the run's store reads as one
+    r = subprocess.run([sys.executable] + train + ["--steps", "18", "--resume", "--nproc", "2"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 15" in r.stdout
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == [
+        "rank-00000-of-00002", "rank-00001-of-00002"]
+    r = subprocess.run(cli + ["inspect", "--store", str(store), "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["tables"]["emb"]["step"] == 18
 
 
 def test_a_sharded_runs_store_directory_is_read_whole_or_refused(tmp_path):
@@ -523,30 +539,51 @@ def test_a_sharded_runs_store_directory_is_read_whole_or_refused(tmp_path):
 @pytest.mark.parametrize("how", ["config", "abbreviation"])
 def test_nproc_launches_ranks_that_each_run_once(tmp_path, monkeypatch, how):
     """--nproc from a config file, or abbreviated, reached every rank too, and each rank launched
-    ranks of its own (or failed) in place of training."""
+    ranks of its own (or torchrun refused the abbreviation) in place of training."""
     import subprocess
 
-    from damo_hybrid.cli import _parse
+    from torch.distributed.run import get_args_parser
+
+    from damo_hybrid.cli import _parse, main
     from damo_hybrid.cli.distributed import launch_local_ranks
 
     cfg = tmp_path / "run.toml"
-    cfg.write_text("[train]\nnproc = 2\nsteps = 3\n")
-    argv = ["train", "--config", str(cfg)] if how == "config" else ["train", "--npr", "2", "--steps", "3"]
+    cfg.write_text("[train]\nnproc = 2\nsteps = 2\nbatch-size = 64\nquiet = true\n")
+    argv = ["train", "--config", str(cfg)] if how == "config" else ["train", "--npr", "2", "--config", str(cfg)]
     args = _parse(argv)
     args.argv = argv
     assert args.nproc == 2
     launched = []
 
     class Proc:
-        def __init__(self, cmd):
-            launched.append(cmd)
+        def __init__(self, cmd, env):
+            launched.append((cmd, env))
 
         def wait(self):
             return 0
 
     monkeypatch.setattr(subprocess, "Popen", Proc)
     assert launch_local_ranks(args) == 0
-    cmd = launched[0]
-    assert cmd[cmd.index("--nproc-per-node") + 1] == "2"
-    rank_argv = cmd[cmd.index("damo_hybrid.cli") + 1:]
-    assert _parse(rank_argv).nproc == 1
+    (cmd, env), = launched
+    ours = get_args_parser().parse_args(cmd[3:])  # torchrun takes the command (it refused --nproc anywhere)
+    assert ours.nproc_per_node == "2" and ours.training_script == "damo_hybrid.cli"
+    rank_argv = ours.training_script_args
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(rank_argv) == 0 and len(launched) == 1  # a rank trains: it launches nothing
+
+
+def test_a_store_of_the_other_kind_is_refused_without_resume(tmp_path, capsys):
+    from damo_hybrid.cli import main
+    from damo_hybrid.cli.distributed import Ranks, check_store_root
+
+    sharded = tmp_path / "s"
+    (sharded / "rank-00000-of-00002").mkdir(parents=True)
+    rc = main(["train", "--store", str(sharded), "--steps", "1", "--batch-size", "64", "--quiet"])
+    assert rc == 2 and "holds a sharded run's stores" in capsys.readouterr().err
+    assert [p.name for p in sharded.iterdir()] == ["rank-00000-of-00002"]  # nothing written there
+    one = tmp_path / "one"
+    EmbeddingStore(one, []).close()
+    with pytest.raises(ValueError, match="holds a one-process store, and this run is on 2 ranks"):
+        check_store_root(one / "rank-00000-of-00002", Ranks(0, 2))
+    check_store_root(tmp_path / "new" / "rank-00000-of-00002", Ranks(0, 2))  # a new run's root: fine

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -98,9 +99,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     """A CTR model (DeepFM by default) on synthetic or Criteo TSV data, sparse rows in RocksDB;
     one rank of a sharded run under torchrun (:mod:`damo_hybrid.cli.distributed`)."""
-    from .distributed import distributed_run, launch_local_ranks
+    from .distributed import LAUNCHED, distributed_run, launch_local_ranks
 
-    if args.nproc > 1:  # this command again, on N local ranks under torchrun
+    if args.nproc > 1 and LAUNCHED not in os.environ:  # this command again, on N local ranks under torchrun
         return launch_local_ranks(args)
     with distributed_run(args) as ranks:
         return _train_run(args, ranks)
@@ -111,11 +112,13 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
     from tqdm import tqdm
 
     from ..data.synthetic import SyntheticCriteo
+    from ..dist import (
+        checkpoint as ckpts,  # either kind: one process's or a sharded run's
+    )
     from ..nn.models import MODELS
-    from ..pipeline.checkpoint import complete_checkpoints, load_latest
     from ..pipeline.stages import worker_threads
     from ..pipeline.trainer import Trainer, check_model_class
-    from .distributed import Ranks
+    from .distributed import check_store_root
 
     torch.manual_seed(args.seed)
     # with prefetch the host manager needs a core of its own while torch computes
@@ -160,20 +163,20 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
           f"dim {args.dim}, batch {args.batch_size}, {args.steps if args.steps < NO_END else f'{args.epochs} epoch(s) of'} steps, {args.optimizer} lr {args.lr}, "
           f"cache {args.cache_mb} MiB, backend {resolve_backend(args.backend).value}, store {store_dir}")
     state = None
-    ckr = ranks  # how checkpoints are found and restored: per rank, or one process resuming a sharded run
-    if ranks is None and args.resume and not complete_checkpoints(ckpt_root) and Ranks(0, 1).has_checkpoint(ckpt_root):
-        ckr = Ranks(0, 1)
+    rank, world = (ranks.rank, ranks.world) if ranks is not None else (0, 1)
     try:
-        had = bool(complete_checkpoints(ckpt_root)) if ckr is None else ckr.has_checkpoint(ckpt_root)
+        had = ckpts.any_checkpoint(ckpt_root)  # of either kind: this run may be on another number of ranks
         if had and args.checkpoint_every and not args.resume:
             raise ValueError(f"{ckpt_root} already holds checkpoints of an earlier run: pass --resume to continue it, "
                              "or give another --checkpoint-dir (or --store) to start anew")
-        found = None if not args.resume else load_latest(ckpt_root, log=print) if ckr is None else ckr.latest(ckpt_root)
+        found = ckpts.newest_checkpoint(ckpt_root, log=print, move_damaged=world == 1) if args.resume else None
         if found is not None:
             ck, state = found
             check_model_class(state, MODELS[args.model].__name__, args.dense_mode, field_tables)  # before the store is touched
             if state.get("data") is not None and hasattr(data, "load_state"):
                 data.load_state(state["data"])  # a stream read another way is refused here too
+            if ranks is not None:  # the run's stores of any other number of ranks give way to this one's
+                ranks.clear_other_worlds(store_dir.parent)
             # the store may hold work done after the checkpoint: restart from the checkpoint's copy,
             # built beside the store and swapped in by renames, so a kill never leaves a half store
             staging = store_dir.with_name(f".{store_dir.name}.restoring")
@@ -181,10 +184,10 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
             for d in (staging, trash):
                 if d.exists():
                     shutil.rmtree(d)
-            if ckr is None:
+            if ranks is None and not ckpts.is_sharded(ck):
                 EmbeddingStore.from_checkpoint(ck / "store", staging, tables, store_cfg).close()
             else:  # this rank's shard, re-sharded when the checkpoint was taken on another number of ranks
-                ckr.restore(ck, staging, store_cfg)
+                ckpts.restore_shard(ck, staging, rank, world, store_cfg).close()
             if store_dir.exists():
                 store_dir.rename(trash)
             staging.rename(store_dir)
@@ -196,6 +199,7 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
                 raise DamoHybridError(f"no checkpoint under {ckpt_root} loads (see above); the store was not changed")
             if args.resume:
                 print(f"no checkpoint under {ckpt_root}: starting from scratch")
+            check_store_root(store_dir, ranks)
             store = EmbeddingStore(store_dir, tables, store_cfg)
         with store:
             if args.device_cache_mb is not None and resolve_backend(args.backend) is not Backend.CUDA:

@@ -14,6 +14,8 @@ import argparse
 import contextlib
 import io
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +25,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Ranks", "distributed_run", "launch_local_ranks"]
+__all__ = ["Ranks", "distributed_run", "launch_local_ranks", "check_store_root", "LAUNCHED"]
+
+#: set in the environment of the ranks that ``train --nproc N`` launches
+LAUNCHED = "DAMO_HYBRID_LOCAL_RANKS"
+
+_RANK_DIR = re.compile(r"^rank-(\d{5})-of-(\d{5})$")
 
 
 @dataclass
@@ -46,26 +53,39 @@ class Ranks:
             return type(b)({f: k[s] for f, k in b.sparse.items()}, b.dense[s], b.label[s])
         return mine
 
-    def has_checkpoint(self, root: Path) -> bool:
-        """Whether ``root`` holds a complete sharded checkpoint."""
-        from ..dist.checkpoint import latest_sharded_checkpoint
+    def clear_other_worlds(self, root: Path) -> None:
+        """Before this run restores its checkpoint into ``root`` (the ``--store``): rank 0 deletes what
+        the checkpoint supersedes there, a one-process store and the rank stores of a run on another
+        number of ranks, so that the run's stores read as one afterwards; every rank waits for it."""
+        import torch.distributed as dist
 
-        return latest_sharded_checkpoint(root) is not None
+        if self.rank == 0 and root.is_dir():
+            if (root / "meta.json").exists():  # a one-process store: its rank directories go where it was
+                aside = root.with_name(f".{root.name}.one-process")
+                shutil.rmtree(aside, ignore_errors=True)
+                root.rename(aside)
+                root.mkdir()
+                shutil.rmtree(aside)
+            for p in root.iterdir():
+                m = _RANK_DIR.match(p.name)
+                if m and int(m.group(2)) != self.world:
+                    shutil.rmtree(p)
+        dist.barrier()
 
-    def latest(self, root: Path) -> tuple[Path, dict[str, Any]] | None:
-        """The newest complete sharded checkpoint under ``root`` and its trainer state, or None."""
-        from ..dist.checkpoint import latest_sharded_checkpoint
-        from ..pipeline.checkpoint import load_trainer_state
 
-        found = latest_sharded_checkpoint(root)
-        return None if found is None else (found[0], load_trainer_state(found[0]))
+def check_store_root(store_dir: Path, ranks: Ranks | None) -> None:
+    """Refuse to start a run (not restored from a checkpoint) on a ``--store`` of the other kind.
 
-    def restore(self, ck: Path, dest: Path, config: Any) -> None:
-        """This rank's store at ``dest`` (a new directory) from sharded checkpoint ``ck``, saved by
-        this number of ranks (a copy of the shard) or another (the rows re-sharded)."""
-        from ..dist.checkpoint import restore_shard
-
-        restore_shard(ck, dest, self.rank, self.world, config).close()
+    Raises:
+        ValueError: ranks given a one-process store, or one process given a sharded run's stores.
+    """
+    root = store_dir.parent if ranks is not None else store_dir
+    if ranks is not None and (root / "meta.json").exists():
+        raise ValueError(f"--store {root} holds a one-process store, and this run is on {ranks.world} ranks: give it "
+                         "another --store, or --resume from a checkpoint of that store (it re-shards the rows)")
+    if ranks is None and root.is_dir() and any(_RANK_DIR.match(p.name) for p in root.iterdir()):
+        raise ValueError(f"--store {root} holds a sharded run's stores: run on its number of ranks (--nproc), "
+                         "or --resume from its checkpoint (the rows are merged), or give another --store")
 
 
 def launch_local_ranks(args: argparse.Namespace) -> int:
@@ -79,17 +99,18 @@ def launch_local_ranks(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--nproc under torchrun: torchrun already launched the ranks; drop --nproc")
     argv, skip = [], False
-    for a in args.argv:  # every option but --nproc
+    for a in args.argv:  # every option but --nproc (or its abbreviation): torchrun's parser refuses them
+        name = a.split("=", 1)[0]
         if skip:
             skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
+        elif len(name) >= 4 and "--nproc".startswith(name):
+            skip = "=" not in a
+        else:
             argv.append(a)
-    # each rank runs once: a trailing --nproc 1 wins over a config file's nproc and an abbreviation
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
-           "-m", "damo_hybrid.cli", *argv, "--nproc", "1"]
-    proc = subprocess.Popen(cmd)
+           "-m", "damo_hybrid.cli", *argv]
+    # each rank runs once, whatever --nproc a config file gives it
+    proc = subprocess.Popen(cmd, env={**os.environ, LAUNCHED: str(args.nproc)})
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -103,8 +124,8 @@ def distributed_run(args: argparse.Namespace) -> Iterator[Ranks | None]:
     """Join the torchrun process group when there is one of more than one rank (see the module doc);
     None (and nothing changed) otherwise.
 
-    ``--resume`` restores every rank from the newest complete sharded checkpoint, on this or
-    another number of ranks (:func:`damo_hybrid.dist.checkpoint.restore_shard`).
+    ``--resume`` restores every rank from the newest complete checkpoint, a sharded run's on this
+    or another number of ranks or one process's (:func:`damo_hybrid.dist.checkpoint.restore_shard`).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:

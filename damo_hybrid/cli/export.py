@@ -12,22 +12,20 @@ from ..store import EmbeddingStore
 
 
 def export_onnx_from_checkpoint(args: argparse.Namespace) -> int:
+    from ..dist.checkpoint import is_sharded, newest_checkpoint
     from ..nn.models import MODELS
-    from ..pipeline.checkpoint import load_latest
     from ..serving.onnx import export_onnx
 
     store_dir = Path(args.store)
     root = Path(args.checkpoint_dir) if args.checkpoint_dir else store_dir.with_name(store_dir.name + ".ckpt")
-    found = load_latest(root, log=print)
+    found = newest_checkpoint(root, log=print)
     if found is None:
-        from ..dist.checkpoint import latest_sharded_checkpoint
-
-        if latest_sharded_checkpoint(root) is not None:
-            raise DamoHybridError(f"the checkpoints under {root} are a sharded run's: resume it once in one process "
-                                  "(train --resume --steps N without torchrun, N its last step) to merge the shards, "
-                                  "then export --onnx")
         raise DamoHybridError(f"no complete training checkpoint under {root}: train with --checkpoint-every N "
                               "(or give --checkpoint-dir)")
+    if is_sharded(found[0]):
+        raise DamoHybridError(f"the newest checkpoint under {root} is a sharded run's: resume it once in one process "
+                              "(train --resume --steps N without torchrun, N its last step) to merge the shards, "
+                              "then export --onnx")
     ck, state = found
     spec = state.get("model_spec") or {}
     classes = {cls.__name__: cls for cls in MODELS.values()}

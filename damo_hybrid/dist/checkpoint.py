@@ -13,13 +13,20 @@ Restore (:func:`restore_shard`) onto ``W'`` ranks: with ``W' == W`` each rank co
 shard (exact, admission counters included); with another ``W'`` each new rank reads every old
 shard and keeps the rows :func:`~damo_hybrid.dist.sharding.shard_of` gives it, with each table's
 global step. Admission counters cannot be split by key: a re-shard starts them anew (logged).
+
+One root may hold checkpoints of both kinds: a run resumed on another number of processes, one
+process included, writes its own kind beside the other's. :func:`newest_checkpoint` picks the
+newest complete one of either kind, and :func:`restore_shard` restores either kind (a one-process
+checkpoint is a sharded one of one rank).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +41,7 @@ from ..store import EmbeddingStore
 from .sharding import SHARDING_VERSION, claim_shard, shard_of
 
 __all__ = ["save_sharded_checkpoint", "latest_sharded_checkpoint", "prune_sharded_checkpoints", "restore_shard",
-           "COMPLETE"]
+           "newest_checkpoint", "any_checkpoint", "is_sharded", "COMPLETE"]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +80,10 @@ def prune_sharded_checkpoints(root: str | Path, keep: int, rank: int) -> None:
     whose last barrier every rank has passed)."""
     if rank != 0:
         return
-    steps = sorted(p for p in Path(root).glob("step-*") if p.is_dir())
+    from ..pipeline.checkpoint import complete_checkpoints
+
+    plain = set(complete_checkpoints(root))  # a one-process run's, kept by its own pruning
+    steps = sorted(p for p in Path(root).glob("step-*") if p.is_dir() and p not in plain)
     done = [p for p in steps if (p / COMPLETE).is_file()]
     if not done:
         return
@@ -91,33 +101,84 @@ def latest_sharded_checkpoint(root: str | Path) -> tuple[Path, dict[str, Any]] |
     return found[-1], json.loads((found[-1] / COMPLETE).read_text())
 
 
+def is_sharded(ck: str | Path) -> bool:
+    """Whether checkpoint ``ck`` is a sharded run's (else one process's)."""
+    return (Path(ck) / COMPLETE).is_file()
+
+
+def any_checkpoint(root: str | Path) -> bool:
+    """Whether ``root`` holds a complete checkpoint of either kind."""
+    from ..pipeline.checkpoint import complete_checkpoints
+
+    return bool(complete_checkpoints(root)) or latest_sharded_checkpoint(root) is not None
+
+
+def newest_checkpoint(root: str | Path, log: Any = None, move_damaged: bool = True) -> tuple[Path, dict[str, Any]] | None:
+    """The complete checkpoint of either kind with the highest step under ``root`` whose trainer
+    state loads, and that state; None when there is none.
+
+    A damaged one is reported through ``log`` (a ``str -> None`` callable) and passed over; with
+    ``move_damaged`` (one process, or rank 0 of a run whose other ranks do not look) it is renamed
+    ``step-<N>.damaged-<id>``, kept for inspection out of the way of the run that redoes its steps.
+    """
+    from ..pipeline.checkpoint import complete_checkpoints, load_trainer_state
+
+    root = Path(root)
+    found = [(int(p.name.split("-")[1]), p) for p in complete_checkpoints(root)]
+    if root.is_dir():
+        found += [(int(json.loads((p / COMPLETE).read_text())["step"]), p) for p in root.glob("step-*") if is_sharded(p)]
+    for _, ck in sorted(found, key=lambda c: c[0], reverse=True):
+        try:
+            return ck, load_trainer_state(ck)
+        except DamoHybridError as e:
+            note = "falling back to an older one"
+            if move_damaged:
+                aside = ck.with_name(f"{ck.name}.damaged-{uuid.uuid4().hex[:8]}")
+                os.rename(ck, aside)
+                note = f"moved it to {aside.name} and {note}"
+            if log is not None:
+                log(f"skipping checkpoint {ck}: {e}; {note}")
+    return None
+
+
+def _parts(ck: Path) -> list[Path]:
+    """The store checkpoints of every rank of complete checkpoint ``ck``, of either kind, in rank order."""
+    from ..pipeline.checkpoint import complete_checkpoints
+
+    if is_sharded(ck):
+        marker = json.loads((ck / COMPLETE).read_text())
+        if marker.get("sharding_version") != SHARDING_VERSION:
+            raise DamoHybridError(f"{ck} was sharded by rule {marker.get('sharding_version')}, this version uses "
+                                  f"{SHARDING_VERSION}")
+        return [_shard_dir(ck, r, int(marker["world"])) for r in range(int(marker["world"]))]
+    if ck in complete_checkpoints(ck.parent):
+        return [ck / "store"]
+    raise DamoHybridError(f"{ck} is not a complete checkpoint (no {COMPLETE} and no one-process marker): "
+                          "a rank, or the process, did not finish it")
+
+
 def restore_shard(ck: str | Path, dest: str | Path, rank: int, world: int,
                   config: StoreConfig = StoreConfig()) -> EmbeddingStore:
-    """Rank ``rank`` of ``world``'s store at ``dest`` (a new directory) from a complete sharded
-    checkpoint of any number of ranks.
+    """Rank ``rank`` of ``world``'s store at ``dest`` (a new directory) from a complete checkpoint
+    of any number of ranks (a one-process checkpoint counts as one rank's).
 
     Raises:
-        DamoHybridError: ``ck`` is not a complete sharded checkpoint, or of another sharding rule.
+        DamoHybridError: ``ck`` is not a complete checkpoint, or of another sharding rule.
     """
     ck, dest = Path(ck), Path(dest)
-    if not (ck / COMPLETE).is_file():
-        raise DamoHybridError(f"{ck} is not a complete sharded checkpoint (no {COMPLETE}): a rank did not finish it")
-    marker = json.loads((ck / COMPLETE).read_text())
-    if marker.get("sharding_version") != SHARDING_VERSION:
-        raise DamoHybridError(f"{ck} was sharded by rule {marker.get('sharding_version')}, this version uses "
-                              f"{SHARDING_VERSION}")
-    old = int(marker["world"])
+    parts = _parts(ck)
+    old = len(parts)
     if old == world:
-        store = EmbeddingStore.from_checkpoint(_shard_dir(ck, rank, old), dest, config=config)
+        store = EmbeddingStore.from_checkpoint(parts[rank], dest, config=config)
         claim_shard(dest, world, rank)
         return store
-    with EmbeddingStore(_shard_dir(ck, 0, old), read_only=True) as first:
+    with EmbeddingStore(parts[0], read_only=True) as first:
         tables = list(first.tables.values())
         steps = {t.name: first.step(t.name) for t in tables}
     store = EmbeddingStore(dest, tables, config)
     try:
-        for r in range(old):
-            with EmbeddingStore(_shard_dir(ck, r, old), read_only=True) as part:
+        for p in parts:
+            with EmbeddingStore(p, read_only=True) as part:
                 for t in tables:
                     for keys, rows in part.scan(t.name):
                         mine = shard_of(keys, world) == rank
