@@ -193,3 +193,28 @@ def test_a_failed_flush_at_close_keeps_unlogged_write_backs_and_the_store_open(t
     st.close()
     with EmbeddingStore(tmp_path / "s") as again:
         assert again.count_rows("t") == 40
+
+
+def test_a_write_back_that_fails_midway_resumes_at_its_first_unwritten_chunk(tmp_path, monkeypatch):
+    from damo_hybrid.cache import writer as writer_mod
+    from damo_hybrid.errors import OutOfSpaceError
+
+    monkeypatch.setattr(writer_mod, "WRITE_CHUNK", 4)  # a 10-row batch is written in 3 chunks
+    with EmbeddingStore(tmp_path / "s", [_table(OPTS[0])]) as st:
+        cache = st.cache_table("t", 10).host
+        real, calls = cache.io.write, []
+
+        def second_chunk_fails_once(keys, rows, new):
+            calls.append(len(keys))
+            if len(calls) == 2:
+                raise OutOfSpaceError("disk full (simulated)")
+            real(keys, rows, new)
+
+        monkeypatch.setattr(cache.io, "write", second_chunk_fails_once)
+        keys = np.arange(10, dtype=np.uint64)
+        st.apply_gradients("t", keys, np.ones((10, 4), np.float32))
+        want = st.lookup("t", keys)
+        st.flush()  # the writer's failure held the batch; the flush retries it from the failed chunk
+        assert calls == [4, 4, 4, 2]  # the first chunk is not written (or counted) twice
+        assert st.count_rows("t") == 10 and st.stats().rows == 10
+        np.testing.assert_array_equal(st.lookup("t", keys), want)

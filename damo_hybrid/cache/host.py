@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..rows.codec import Rows
+from ..rows.kernels import OK, RowStep, gather_rows, scatter_step
 from ..storage.rowio import TableIO
 from ..timing import CLOCK
 from .slots import SlotPool
@@ -93,6 +94,8 @@ class HostCache:
         self.slots = SlotPool(capacity, f"host cache of table {t.name!r}")
         self.writer = WriteBehind(io)
         self.stats = CacheStats()
+        # float32 rows step in one compiled pass without the GIL (16-bit rows round in numpy)
+        self._fused = RowStep(t.opt) if prec.exact else None
 
     @property
     def pins(self) -> np.ndarray:
@@ -121,6 +124,8 @@ class HostCache:
 
     def weights_of(self, slots: np.ndarray) -> np.ndarray:
         """float32 (N, dim): the weights in ``slots`` (copies)."""
+        if self.prec.exact:
+            return gather_rows(self.weights, slots)
         return self.prec.unpack(self.weights[slots])
 
     # ------------------------------------------------------------ residency
@@ -320,10 +325,30 @@ class HostCache:
             w = self.prec.stochastic(w, self.keys[slots], cnt)
         return w, st, cnt
 
+    def stage_checked(self, slots: np.ndarray, g: np.ndarray,
+                      lr: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """:meth:`stage_slots` of float32 rows in one compiled pass (no GIL), when every gradient
+        and every result is finite; None otherwise (16-bit rows, or a NaN/Inf: the caller then
+        takes :meth:`stage_slots` and the table's NaN/Inf policy).
+
+        Args:
+            slots: int64 (U,) distinct resident slots.
+            g: float32 (U, dim) C-contiguous summed gradients.
+            lr: scheduled learning rate.
+        """
+        if self._fused is None:
+            return None
+        w, st, cnt, status = self._fused.stage(self.weights, self.state, self.count, slots, g, lr)
+        return (w, st, cnt) if status == OK else None
+
     def commit_slots(self, slots: np.ndarray, w: np.ndarray, st: np.ndarray, cnt: np.ndarray,
                      keep: np.ndarray | None = None) -> None:
         """Store a staged step of resident rows (see :meth:`stage_slots`); ``keep``: optional
         bool (U,) rows to store (the others keep their value)."""
+        if keep is None and self.prec.exact:
+            scatter_step(self.weights, self.state, self.count, self.updated, self.dirty,
+                         np.ascontiguousarray(slots, dtype=np.int64), w, st, cnt, int(time.time()))
+            return
         if keep is not None:
             slots, w, st, cnt = slots[keep], w[keep], st[keep], cnt[keep]
         self.weights[slots], self.state[slots], self.count[slots] = self.prec.pack(w), st, cnt

@@ -11,6 +11,12 @@ writer; the failed batch and every batch behind it stay in memory, still served 
 thread with the original as its cause. A later :meth:`drain` (after the user freed disk
 space, say) writes the held batches again, in order, and clears the error once they land.
 
+A batch goes to the storage in chunks of :data:`WRITE_CHUNK` rows with a short sleep between
+them: rocksdict holds the GIL through a whole write, so one write of a 25k-row eviction batch
+stalled every other Python thread (the worker's forward among them) for 30-90 ms; a chunk holds
+it for about a millisecond. Each chunk is written once: a failed batch is retried from its first
+unwritten chunk.
+
 Thread safety: ``submit``, ``overlay`` and ``drain`` are called by the table's owner (the host
 manager, or the store between steps); the writer thread only writes and retires batches.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,14 +34,18 @@ from ..errors import WriteBackError
 from ..rows.codec import Rows
 from ..storage.rowio import TableIO
 
-__all__ = ["WriteBehind"]
+__all__ = ["WriteBehind", "WRITE_CHUNK"]
+
+WRITE_CHUNK = 1024  # rows per storage write: the longest the writer holds the GIL at a time
+_YIELD_S = 2e-4  # between chunks: long enough for a thread waiting for the GIL to take it
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     keys: np.ndarray  # uint64 (M,) sorted
     rows: Rows
     new: np.ndarray
+    done: int = 0  # rows written so far (a retry starts here)
 
 
 class WriteBehind:
@@ -61,7 +72,7 @@ class WriteBehind:
                 if item is None:
                     return
                 if self._error is None:
-                    self.io.write(item.keys, item.rows, item.new)
+                    self._write(item)
                     with self._lock:
                         self._pending.remove(item)
                 # after a failure every later batch stays pending, in order, for drain() to retry
@@ -69,6 +80,16 @@ class WriteBehind:
                 self._error = e
             finally:
                 self._q.task_done()
+
+    def _write(self, item: _Pending) -> None:
+        """Write what is left of a batch, chunk by chunk, releasing the GIL between chunks."""
+        n = len(item.keys)
+        while item.done < n:
+            c = slice(item.done, min(n, item.done + WRITE_CHUNK))
+            self.io.write(item.keys[c], item.rows.take(c), item.new[c])
+            item.done = c.stop
+            if item.done < n:
+                time.sleep(_YIELD_S)
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -158,7 +179,7 @@ class WriteBehind:
                         break
                     item = self._pending[0]
                 try:
-                    self.io.write(item.keys, item.rows, item.new)
+                    self._write(item)
                 except BaseException as e:
                     self._error = e
                     self._raise()
