@@ -218,3 +218,23 @@ def test_a_write_back_that_fails_midway_resumes_at_its_first_unwritten_chunk(tmp
         assert calls == [4, 4, 4, 2]  # the first chunk is not written (or counted) twice
         assert st.count_rows("t") == 10 and st.stats().rows == 10
         np.testing.assert_array_equal(st.lookup("t", keys), want)
+
+
+def test_rows_used_in_several_batches_outlive_rows_seen_once(tmp_path):
+    from damo_hybrid.cache.slots import SlotPool
+
+    pool = SlotPool(2, "test pool")
+    slots = pool.take(2, lambda v: None)
+    pool.assign(np.array([7, 8], dtype=np.uint64), slots)
+    for _ in range(3):
+        pool.touch(pool.lookup(np.array([7], dtype=np.uint64)))  # key 7 used by three batches
+    pool.touch(pool.lookup(np.array([8], dtype=np.uint64)))  # key 8 by one
+    victim = pool.take(1, lambda v: None)
+    assert pool.keys[victim].tolist() == [8]  # a one-bit CLOCK evicted 7 on its second lap
+    # through the host tier: a row loaded by a batch enters unused and goes before a row used since
+    with EmbeddingStore(tmp_path / "s", [_table(OPTS[0])]) as st:
+        cache = st.cache_table("t", 4).host
+        cache.make_resident(np.arange(4, dtype=np.uint64))
+        cache.make_resident(np.array([0], dtype=np.uint64))  # key 0 found resident
+        cache.make_resident(np.arange(10, 13, dtype=np.uint64))  # needs 3 slots
+        assert sorted(cache.keys[cache.slots.lookup(np.array([0, 10, 11, 12], dtype=np.uint64))].tolist()) == [0, 10, 11, 12]

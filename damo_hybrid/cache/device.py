@@ -277,7 +277,7 @@ class DeviceCache:
         except BaseException:
             self.slots.unpin(slots[hit])
             raise
-        self.slots.touch(slots)
+        self.slots.touch(slots[hit])  # rows uploaded just now enter unused (see SlotPool)
         keys_t = None if self.prec.exact else rest.pop()
         return DeviceBatch(slots, up[0], dict(zip(names, rest)), self._dev.ready(), keys_t)
 

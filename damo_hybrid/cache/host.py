@@ -2,7 +2,7 @@
 
 Rows (weights, optimizer state, update count, creation time) live in a fixed slab of
 ``capacity`` slots. A vectorized :class:`~damo_hybrid.cache.keyindex.KeyIndex` maps keys to
-slots; replacement is CLOCK (a one-bit approximation of LRU) swept in vectorized chunks. A row
+slots; replacement is a generalised CLOCK (use counts, :class:`~damo_hybrid.cache.slots.SlotPool`) swept in vectorized chunks. A row
 modified in the cache is dirty and goes to the table's background writer when it is evicted
 or flushed. Rows can be pinned (the rows of batches in flight) and are then never evicted.
 
@@ -153,7 +153,7 @@ class HostCache:
                 slots[miss] = self._load(ukeys[miss])
             finally:
                 self.slots.unpin(hits)
-        self.slots.touch(slots)
+        self.slots.touch(slots[hit])  # rows loaded just now enter unused (see SlotPool)
         if pin:
             self.slots.pin(slots)
         return slots

@@ -2,9 +2,15 @@
 
 A tier holds rows in a fixed slab of ``capacity`` slots. :class:`SlotPool` keeps which key
 sits in which slot (a vectorized :class:`~damo_hybrid.cache.keyindex.KeyIndex`), the free slots,
-pin counts (rows of batches in flight, never evicted) and CLOCK replacement: a one-bit
-approximation of LRU, swept from a hand in vectorized chunks. The tier owns the row data;
-the pool only says which slots to reuse and calls the tier back to evict them.
+pin counts (rows of batches in flight, never evicted) and replacement by a generalised CLOCK
+swept from a hand in vectorized chunks. Each slot has a use count: a batch that finds its row
+resident adds one (up to :data:`MAX_USES`), the hand takes one off each slot it passes, and it
+evicts slots at zero. A row enters at zero, so a key seen once (the long tail of a Zipf stream)
+leaves after one lap of the hand, while a row used in several batches stays for as many laps:
+on the synthetic Criteo stream at a host cache of 25% (5%) of the table this raised the hit
+rate from 0.495 to 0.535 (0.30 to 0.34) against a one-bit CLOCK that entered rows referenced.
+The tier owns the row data; the pool only says which slots to reuse and calls the tier back to
+evict them.
 
 Thread safety: pins are guarded by a lock (the worker thread unpins while the host-manager
 thread evicts); everything else needs one caller at a time.
@@ -20,7 +26,9 @@ import numpy as np
 from ..timing import CLOCK
 from .keyindex import KeyIndex
 
-__all__ = ["SlotPool"]
+__all__ = ["SlotPool", "MAX_USES"]
+
+MAX_USES = 3  # laps of the hand a row earns at most (more measured no better)
 
 
 class SlotPool:
@@ -38,7 +46,7 @@ class SlotPool:
         self.index = KeyIndex(capacity)
         self.keys = np.zeros(capacity, dtype=np.uint64)
         self.occupied = np.zeros(capacity, dtype=bool)
-        self.ref = np.zeros(capacity, dtype=bool)
+        self.ref = np.zeros(capacity, dtype=np.uint8)  # use counts
         self.pins = np.zeros(capacity, dtype=np.int32)
         self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)  # a stack: pop from the end
         self._nfree = capacity
@@ -54,8 +62,8 @@ class SlotPool:
             return self.index.lookup(keys)
 
     def touch(self, slots: np.ndarray) -> None:
-        """Mark slots recently used."""
-        self.ref[slots] = True
+        """Count a use of distinct resident slots (a batch found their rows resident)."""
+        self.ref[slots] = np.minimum(self.ref[slots], MAX_USES - 1) + 1
 
     def pin(self, slots: np.ndarray) -> None:
         with self.lock:
@@ -98,6 +106,7 @@ class SlotPool:
         """Map distinct ``keys`` to the slots :meth:`take` gave."""
         self.keys[slots] = keys
         self.occupied[slots] = True
+        self.ref[slots] = 0
         with CLOCK("index"):
             self.index.insert(keys, slots)
 
@@ -111,17 +120,18 @@ class SlotPool:
         """Unmap unpinned slots and return them to the free list (their rows left the tier)."""
         self.index.delete(self.keys[slots])
         self.occupied[slots] = False
-        self.ref[slots] = False
+        self.ref[slots] = 0
         self.free(slots)
 
     def _victims(self, need: int) -> np.ndarray:
-        """CLOCK: sweep from the hand, clearing reference bits, taking unreferenced unpinned rows."""
+        """Sweep from the hand, taking unpinned rows whose use count is zero and counting the
+        others down by one."""
         cap = self.capacity
         found: list[np.ndarray] = []
         got = 0
         swept = 0
         while got < need:
-            if swept > 2 * cap:
+            if swept > (MAX_USES + 1) * cap:  # every count reaches zero within MAX_USES laps
                 if found:
                     self.unpin(np.concatenate(found))
                 raise RuntimeError(
@@ -130,7 +140,7 @@ class SlotPool:
                 )
             k = min(cap, max(4 * (need - got), 4096))
             chunk = (self._hand + np.arange(k)) % cap
-            cand = ~self.ref[chunk] & (self.pins[chunk] == 0) & self.occupied[chunk]
+            cand = (self.ref[chunk] == 0) & (self.pins[chunk] == 0) & self.occupied[chunk]
             csum = np.cumsum(cand)
             if csum[-1] >= need - got:
                 cut = int(np.searchsorted(csum, need - got)) + 1
@@ -141,7 +151,8 @@ class SlotPool:
             self.pin(v)  # chosen: not a candidate again on a later lap
             found.append(v)
             got += len(v)
-            self.ref[passed] = False
+            r = self.ref[passed]
+            self.ref[passed] = r - (r > 0)
             self._hand = int((self._hand + cut) % cap)
             swept += cut
         victims = np.concatenate(found)
