@@ -103,3 +103,35 @@ def test_bad_invocation_is_one_clear_line(tmp_path, capsys, args, why):
 
 def test_the_list_is_long_enough():
     assert len(BAD) >= 40
+
+
+def test_an_interrupt_inside_the_jit_compiler_waits_until_it_returns(monkeypatch):
+    """An exception raised in llvmlite's Python callbacks (called from native code) crashed the
+    process with a segmentation fault; there the signal is delivered again a moment later."""
+    import signal
+    import sys
+    import threading
+
+    from damo_hybrid.cli import signals
+
+    def frame_in(module: str):
+        ns = {"__name__": module, "sys": sys}
+        exec("def f():\n    return sys._getframe()\n", ns)
+        return ns["f"]()
+
+    sent = []
+    monkeypatch.setattr(signals.os, "kill", lambda pid, sig: sent.append(sig))
+    timers = []
+
+    class Timer(threading.Timer):
+        def start(self):
+            timers.append(self)
+            self.function(*self.args)
+
+    monkeypatch.setattr(signals.threading, "Timer", Timer)
+    signals._interrupt(signal.SIGTERM, frame_in("llvmlite.binding.executionengine"))  # no exception
+    assert sent == [signal.SIGTERM] and len(timers) == 1
+    with pytest.raises(signals.Terminated):
+        signals._interrupt(signal.SIGTERM, frame_in("damo_hybrid.pipeline.trainer"))
+    with pytest.raises(KeyboardInterrupt):
+        signals._interrupt(signal.SIGINT, frame_in("damo_hybrid.pipeline.trainer"))

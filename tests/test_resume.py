@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -150,15 +151,23 @@ def test_sigterm_stops_flushes_and_exits_143(tmp_path, with_store):
     store = tmp_path / "s"
     args = [a for a in ARGS if a not in ("--quiet",)]
     args[args.index("--steps") + 1] = "100000"
-    args = [a for a in args if a not in ("--checkpoint-every", "5")] + ["--quiet"]
+    args = [a for a in args if a not in ("--checkpoint-every", "5")]
     cmd = [sys.executable, "-m", "damo_hybrid.cli", *args] + (["--store", str(store)] if with_store else [])
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    banner = proc.stdout.readline()  # printed before training starts
-    assert "damo-hybrid" in banner, banner + proc.stderr.read()
-    time.sleep(3.0)  # some steps trained
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as errf:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True, env=env)
+        banner = proc.stdout.readline()  # printed before training starts
+        assert "damo-hybrid" in banner, banner + log.read_text()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the progress bar shows steps trained (however long JIT compiling took)
+            done = [int(n) for n in re.findall(r"(\d+)/100000", log.read_text())]
+            if done and max(done) >= 5:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    err = log.read_text()
     assert proc.returncode == 143, err
     assert "terminated" in err and "Traceback" not in err
     if with_store:

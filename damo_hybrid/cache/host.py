@@ -19,6 +19,7 @@ threads never touch the same row otherwise.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -109,8 +110,9 @@ class HostCache:
 
     @classmethod
     def nbytes_per_row(cls, dim: int, state_width: int, weight_bytes: int = 4) -> int:
-        """Host bytes one slot costs (slab + metadata + index), for sizing from a budget."""
-        return weight_bytes * dim + 4 * state_width + 8 * 4 + 4 + 4 + 2 * 8 * 2
+        """Host bytes one slot costs (slab, metadata, the pool's key index and policy), for
+        sizing from a budget."""
+        return int(math.ceil(weight_bytes * dim + 4 * state_width + 3 * 8 + 2 + SlotPool.nbytes_per_row()))
 
     def _rows(self, slots: np.ndarray) -> Rows:
         """Copies of the rows in ``slots`` (float32 weights)."""

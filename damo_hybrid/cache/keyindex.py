@@ -5,6 +5,10 @@ GIL, so the writer and the worker run beside it): about 20 ns per key, against a
 Python dict at 10^7 keys. Deletions leave tombstones; the table rebuilds itself when live entries
 plus tombstones pass 70% of its size.
 
+The table has exactly twice as many entries as the index's capacity (a key's home is
+``(hash32 * size) >> 32``, so any size works), each a uint64 key and an int32 slot: 24 bytes per
+key held, which the caches' budgets count (:meth:`KeyIndex.nbytes_per_key`).
+
 Not thread-safe: its owner (one cache) serialises calls.
 """
 
@@ -32,13 +36,19 @@ class KeyIndex:
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if capacity >= 1 << 30:
+            raise ValueError(f"capacity must be < 2**30 (slots are int32), got {capacity}")
         self.capacity = capacity
-        size = 1 << max(4, int(2 * capacity - 1).bit_length())
-        self._alloc(size)
+        self._alloc(max(16, 2 * capacity))
+
+    @staticmethod
+    def nbytes_per_key() -> int:
+        """Bytes of table per key of capacity: two entries of a uint64 key and an int32 slot."""
+        return 2 * (8 + 4)
 
     def _alloc(self, size: int) -> None:
         self._keys = np.zeros(size, dtype=np.uint64)
-        self._slots = np.full(size, _EMPTY, dtype=np.int64)
+        self._slots = np.full(size, _EMPTY, dtype=np.int32)
         self.live = 0
         self._tombs = 0
 
@@ -77,7 +87,7 @@ class KeyIndex:
         if self.live + self._tombs + n > 0.7 * len(self._slots):
             self._rebuild(extra=n)
         reused = _insert(self._keys, self._slots, np.ascontiguousarray(keys, dtype=np.uint64),
-                         np.ascontiguousarray(slots, dtype=np.int64))
+                         np.ascontiguousarray(slots, dtype=np.int32))
         self._tombs -= reused
         self.live += n
 
@@ -93,7 +103,7 @@ class KeyIndex:
         live = self._slots >= 0
         keys, slots = self._keys[live], self._slots[live]
         size = len(self._slots)
-        while (len(keys) + extra) > 0.5 * size:
+        while (len(keys) + extra) > 0.5 * size:  # more keys than the capacity: grow
             size *= 2
         self._alloc(size)
         self.insert(keys, slots)
@@ -101,21 +111,29 @@ class KeyIndex:
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """All ``(keys uint64 (L,), slots int64 (L,))``."""
         live = self._slots >= 0
-        return self._keys[live].copy(), self._slots[live].copy()
+        return self._keys[live].copy(), self._slots[live].astype(np.int64)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _home(k: np.uint64, size: int) -> int:
+    """A key's first position: the high 32 bits of its hash scaled to ``size`` (< 2**32)."""
+    return np.int64(((mix(k) >> np.uint64(32)) * np.uint64(size)) >> np.uint64(32))
 
 
 @numba.njit(nogil=True, cache=True)
 def _probe(tkeys: np.ndarray, tslots: np.ndarray, k: np.uint64) -> tuple[int, int]:
     """(position, slot) of ``k``: its entry, or the empty position that ends its probe (slot -1)."""
-    mask = len(tslots) - 1
-    p = np.int64(mix(k) & np.uint64(mask))
+    size = len(tslots)
+    p = _home(k, size)
     while True:
         s = tslots[p]
         if s == _EMPTY:
             return p, -1
         if s >= 0 and tkeys[p] == k:
             return p, s
-        p = (p + 1) & mask
+        p += 1
+        if p == size:
+            p = 0
 
 
 @numba.njit(nogil=True, cache=True)
@@ -128,12 +146,14 @@ def _find(tkeys, tslots, keys, pos, slot) -> None:
 def _insert(tkeys, tslots, keys, slots) -> int:
     """Place absent keys at their first free (empty or tombstone) position; returns the
     tombstones reused."""
-    mask = len(tslots) - 1
+    size = len(tslots)
     reused = 0
     for i in range(len(keys)):
-        p = np.int64(mix(keys[i]) & np.uint64(mask))
+        p = _home(keys[i], size)
         while tslots[p] >= 0:
-            p = (p + 1) & mask
+            p += 1
+            if p == size:
+                p = 0
         if tslots[p] == _TOMB:
             reused += 1
         tkeys[p] = keys[i]

@@ -101,112 +101,137 @@ def _pairwise_sum(a: np.ndarray, lo: int, n: int) -> np.float32:
 
 
 @numba.njit(nogil=True, cache=True)
-def _stage(kind, w_slab, st_slab, cnt_slab, slots, g, lr, p, out_w, out_st, out_cnt, tmp) -> int:
-    """One step of the rows in ``slots`` into ``out_*`` (the slab is only read).
-
-    Returns OK, BAD_GRADIENT (a gradient holds NaN/Inf: nothing meaningful was computed) or
-    BAD_RESULT (finite gradients, a NaN/Inf result)."""
-    n, d = g.shape
-    lr32 = np.float32(lr)
-    wd = np.float32(p[_WD])
-    eps = np.float32(p[_EPS])
-    for i in range(n):
-        for j in range(d):
-            if not _finite(g[i, j]):
-                return BAD_GRADIENT
-    # the gather first, in a loop of copies alone: the CPU overlaps many of its cache misses,
-    # which a loop that also computes would wait for one row at a time (3x slower here)
-    for i in range(n):
+def _gather3(w_slab, st_slab, cnt_slab, slots, out_w, out_st, out_cnt) -> None:
+    """The rows of ``slots`` and their counts + 1, in a loop of copies alone: the CPU overlaps
+    many of its cache misses, which a loop that also computes waits for one row at a time."""
+    for i in range(len(slots)):
         s = slots[i]
         out_cnt[i] = cnt_slab[s] + 1
-        for j in range(d):
+        for j in range(out_w.shape[1]):
             out_w[i, j] = w_slab[s, j]
-        for j in range(st_slab.shape[1]):
+        for j in range(out_st.shape[1]):
             out_st[i, j] = st_slab[s, j]
-    status = OK
-    for i in range(n):
-        c = out_cnt[i]
-        w = out_w[i]
-        st = out_st[i]
-        gi = tmp
+
+
+@numba.njit(nogil=True, cache=True)
+def _all_finite(a) -> bool:
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            if not _finite(a[i, j]):
+                return False
+    return True
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _l2(g, w, wd, j):
+    return g[j] + wd * w[j] if wd != 0 else g[j]
+
+
+# one compiled rule per optimizer (compiled on first use: a table compiles only its own), each
+# stepping contiguous rows in place: w (N, dim), st (N, width), cnt (N,) counts after this step
+
+@numba.njit(nogil=True, cache=True)
+def _sgd(w, st, cnt, g, lr, p) -> None:
+    wd = np.float32(p[_WD])
+    for i in range(g.shape[0]):
+        for j in range(g.shape[1]):
+            w[i, j] -= lr * _l2(g[i], w[i], wd, j)
+
+
+@numba.njit(nogil=True, cache=True)
+def _adagrad(w, st, cnt, g, lr, p) -> None:
+    wd, eps = np.float32(p[_WD]), np.float32(p[_EPS])
+    for i in range(g.shape[0]):
+        clr = np.float32(np.float64(lr) / (1.0 + (np.float64(cnt[i]) - 1.0) * p[_LR_DECAY]))
+        wi, si, gi = w[i], st[i], g[i]
+        if wd != 0:
+            for j in range(len(gi)):
+                gj = gi[j] + wd * wi[j]
+                si[j] += gj * gj
+                wi[j] -= clr * gj / (np.sqrt(si[j]) + eps)
+        else:
+            for j in range(len(gi)):
+                gj = gi[j]
+                si[j] += gj * gj
+                wi[j] -= clr * gj / (np.sqrt(si[j]) + eps)
+
+
+@numba.njit(nogil=True, cache=True)
+def _rowwise_adagrad(w, st, cnt, g, lr, p) -> None:
+    wd, eps = np.float32(p[_WD]), np.float32(p[_EPS])
+    d = g.shape[1]
+    gi = np.empty(d, np.float32)
+    sq = np.empty(d, np.float32)
+    for i in range(g.shape[0]):
+        clr = np.float32(np.float64(lr) / (1.0 + (np.float64(cnt[i]) - 1.0) * p[_LR_DECAY]))
         for j in range(d):
-            gi[j] = g[i, j] + wd * w[j] if wd != 0 and kind != 4 else g[i, j]
-        if kind == 0:  # sgd
+            gi[j] = _l2(g[i], w[i], wd, j)
+            sq[j] = gi[j] * gi[j]
+        st[i, 0] += _pairwise_sum(sq, 0, d) / np.float32(d)
+        den = np.sqrt(st[i, 0]) + eps
+        for j in range(d):
+            w[i, j] -= clr * gi[j] / den
+
+
+@numba.njit(nogil=True, cache=True)
+def _adam(w, st, cnt, g, lr, p, decoupled) -> None:
+    wd, eps = np.float32(p[_WD]), np.float32(p[_EPS])
+    b1c, b2, b2c = np.float32(1.0 - p[_B1]), np.float32(p[_B2]), np.float32(1.0 - p[_B2])
+    d = g.shape[1]
+    for i in range(g.shape[0]):
+        if decoupled and wd != 0:  # adamw: the weights decay first, the gradient has no L2 term
+            f = np.float32(1.0) - lr * wd
             for j in range(d):
-                w[j] -= lr32 * gi[j]
-        elif kind == 1 or kind == 2:  # adagrad, rowwise_adagrad
-            clr = np.float32(np.float64(lr32) / (1.0 + (np.float64(c) - 1.0) * p[_LR_DECAY]))
-            if kind == 1:
-                for j in range(d):
-                    st[j] += gi[j] * gi[j]
-                for j in range(d):
-                    w[j] -= clr * gi[j] / (np.sqrt(st[j]) + eps)
+                w[i, j] *= f
+        t = np.float64(cnt[i])
+        step_size = np.float32(np.float64(lr) / (1.0 - p[_B1] ** t))
+        bc2 = np.float32(np.sqrt(1.0 - p[_B2] ** t))
+        for j in range(d):
+            gj = g[i, j] if decoupled else _l2(g[i], w[i], wd, j)
+            m = st[i, j]
+            m += b1c * (gj - m)
+            st[i, j] = m
+            v = st[i, d + j] * b2
+            v += b2c * gj * gj
+            st[i, d + j] = v
+            w[i, j] -= step_size * m / (np.sqrt(v) / bc2 + eps)
+
+
+@numba.njit(nogil=True, cache=True)
+def _ftrl(w, st, cnt, g, lr, p) -> None:
+    beta, l1, l2 = np.float32(p[_FTRL_BETA]), np.float32(p[_L1]), np.float32(p[_L2])
+    d = g.shape[1]
+    for i in range(g.shape[0]):
+        for j in range(d):
+            gj = g[i, j]
+            nn = st[i, d + j]
+            n_new = nn + gj * gj
+            sigma = (np.sqrt(n_new) - np.sqrt(nn)) / lr
+            z = st[i, j] + (gj - sigma * w[i, j])
+            st[i, j] = z
+            st[i, d + j] = n_new
+            if abs(z) <= l1:
+                w[i, j] = np.float32(0.0)
             else:
-                sq = tmp[d:2 * d]
-                for j in range(d):
-                    sq[j] = gi[j] * gi[j]
-                st[0] += _pairwise_sum(sq, 0, d) / np.float32(d)
-                den = np.sqrt(st[0]) + eps
-                for j in range(d):
-                    w[j] -= clr * gi[j] / den
-        elif kind == 3 or kind == 4:  # adam, adamw
-            if kind == 4 and wd != 0:
-                f = np.float32(1.0) - lr32 * wd
-                for j in range(d):
-                    w[j] *= f
-            b1c = np.float32(1.0 - p[_B1])
-            b2 = np.float32(p[_B2])
-            b2c = np.float32(1.0 - p[_B2])
-            t = np.float64(c)
-            step_size = np.float32(np.float64(lr32) / (1.0 - p[_B1] ** t))
-            bc2 = np.float32(np.sqrt(1.0 - p[_B2] ** t))
-            for j in range(d):
-                m = st[j]
-                m += b1c * (gi[j] - m)
-                st[j] = m
-                v = st[d + j] * b2
-                v += b2c * gi[j] * gi[j]
-                st[d + j] = v
-                w[j] -= step_size * m / (np.sqrt(v) / bc2 + eps)
-        elif kind == 5:  # ftrl (no L2 term in the gradient: its own l2)
-            beta = np.float32(p[_FTRL_BETA])
-            l1 = np.float32(p[_L1])
-            l2 = np.float32(p[_L2])
-            for j in range(d):
-                gj = g[i, j]
-                nn = st[d + j]
-                n_new = nn + gj * gj
-                sigma = (np.sqrt(n_new) - np.sqrt(nn)) / lr32
-                z = st[j] + (gj - sigma * w[j])
-                st[j] = z
-                st[d + j] = n_new
-                if abs(z) <= l1:
-                    w[j] = np.float32(0.0)
-                else:
-                    w[j] = -(z - np.sign(z) * l1) / ((beta + np.sqrt(n_new)) / lr32 + l2)
-        else:  # lion
-            b1 = np.float32(p[_B1])
-            b1c = np.float32(1.0 - p[_B1])
-            b2 = np.float32(p[_B2])
-            b2c = np.float32(1.0 - p[_B2])
-            for j in range(d):
-                gj = g[i, j]
-                m = st[j]
-                u = np.sign(b1 * m + b1c * gj)
-                if wd != 0:
-                    u = u + wd * w[j]
-                w[j] -= lr32 * u
-                m *= b2
-                m += b2c * gj
-                st[j] = m
-        if status == OK:
-            for j in range(d):
-                if not _finite(w[j]):
-                    status = BAD_RESULT
-            for j in range(st.shape[0]):
-                if not _finite(st[j]):
-                    status = BAD_RESULT
-    return status
+                w[i, j] = -(z - np.sign(z) * l1) / ((beta + np.sqrt(n_new)) / lr + l2)
+
+
+@numba.njit(nogil=True, cache=True)
+def _lion(w, st, cnt, g, lr, p) -> None:
+    wd = np.float32(p[_WD])
+    b1, b1c = np.float32(p[_B1]), np.float32(1.0 - p[_B1])
+    b2, b2c = np.float32(p[_B2]), np.float32(1.0 - p[_B2])
+    for i in range(g.shape[0]):
+        for j in range(g.shape[1]):
+            gj = g[i, j]
+            m = st[i, j]
+            u = np.sign(b1 * m + b1c * gj)
+            if wd != 0:
+                u = u + wd * w[i, j]
+            w[i, j] -= lr * u
+            m *= b2
+            m += b2c * gj
+            st[i, j] = m
 
 
 @numba.njit(nogil=True, cache=True)
@@ -270,7 +295,23 @@ class RowStep:
         w = np.empty((n, self.dim), dtype=np.float32)
         st = np.empty((n, self.width), dtype=np.float32)
         cnt = np.empty(n, dtype=np.int64)
-        tmp = np.empty(2 * self.dim, dtype=np.float32)
-        status = _stage(self.kind, w_slab, st_slab, cnt_slab, np.ascontiguousarray(slots, dtype=np.int64),
-                        np.ascontiguousarray(g, dtype=np.float32), np.float32(lr), self.params, w, st, cnt, tmp)
-        return w, st, cnt, int(status)
+        g = np.ascontiguousarray(g, dtype=np.float32)
+        if not _all_finite(g):
+            return w, st, cnt, BAD_GRADIENT
+        _gather3(w_slab, st_slab, cnt_slab, np.ascontiguousarray(slots, dtype=np.int64), w, st, cnt)
+        lr32 = np.float32(lr)
+        k = self.kind
+        if k == KIND_CODES[OptimizerKind.SGD]:
+            _sgd(w, st, cnt, g, lr32, self.params)
+        elif k == KIND_CODES[OptimizerKind.ADAGRAD]:
+            _adagrad(w, st, cnt, g, lr32, self.params)
+        elif k == KIND_CODES[OptimizerKind.ROWWISE_ADAGRAD]:
+            _rowwise_adagrad(w, st, cnt, g, lr32, self.params)
+        elif k in (KIND_CODES[OptimizerKind.ADAM], KIND_CODES[OptimizerKind.ADAMW]):
+            _adam(w, st, cnt, g, lr32, self.params, k == KIND_CODES[OptimizerKind.ADAMW])
+        elif k == KIND_CODES[OptimizerKind.FTRL]:
+            _ftrl(w, st, cnt, g, lr32, self.params)
+        else:
+            _lion(w, st, cnt, g, lr32, self.params)
+        ok = _all_finite(w) and (st.shape[1] == 0 or _all_finite(st))
+        return w, st, cnt, OK if ok else BAD_RESULT
