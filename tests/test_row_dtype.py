@@ -175,9 +175,13 @@ def test_a_16_bit_cache_budget_holds_more_rows(tmp_path):
         with EmbeddingStore(tmp_path / dtype, [TableConfig("t", 32, row_dtype=dtype)]) as st:
             host = st.cache(["t"], cache_mb=8, min_cache_rows=1)["t"].host
             assert host.weights.dtype == (np.float32 if dtype == "float32" else np.uint16)
-            caps[dtype] = host.capacity
-    # 32 weights of 4 or 2 bytes plus 72 bytes of metadata and index per slot
-    assert caps["bfloat16"] / caps["float32"] == pytest.approx((4 * 32 + 72) / (2 * 32 + 72), rel=1e-3)
+            caps[dtype], width = host.capacity, host.width
+    # 32 weights of 4 or 2 bytes; the state, metadata, key index and policy cost the same per slot
+    from damo_hybrid.cache.host import HostCache
+
+    other = HostCache.nbytes_per_row(32, width, 4) - 4 * 32
+    assert other == HostCache.nbytes_per_row(32, width, 2) - 2 * 32
+    assert caps["bfloat16"] / caps["float32"] == pytest.approx((4 * 32 + other) / (2 * 32 + other), rel=1e-3)
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["uncached", "host tier"])
