@@ -47,8 +47,9 @@ def _worker(store: EmbeddingStore, table: str, seed: int, batch: int, vocab: int
         with tiers.lock:
             slots = host.make_resident(ukeys, pin=True)
         try:
-            with tiers.step_lock:
-                host.commit_slots(slots, *host.stage_slots(slots, g[:len(ukeys)], t.lr()))
+            with tiers.step_lock:  # the worker's sparse step: the compiled one, as the collection takes it
+                staged = host.stage_checked(slots, g[:len(ukeys)], t.lr())
+                host.commit_slots(slots, *(staged or host.stage_slots(slots, g[:len(ukeys)], t.lr())))
         finally:
             host.unpin(slots)
         return len(ukeys)
