@@ -587,3 +587,83 @@ def test_a_store_of_the_other_kind_is_refused_without_resume(tmp_path, capsys):
     with pytest.raises(ValueError, match="holds a one-process store, and this run is on 2 ranks"):
         check_store_root(one / "rank-00000-of-00002", Ranks(0, 2))
     check_store_root(tmp_path / "new" / "rank-00000-of-00002", Ranks(0, 2))  # a new run's root: fine
+
+
+def _files_main(rank: int, port: int, root: str) -> None:
+    from damo_hybrid.data.readers import FORMATS
+    from damo_hybrid.data.source import EndOfData, StreamSource
+    from damo_hybrid.data.stream import DelimitedStream
+    from damo_hybrid.dist.data import RankStream
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=120))
+    try:
+        group = dist.new_group(backend="gloo")
+
+        def source() -> RankStream:
+            return RankStream(StreamSource(DelimitedStream(root, FORMATS["criteo"], 50, part=(rank, 2)), epochs=1), group)
+
+        rs, got = source(), []
+        try:
+            while True:
+                got.append(rs(len(got)).sparse["C1"])
+        except EndOfData:
+            pass
+        again = source()
+        again(0), again(1)
+        state = again.state(2)  # every rank's position
+        resumed = source()
+        resumed.load_state(state)
+        after = resumed(2).sparse["C1"]
+        elsewhere = source()  # positions of another number of ranks: the epoch restarts at the top
+        elsewhere.load_state({"world": 3, "ranks": state["ranks"] + state["ranks"][:1]})
+        top = elsewhere(2).sparse["C1"]
+        json.dump({"n": len(got), "own": [p.name for p in rs.source.stream.paths],
+                   "state_world": state["world"], "resumed_equal": bool(np.array_equal(after, got[2])),
+                   "restart_equal": bool(np.array_equal(top, got[0]))}, open(Path(root).parent / f"files{rank}.json", "w"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_reading_their_own_files_end_together_and_resume_where_they_stopped(tmp_path):
+    from damo_hybrid.bench.loader import write_criteo_file
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, rows in enumerate([120, 400, 130, 390]):  # rank 0 gets 250 rows (5 batches), rank 1 790 (16)
+        write_criteo_file(data / f"part-{i}.tsv", rows, distinct=500, seed=i)
+    mp.start_processes(_files_main, args=(_free_port(), str(data)), nprocs=2, start_method="spawn")
+    out = [json.loads((tmp_path / f"files{r}.json").read_text()) for r in range(2)]
+    assert [o["own"] for o in out] == [["part-0.tsv", "part-2.tsv"], ["part-1.tsv", "part-3.tsv"]]
+    assert out[0]["n"] == out[1]["n"] == 5  # both stop where rank 0's files end
+    assert all(o["state_world"] == 2 and o["resumed_equal"] and o["restart_equal"] for o in out), out
+
+
+def test_train_under_torchrun_on_several_files_gives_each_rank_its_own(tmp_path):
+    import subprocess
+    import sys
+
+    from damo_hybrid.bench.loader import write_criteo_file
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, rows in enumerate([700, 1000, 600, 900]):
+        write_criteo_file(data / f"part-{i}.tsv", rows, distinct=2000, seed=i)
+    store = tmp_path / "s"
+    train = ["-m", "damo_hybrid.cli", "train", "--stream", "--data", str(data), "--format", "criteo", "--batch-size", "128",
+             "--dim", "8", "--eval-fraction", "0.2", "--quiet", "--backend", "cpu", "--store", str(store),
+             "--checkpoint-every", "5"]
+    r = subprocess.run([sys.executable] + train + ["--epochs", "1", "--nproc", "2"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "eval AUC" in r.stdout and "fewer files than" not in r.stdout
+    steps = set()
+    for rank in range(2):  # 64 rows per rank and batch: rank 0's 1,040 training rows end the epoch for both
+        with EmbeddingStore(store / f"rank-{rank:05d}-of-00002", read_only=True) as st:
+            steps.add(st.step("emb"))
+    assert len(steps) == 1 and 14 <= steps.pop() <= 18
+    # a second epoch on 2 ranks resumes each rank at its own position of the newest checkpoint
+    r = subprocess.run([sys.executable] + train + ["--epochs", "2", "--nproc", "2", "--resume"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stdout and "restarts" not in r.stderr

@@ -333,3 +333,22 @@ def test_closing_a_read_ahead_early_stops_its_thread_at_once():
     assert time.perf_counter() - t0 < 1.0
     time.sleep(0.3)
     assert not any(t.name == "damo-test-ahead" for t in threading.enumerate())
+
+
+def test_a_stream_split_by_file_reads_only_its_files_and_holds_out_the_same_rows(tmp_path):
+    from damo_hybrid.data.stream import Holdout
+
+    for i in range(5):
+        (tmp_path / f"p{i}.tsv").write_text("\n".join(_criteo_lines(300 + 50 * i, seed=20 + i)) + "\n")
+    for held in (False, True):
+        split = Holdout(0.25, held, seed=5)
+        whole = DelimitedStream(tmp_path, CRITEO, 64, block_mb=0.02, holdout=split)
+        parts = [DelimitedStream(tmp_path, CRITEO, 32, block_mb=0.02, holdout=split, part=(r, 2)) for r in range(2)]
+        assert [p.name for p in parts[0].paths] == ["p0.tsv", "p2.tsv", "p4.tsv"]
+        assert [p.name for p in parts[1].paths] == ["p1.tsv", "p3.tsv"]
+        got = np.concatenate([_all(p)[0]["C1"] for p in parts])  # each side of the split, file by file
+        by_file = {r: _all(p)[0]["C1"] for r, p in enumerate(parts)}
+        np.testing.assert_array_equal(np.sort(got), np.sort(_all(whole)[0]["C1"]))
+        assert len(by_file[0]) and len(by_file[1])
+    with pytest.raises(ValueError, match="5 input file.*cannot be dealt over 6 ranks"):
+        DelimitedStream(tmp_path, CRITEO, 32, part=(0, 6))

@@ -126,7 +126,11 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
     check_writable("--json", args.json)
     torch.set_num_threads(threads)
     if args.data and args.stream:
-        data, held_out = stream_data(args)
+        data, held_out = stream_data(args, *((ranks.rank, ranks.world) if ranks is not None else (0, 1)))
+        if ranks is not None and not getattr(data, "own_files", False):
+            print(f"note: --data {args.data} is fewer files than the {ranks.world} ranks, so every rank reads all of it "
+                  f"and keeps its slice of each batch; give at least {ranks.world} files (a glob or a directory) to have "
+                  "each rank read only its own")
     elif args.data:
         data, held_out = file_data(args)
         if args.steps is None:
@@ -215,7 +219,7 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
                       f"({sum(c.capacity * c.nbytes_per_row(c.dim, c.width, c.prec.itemsize) for c in model.sparse.caches.values()) / 2**20:,.1f} MiB in all)")
             dense_opt = torch.optim.Adam(model.parameters(), lr=args.dense_lr)
             train_fn, eval_fn = getattr(data, "batch", data), getattr(held_out, "batch", held_out)
-            if ranks is not None:  # this rank's slice of every global batch
+            if ranks is not None:  # this rank's slice of every global batch, unless it reads files of its own
                 train_fn, eval_fn = ranks.part(train_fn), ranks.part(eval_fn)
             trainer = Trainer(model, dense_opt, train_fn, eval_fn)
             if state is not None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.files import expand_paths
 from ..data.libfm import LibfmStream
 from ..data.parquet_stream import ParquetStream
 from ..data.readers import FORMATS, Schema
@@ -18,28 +19,58 @@ from ..data.stream import DelimitedStream, Holdout
 NO_END = 2**62  # steps or eval batches "until the data ends"
 
 
-def stream_data(args: argparse.Namespace) -> tuple[StreamSource, StreamSource | None]:
+def split_by_file(path: Any, world: int) -> bool:
+    """Whether a run on ``world`` ranks reads ``path`` split by file (each rank its own files):
+    when it expands to at least as many files as ranks."""
+    return world > 1 and path is not None and len(expand_paths(path)) >= world
+
+
+def stream_data(args: argparse.Namespace, rank: int = 0, world: int = 1) -> tuple[Any, Any]:
     """``(training source, held-out source or None)``; sets ``args.steps`` and ``args.eval_batches``
-    to run until the data ends where the user gave none (``--epochs`` passes, every held-out row)."""
+    to run until the data ends where the user gave none (``--epochs`` passes, every held-out row).
+
+    On ``world`` ranks an input of at least ``world`` files is split by file: this rank reads
+    only its files (:mod:`damo_hybrid.dist.data`), in batches of its share of ``--batch-size``, and
+    the sources are :class:`~damo_hybrid.dist.data.RankStream`; other inputs are read whole by every
+    rank (the caller gives each rank its slice of every batch)."""
     schema = Schema.from_dict(args.schema) if getattr(args, "schema", None) else FORMATS.get(args.format)
     if schema is None and args.format != "libfm":
         raise ValueError(f"format {args.format!r} needs a schema (columns, label, dense, sparse): give one in the config file")
     until_end = args.steps is None
     split = Holdout(args.eval_fraction, False, args.seed) if args.eval_fraction and not args.eval_data else None
-    def kind(path: Any, **kw: Any) -> Any:
-        if args.format == "libfm":  # its schema comes from the file's first line
-            return LibfmStream(path, args.batch_size, schema.on_error if schema else "raise", **kw)
-        return (ParquetStream if args.format == "parquet" else DelimitedStream)(path, schema, args.batch_size, **kw)
+    share = (rank + 1) * args.batch_size // world - rank * args.batch_size // world  # this rank's rows of a batch
+    group = None
 
-    data = StreamSource(kind(args.data, holdout=split, shuffle_buffer=args.shuffle_buffer, seed=args.seed),
-                        epochs=args.epochs if until_end else None)
+    def kind(path: Any, **kw: Any) -> Any:
+        size = args.batch_size
+        if split_by_file(path, world):
+            kw["part"], size = (rank, world), share
+        if args.format == "libfm":  # its schema comes from the file's first line
+            return LibfmStream(path, size, schema.on_error if schema else "raise", **kw)
+        return (ParquetStream if args.format == "parquet" else DelimitedStream)(path, schema, size, **kw)
+
+    def source(path: Any, stream: Any, epochs: int | None) -> Any:
+        nonlocal group
+        src = StreamSource(stream, epochs=epochs)
+        if not split_by_file(path, world):
+            return src
+        import torch.distributed as dist
+
+        from ..dist.data import RankStream
+
+        if group is None:  # every rank makes it, in the same order
+            group = dist.new_group(backend="gloo")
+        return RankStream(src, group)
+
+    data = source(args.data, kind(args.data, holdout=split, shuffle_buffer=args.shuffle_buffer, seed=args.seed),
+                  args.epochs if until_end else None)
     if until_end:
         args.steps = NO_END
     held_out = None
     if args.eval_data or split is not None:
         src = args.eval_data or args.data  # --eval-fraction: the other side of the same split
         held = Holdout(split.fraction, True, split.seed) if split is not None else None
-        held_out = StreamSource(kind(src, holdout=held), epochs=1)
+        held_out = source(src, kind(src, holdout=held), 1)
         args.eval_batches = args.eval_batches or NO_END
     else:
         args.eval_batches = 0

@@ -42,8 +42,8 @@ class Ranks:
 
     def part(self, batch_fn: Callable[[int], Any] | None) -> Callable[[int], Any] | None:
         """``batch_fn`` reduced to this rank's rows of each global batch."""
-        if batch_fn is None:
-            return None
+        if batch_fn is None or getattr(batch_fn, "own_files", False):  # a stream of this rank's own files
+            return batch_fn
         rank, world = self.rank, self.world
 
         def mine(i: int) -> Any:

@@ -7,16 +7,28 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from typing import Any
 
 from .stream import DelimitedStream, Position
 from .synthetic import Batch
 
-__all__ = ["StreamSource", "EndOfData"]
+__all__ = ["StreamSource", "EndOfData", "restart_epoch"]
+
+log = logging.getLogger(__name__)
 
 
 class EndOfData(Exception):
     """A data source has no batch at this index: its epochs are done (the trainer stops there)."""
+
+
+def restart_epoch(states: list[dict[str, Any]], index: int) -> dict[str, Any]:
+    """A :meth:`StreamSource.state` that starts batch ``index`` at the top of the files, in the
+    earliest epoch of ``states``: the positions of a run that split its files over another number
+    of ranks (:class:`~damo_hybrid.dist.data.RankStream`), which do not carry over."""
+    return {"index": index, "epoch": min(int(s["epoch"]) for s in states), "position": Position().as_dict(),
+            "shuffle": states[0].get("shuffle")}
 
 
 class StreamSource:
@@ -86,9 +98,16 @@ class StreamSource:
     def load_state(self, d: dict[str, object]) -> None:
         """Resume at the batch :meth:`state` described, without reading up to it.
 
+        A state of a run that split its files over ranks (``ranks``: each rank's) restarts its
+        epoch at the top of the files: the files are dealt differently here.
+
         Raises:
             ValueError: the state was saved with another shuffle buffer or seed.
         """
+        if isinstance(d.get("ranks"), list):
+            log.warning("the checkpoint's data positions are those of %s ranks that split the files; this run "
+                        "reads them all, so its epoch restarts at the top of the files", d.get("world"))
+            d = restart_epoch(d["ranks"], int(d["ranks"][0]["index"]))
         saved = d.get("shuffle") or {"buffer": 0, "seed": self.stream.seed}
         mine = {"buffer": self.stream.shuffle_buffer, "seed": self.stream.seed}
         if saved["buffer"] != mine["buffer"] or (saved["buffer"] and saved["seed"] != mine["seed"]):  # type: ignore[index]

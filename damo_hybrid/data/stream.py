@@ -124,16 +124,29 @@ class DelimitedStream:
             :class:`Position` (0: file order).
         compiled: try the compiled fast path first (False: pyarrow first; the same batches, for
             comparisons).
+        part: ``(rank, world)``: read only files ``rank, rank + world, ...`` of the input (a run
+            that splits its input over ranks by file, :mod:`damo_hybrid.dist.data`).
     """
 
     def __init__(self, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], schema: Schema,
                  batch_size: int = 4096, block_mb: float = 8.0, holdout: Holdout | None = None,
-                 shuffle_buffer: int = 0, seed: int = 0, compiled: bool = True) -> None:
+                 shuffle_buffer: int = 0, seed: int = 0, compiled: bool = True,
+                 part: tuple[int, int] | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not block_mb > 0:
             raise ValueError(f"block_mb must be > 0, got {block_mb}")
         self.paths = expand_paths(paths)
+        # each file's number in the whole input, which the held-out split hashes
+        self.file_ids = list(range(len(self.paths)))
+        if part is not None:
+            rank, world = part
+            if not 0 <= rank < world:
+                raise ValueError(f"part must be (rank, world) with 0 <= rank < world, got {part}")
+            if len(self.paths) < world:
+                raise ValueError(f"{len(self.paths)} input file(s) cannot be dealt over {world} ranks: give at "
+                                 f"least {world} files (a glob or a directory) to split the input by file")
+            self.paths, self.file_ids = self.paths[rank::world], self.file_ids[rank::world]
         self.schema = schema
         self.batch_size = batch_size
         self.block_bytes = max(1 << 12, int(block_mb * 2**20))
@@ -240,7 +253,7 @@ class DelimitedStream:
             rows = start.rows if at_start else 0
         first, rows = rows, rows + len(block)
         if self.holdout is not None:
-            block = block.take(self.holdout.keep(fi, first, len(block)))
+            block = block.take(self.holdout.keep(self.file_ids[fi], first, len(block)))
         skip = start.row if at_start else 0
         if skip:
             block = block.take(slice(skip, None))

@@ -6,6 +6,7 @@ its own store), rows and gradients exchanged by all-to-all, the dense layers dat
 - :mod:`~damo_hybrid.dist.collection`: :class:`ShardedEmbeddingCollection`, the
   :class:`~damo_hybrid.nn.EmbeddingCollection` API over the shards.
 - :mod:`~damo_hybrid.dist.checkpoint`: sharded checkpoints, restorable onto any number of ranks.
+- :mod:`~damo_hybrid.dist.data`: a stream split over the ranks by file, their data ending together.
 """
 
 from .checkpoint import latest_sharded_checkpoint, restore_shard, save_sharded_checkpoint

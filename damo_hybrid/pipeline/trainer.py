@@ -251,8 +251,9 @@ class Trainer:
                 save_sharded_checkpoint,
             )
 
+            state = self.state()  # on every rank: a stream split by file gathers every rank's position
             path = save_sharded_checkpoint(root, self.step, self.sparse.store,
-                                           self.state() if self.sparse.rank == 0 else None)
+                                           state if self.sparse.rank == 0 else None)
             prune_sharded_checkpoints(root, keep, self.sparse.rank)
             return path
         path = save_training_checkpoint(root, self.step, self.sparse.store, self.state())
