@@ -135,3 +135,26 @@ def test_an_interrupt_inside_the_jit_compiler_waits_until_it_returns(monkeypatch
         signals._interrupt(signal.SIGTERM, frame_in("damo_hybrid.pipeline.trainer"))
     with pytest.raises(KeyboardInterrupt):
         signals._interrupt(signal.SIGINT, frame_in("damo_hybrid.pipeline.trainer"))
+
+
+def test_a_signal_still_deferred_when_the_command_ends_is_not_sent_again_and_sets_the_exit_status(monkeypatch):
+    """A re-send timer outliving the block hit the restored default handler (the process died
+    after its work) and, not a daemon, held the interpreter's exit; now it is cancelled and the
+    command exits 143."""
+    import signal
+    import sys
+
+    from damo_hybrid.cli import signals
+
+    ns = {"__name__": "numba.core.compiler", "sys": sys}
+    exec("def f():\n    return sys._getframe()\n", ns)
+    sent = []
+    monkeypatch.setattr(signals.os, "kill", lambda pid, sig: sent.append(sig))
+    with signals.sigterm_as_interrupt() as late:
+        signals._interrupt(signal.SIGTERM, ns["f"]())  # deferred: inside the compiler
+        (timer,) = late.timers
+        assert timer.daemon and signal.SIGTERM in late.pending
+    assert not timer.is_alive() or timer.finished.is_set()  # cancelled with the block
+    late._again(signal.SIGTERM)  # a retry that fires anyway does nothing once the block is over
+    assert sent == [] and late.exit_code(0) == 143
+    assert signal.getsignal(signal.SIGTERM) is not signals._interrupt

@@ -49,6 +49,19 @@ def test_pinned_probation_rows_stay_and_wait_their_turn_again():
     pool.unpin(slots[:3])
 
 
+def test_trimming_the_queue_leaves_a_slot_filled_again_since_on_probation():
+    """Trimming the oldest queue entry took every slot in it off probation, also one whose row had
+    left and whose slot held a new row on probation since (queued in a newer entry)."""
+    pool = SlotPool(10, "test pool")
+    slots = _fill(pool, range(10))  # one entry of 10, all on probation
+    pool.release(slots[:1])  # key 0 leaves; its slot is free
+    (again,) = _fill(pool, [50])  # the slot again, in a newer entry: the queue holds 11 > 10
+    assert again == slots[0]
+    assert pool.probation[again]  # still on probation: the trimmed entry was stale for it
+    assert not pool.probation[slots[1:]].any()  # the rest of the trimmed entry joined the main part
+    assert pool._on_probation == 1
+
+
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(st.lists(st.tuples(st.sampled_from(["load", "touch", "pin", "unpin", "release"]),
                           st.lists(st.integers(0, 60), min_size=1, max_size=12, unique=True)),
@@ -99,3 +112,7 @@ def test_victims_are_distinct_unpinned_and_the_map_stays_exact(ops):
         found = pool.lookup(all_keys)
         assert {int(k): int(v) for k, v in zip(all_keys, found) if v >= 0} == model
         assert len(pool) == len(model) and pool.occupied.sum() == len(model)
+        on = np.flatnonzero(pool.probation)
+        assert pool._on_probation == len(on) and pool.occupied[on].all()
+        current = [s for e, q in pool._fifo for s in q.tolist() if pool._entry[s] == e]
+        assert set(on.tolist()) <= set(current)  # every probation row waits in the queue once

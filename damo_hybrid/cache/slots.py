@@ -44,7 +44,9 @@ __all__ = ["SlotPool", "MAX_USES", "PROBATION"]
 
 MAX_USES = 3  # laps of the hand a main row earns at most (more measured no better)
 PROBATION = 0.1  # share of the slots kept on probation before the main part gives rows up
-_GHOST_BITS = 10  # bits per key of each ghost generation (two probes: ~2% false positives)
+# bits per key of each ghost generation: two probes give ~3.3% false positives in a full
+# generation, ~6.5% for a key asked of both (a new key then skips probation)
+_GHOST_BITS = 10
 
 
 @numba.njit(nogil=True, cache=True)
@@ -111,13 +113,19 @@ class SlotPool:
         self.occupied = np.zeros(capacity, dtype=bool)
         self.ref = np.zeros(capacity, dtype=np.uint8)  # use counts of main rows
         self.probation = np.zeros(capacity, dtype=bool)
+        self._on_probation = 0  # count_nonzero(probation), kept up to date
+        # the probation queue entry each slot was last queued in: an older entry holding the slot
+        # (it left and came back since) is stale for it
+        self._entry = np.full(capacity, -1, dtype=np.int64)
+        self._entries = 0  # entries queued so far
         self.pins = np.zeros(capacity, dtype=np.int32)
         self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)  # a stack: pop from the end
         self._nfree = capacity
         self._hand = 0
-        # slots that entered on probation, oldest batch first; an entry goes stale when its row
-        # is promoted or evicted by the hand (then skipped), so the queue is bounded by trimming
-        self._fifo: deque[np.ndarray] = deque()
+        # slots that entered on probation, oldest batch first, as (entry number, slots); a slot
+        # goes stale in its entry when its row is promoted, evicted by the hand or queued again
+        # (then skipped), so the queue is bounded by trimming
+        self._fifo: deque[tuple[int, np.ndarray]] = deque()
         self._fifo_off = 0  # entries of the oldest batch already examined
         self._fifo_len = 0
         self._probation_max = int(PROBATION * capacity)
@@ -127,7 +135,7 @@ class SlotPool:
     @staticmethod
     def nbytes_per_row() -> float:
         """Host bytes one slot costs in the pool: key, pins, flags, key index, queue, ghost."""
-        return 8 + 4 + 3 + KeyIndex.nbytes_per_key() + 4 + _Ghost.nbytes_per_row()
+        return 8 + 4 + 3 + 8 + 8 + KeyIndex.nbytes_per_key() + 4 + _Ghost.nbytes_per_row()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -141,7 +149,7 @@ class SlotPool:
         """Count a use of distinct resident slots (a batch found their rows resident): a row on
         probation is promoted to the main part."""
         self.ref[slots] = np.minimum(self.ref[slots], MAX_USES - 1) + 1
-        self.probation[slots] = False
+        self._leave_probation(slots)
 
     def pin(self, slots: np.ndarray) -> None:
         with self.lock:
@@ -187,16 +195,18 @@ class SlotPool:
         self.occupied[slots] = True
         self.ref[slots] = 0
         back = self._ghost.has(keys)
-        self.probation[slots] = ~back
-        entered = slots[~back].astype(np.int32)
+        self._leave_probation(slots[back])
+        entered = slots[~back]
         if len(entered):
-            self._fifo.append(entered)
-            self._fifo_len += len(entered)
+            self._on_probation += len(entered) - int(np.count_nonzero(self.probation[entered]))
+            self.probation[entered] = True
+            self._queue(entered)
             while self._fifo_len > self.capacity:  # bound the queue: its oldest batch joins the main part
-                head = self._fifo.popleft()[self._fifo_off:]
+                e, head = self._fifo.popleft()
+                head = head[self._fifo_off:]
                 self._fifo_off = 0
                 self._fifo_len -= len(head)
-                self.probation[head] = False
+                self._leave_probation(head[self._entry[head] == e])
         with CLOCK("index"):
             self.index.insert(keys, slots)
 
@@ -211,7 +221,7 @@ class SlotPool:
         self.index.delete(self.keys[slots])
         self.occupied[slots] = False
         self.ref[slots] = 0
-        self.probation[slots] = False
+        self._leave_probation(slots)
         self.free(slots)
 
     def _victims(self, need: int) -> np.ndarray:
@@ -242,9 +252,10 @@ class SlotPool:
             self.pin(v)  # chosen: not a candidate again on a later lap
             found.append(v)
             got += len(v)
-            if self.probation[v].any():  # the hand passed probation rows: they leave as unused
-                self._ghost.add(self.keys[v[self.probation[v]]])
-                self.probation[v] = False
+            on = v[self.probation[v]]
+            if len(on):  # the hand passed probation rows: they leave as unused
+                self._ghost.add(self.keys[on])
+                self._leave_probation(on)
             r = self.ref[passed]
             self.ref[passed] = r - (r > 0)
             self._hand = int((self._hand + cut) % cap)
@@ -256,21 +267,21 @@ class SlotPool:
     def _from_probation(self, need: int, found: list[np.ndarray]) -> int:
         """Victims from the probation queue, oldest first, while more than the probation share
         of the slots are on probation; pinned ones go to the back of the queue. Returns how many."""
-        excess = int(np.count_nonzero(self.probation)) - self._probation_max
+        excess = self._on_probation - self._probation_max
         got = 0
         requeue: list[np.ndarray] = []
         while got < need and excess > 0 and self._fifo:
-            head = self._fifo[0]
+            e, head = self._fifo[0]
             c = head[self._fifo_off:].astype(np.int64)
-            valid = self.probation[c] & self.occupied[c]
+            valid = self.probation[c] & self.occupied[c] & (self._entry[c] == e)
             cand = valid & (self.pins[c] == 0)
             want = min(need - got, excess)
             csum = np.cumsum(cand)
             cut = int(np.searchsorted(csum, want)) + 1 if len(c) and csum[-1] >= want else len(c)
             seen, cand, valid = c[:cut], cand[:cut], valid[:cut]
-            v = np.unique(seen[cand])  # a slot entered twice (evicted by the hand, then again) once
+            v = seen[cand]  # distinct: a slot is current in one entry only
             requeue.append(seen[valid & ~cand])
-            self.probation[v] = False
+            self._leave_probation(v)
             self.pin(v)
             found.append(v)
             got += len(v)
@@ -283,6 +294,17 @@ class SlotPool:
                 self._fifo_off = 0
         for r in requeue:
             if len(r):
-                self._fifo.append(r.astype(np.int32))
-                self._fifo_len += len(r)
+                self._queue(r)
         return got
+
+    def _queue(self, slots: np.ndarray) -> None:
+        """Queue distinct probation slots as the newest entry (stale in any older one)."""
+        self._entry[slots] = self._entries
+        self._fifo.append((self._entries, slots.astype(np.int32)))
+        self._entries += 1
+        self._fifo_len += len(slots)
+
+    def _leave_probation(self, slots: np.ndarray) -> None:
+        """Distinct slots leave probation (those on it)."""
+        self._on_probation -= int(np.count_nonzero(self.probation[slots]))
+        self.probation[slots] = False

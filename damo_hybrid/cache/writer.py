@@ -81,15 +81,16 @@ class WriteBehind:
             finally:
                 self._q.task_done()
 
-    def _write(self, item: _Pending) -> None:
-        """Write what is left of a batch, chunk by chunk, releasing the GIL between chunks."""
+    def _write(self, item: _Pending, pause: float = _YIELD_S) -> None:
+        """Write what is left of a batch, chunk by chunk, releasing the GIL for ``pause`` seconds
+        between chunks (the writer's thread; a retry in the caller's thread does not wait)."""
         n = len(item.keys)
         while item.done < n:
             c = slice(item.done, min(n, item.done + WRITE_CHUNK))
             self.io.write(item.keys[c], item.rows.take(c), item.new[c])
             item.done = c.stop
-            if item.done < n:
-                time.sleep(_YIELD_S)
+            if item.done < n and pause:
+                time.sleep(pause)
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -179,7 +180,7 @@ class WriteBehind:
                         break
                     item = self._pending[0]
                 try:
-                    self._write(item)
+                    self._write(item, pause=0.0)
                 except BaseException as e:
                     self._error = e
                     self._raise()

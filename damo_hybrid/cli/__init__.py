@@ -463,8 +463,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    with sigterm_as_interrupt():
-        return _main(argv)
+    with sigterm_as_interrupt() as late:
+        rc = _main(argv)
+    return late.exit_code(rc)
 
 
 def _main(argv: Sequence[str] | None) -> int:

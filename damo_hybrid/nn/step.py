@@ -53,12 +53,13 @@ def stage_rows(tiers: TableTiers, slots: np.ndarray, device: DeviceBatch | None,
             keep[np.nonzero(keep)[0][~keep_r]] = False
         return [keep_g, keep_r], lambda: dev.commit(device, w, st, cnt, keep)
     host = tiers.host
-    if grad.dtype == torch.float32 and tuple(grad.shape) == (len(keys), table.dim):
-        fused = host.stage_checked(slots, np.ascontiguousarray(grad.numpy()), lr)
+    g_np = np.ascontiguousarray(grad.numpy(), dtype=np.float32)
+    if grad.dtype == torch.float32 and g_np.shape == (len(keys), table.dim):
+        fused = host.stage_checked(slots, g_np, lr)
         if fused is not None:  # every gradient and result finite: nothing for the policy to do
             w, st, cnt = fused
             return [None, None], lambda: host.commit_slots(slots, w, st, cnt)
-    _, g2, keep_g = table.check_gradients(keys, np.ascontiguousarray(grad.numpy(), dtype=np.float32))
+    _, g2, keep_g = table.check_gradients(keys, g_np)
     if keep_g is not None:
         slots, keys, g2 = slots[keep_g], keys[keep_g], g2[keep_g]
     w, st, cnt = host.stage_slots(slots, g2, lr)

@@ -3,8 +3,9 @@
 The numpy rules of :mod:`damo_hybrid.rows.optimizers` make about a dozen passes over a batch's
 rows, each holding the GIL: the gather of the rows from the slab, the finiteness check of the
 gradients, the update rule's expressions one by one, the check of the results and the scatter
-back. The kernels here do the whole step in one pass per row, in machine code and without the
-GIL, so the host manager's and writer's threads run while the worker steps its rows.
+back. The kernels here gather and update in one pass per row, with a compiled finiteness pass
+over the gradients before and over the results after, all in machine code and without the GIL,
+so the host manager's and writer's threads run while the worker steps its rows.
 
 They compute the numpy rules **bit for bit**: the same float32 operations in the same order
 (float64 where numpy promotes: the per-row rates of adagrad's ``lr_decay`` and adam's bias
