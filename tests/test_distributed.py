@@ -667,3 +667,34 @@ def test_train_under_torchrun_on_several_files_gives_each_rank_its_own(tmp_path)
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stdout and "restarts" not in r.stderr
+
+
+def test_train_on_ranks_cuts_a_single_file_by_byte_range(tmp_path):
+    """One plain file on 2 ranks: each reads its half of the bytes in batches of half the global
+    batch, so the epoch ends after about the steps of one process."""
+    import subprocess
+    import sys
+
+    from damo_hybrid.bench.loader import write_criteo_file
+
+    data = tmp_path / "one.tsv"
+    write_criteo_file(data, 2000, distinct=2000, seed=3)
+    store = tmp_path / "s"
+    train = ["-m", "damo_hybrid.cli", "train", "--stream", "--data", str(data), "--format", "criteo", "--batch-size", "128",
+             "--dim", "8", "--quiet", "--backend", "cpu", "--store", str(store), "--epochs", "1", "--nproc", "2"]
+    r = subprocess.run([sys.executable] + train, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "every rank reads all of it" not in r.stdout
+    from argparse import Namespace
+
+    from damo_hybrid.cli.data import own_part
+
+    assert own_part(Namespace(format="criteo", rank_input="own"), data, 2)  # the CLI cut it by byte range
+    assert not own_part(Namespace(format="criteo", rank_input="all"), data, 2)
+    gz = tmp_path / "one.tsv.gz"
+    gz.write_bytes(b"")
+    assert not own_part(Namespace(format="criteo", rank_input="own"), gz, 2)  # read whole by every rank
+    assert own_part(Namespace(format="criteo", rank_input="own"), [gz, gz], 2)  # one file each
+    for rank in range(2):  # ~1000 rows per rank in batches of 64: 15 full steps, the shorter part ends both
+        with EmbeddingStore(store / f"rank-{rank:05d}-of-00002", read_only=True) as st:
+            assert 14 <= st.step("emb") <= 16

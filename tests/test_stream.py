@@ -350,5 +350,46 @@ def test_a_stream_split_by_file_reads_only_its_files_and_holds_out_the_same_rows
         by_file = {r: _all(p)[0]["C1"] for r, p in enumerate(parts)}
         np.testing.assert_array_equal(np.sort(got), np.sort(_all(whole)[0]["C1"]))
         assert len(by_file[0]) and len(by_file[1])
-    with pytest.raises(ValueError, match="5 input file.*cannot be dealt over 6 ranks"):
-        DelimitedStream(tmp_path, CRITEO, 32, part=(0, 6))
+    assert sum(len(DelimitedStream(tmp_path, CRITEO, 32, part=(r, 6)).paths) for r in range(6)) >= 6  # by bytes
+
+
+def test_a_stream_split_by_byte_range_reads_its_lines_once_and_resumes_inside_its_part(tmp_path):
+    """Fewer files than ranks: each rank reads its 1/W of the bytes, cut at line starts; in rank
+    order the parts are the whole stream, and nothing before a part is read unless a line number
+    is needed."""
+    from damo_hybrid.data.stream import Holdout
+
+    (tmp_path / "a.tsv").write_text("\n".join(_criteo_lines(700, seed=31)) + "\n")
+    (tmp_path / "b.tsv").write_text("\n".join(_criteo_lines(200, seed=32)))  # no final newline
+    whole = _all(DelimitedStream(tmp_path, CRITEO, 64, block_mb=0.02))
+    parts = [DelimitedStream(tmp_path, CRITEO, 50, block_mb=0.02, part=(r, 3)) for r in range(3)]
+    got = [_all(p) for p in parts]
+    assert [len(g[2]) for g in got] != [300, 300, 300] and min(len(g[2]) for g in got) > 200  # cut by bytes
+    for f in whole[0]:
+        np.testing.assert_array_equal(np.concatenate([g[0][f] for g in got]), whole[0][f])
+    np.testing.assert_array_equal(np.concatenate([g[1] for g in got]), whole[1])
+    assert all(p._bases == {} for p in parts)  # the bytes before a part were never read
+    # resuming inside a part gives the rest of it
+    pos = got[1][3][2][1]
+    rest = _all(DelimitedStream(tmp_path, CRITEO, 50, block_mb=0.02, part=(1, 3)), pos)
+    np.testing.assert_array_equal(rest[0]["C3"], got[1][0]["C3"][150:])
+    # the held-out split: each rank's two sides partition its rows
+    for r in range(3):
+        sides = [_all(DelimitedStream(tmp_path, CRITEO, 50, block_mb=0.02, part=(r, 3), holdout=Holdout(0.3, h, 1)))
+                 for h in (False, True)]
+        assert 0 < len(sides[1][2]) < len(sides[0][2])
+        np.testing.assert_array_equal(np.sort(np.concatenate([s[0]["C1"] for s in sides])), np.sort(got[r][0]["C1"]))
+    # an error names the line's number in the file, not in the part
+    lines = _criteo_lines(600, seed=33)
+    lines[500] = "2" + lines[500][1:]  # a label that is not 0/1
+    (tmp_path / "a.tsv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "b.tsv").unlink()
+    err = _err(lambda: _all(DelimitedStream(tmp_path / "a.tsv", CRITEO, 50, block_mb=0.02, part=(1, 2))))
+    assert err is not None and "a.tsv:501" in err, err
+    gz = tmp_path / "c.tsv.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write("\n".join(lines[:10]) + "\n")
+    with pytest.raises(ValueError, match="compressed and cannot be split by byte range over 2 ranks"):
+        DelimitedStream(gz, CRITEO, 32, part=(0, 2))
+    with pytest.raises(ValueError, match="too few lines"):
+        DelimitedStream(tmp_path / "a.tsv", CRITEO, 32, part=(0, 10**6))

@@ -127,10 +127,10 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
     torch.set_num_threads(threads)
     if args.data and args.stream:
         data, held_out = stream_data(args, *((ranks.rank, ranks.world) if ranks is not None else (0, 1)))
-        if ranks is not None and not getattr(data, "own_files", False):
-            print(f"note: --data {args.data} is fewer files than the {ranks.world} ranks, so every rank reads all of it "
-                  f"and keeps its slice of each batch; give at least {ranks.world} files (a glob or a directory) to have "
-                  "each rank read only its own")
+        if ranks is not None and not getattr(data, "own_part", False) and args.rank_input == "own":
+            print(f"note: --data {args.data} is fewer files than the {ranks.world} ranks and cannot be cut by byte "
+                  f"(compressed or parquet), so every rank reads all of it and keeps its slice of each batch; give at "
+                  f"least {ranks.world} files (a glob or a directory) to have each rank read only its own")
     elif args.data:
         data, held_out = file_data(args)
         if args.steps is None:
@@ -219,7 +219,7 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
                       f"({sum(c.capacity * c.nbytes_per_row(c.dim, c.width, c.prec.itemsize) for c in model.sparse.caches.values()) / 2**20:,.1f} MiB in all)")
             dense_opt = torch.optim.Adam(model.parameters(), lr=args.dense_lr)
             train_fn, eval_fn = getattr(data, "batch", data), getattr(held_out, "batch", held_out)
-            if ranks is not None:  # this rank's slice of every global batch, unless it reads files of its own
+            if ranks is not None:  # this rank's slice of every global batch, unless it reads a part of its own
                 train_fn, eval_fn = ranks.part(train_fn), ranks.part(eval_fn)
             trainer = Trainer(model, dense_opt, train_fn, eval_fn)
             if state is not None:
@@ -339,6 +339,11 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                    "in blocks, in flat memory, instead of loading them whole")
     t.add_argument("--shuffle-buffer", type=int_in(0), default=0, metavar="N",
                    help="with --stream: shuffle rows within windows of N rows, reproducibly from --seed")
+    t.add_argument("--rank-input", choices=("own", "all"), default="own",
+                   help="with --stream on several ranks: own = each rank reads only its part of the input (its files "
+                        "when there are at least as many as ranks, else its share of the bytes of plain-text files); "
+                        "all = every rank reads all of it and keeps its slice of each global batch (the same steps "
+                        "as one process, at the cost of every rank parsing everything)")
     t.add_argument("--eval-data", help="held-out file in the same format")
     t.add_argument("--eval-fraction", type=float_in(0.0, 1.0, lo_open=False), default=0.0,
                    help="without --eval-data: hold out this random fraction of --data (seeded by --seed)")

@@ -19,20 +19,23 @@ from ..data.stream import DelimitedStream, Holdout
 NO_END = 2**62  # steps or eval batches "until the data ends"
 
 
-def split_by_file(path: Any, world: int) -> bool:
-    """Whether a run on ``world`` ranks reads ``path`` split by file (each rank its own files):
-    when it expands to at least as many files as ranks."""
-    return world > 1 and path is not None and len(expand_paths(path)) >= world
+def own_part(args: argparse.Namespace, path: Any, world: int) -> bool:
+    """Whether each of ``world`` ranks reads only its part of ``path`` (``--rank-input own``): its
+    files when there are at least as many as ranks, else its share of the bytes of plain text."""
+    if world < 2 or path is None or getattr(args, "rank_input", "own") != "own":
+        return False
+    paths = expand_paths(path)
+    return len(paths) >= world or (args.format != "parquet" and not any(p.suffix == ".gz" for p in paths))
 
 
 def stream_data(args: argparse.Namespace, rank: int = 0, world: int = 1) -> tuple[Any, Any]:
     """``(training source, held-out source or None)``; sets ``args.steps`` and ``args.eval_batches``
     to run until the data ends where the user gave none (``--epochs`` passes, every held-out row).
 
-    On ``world`` ranks an input of at least ``world`` files is split by file: this rank reads
-    only its files (:mod:`damo_hybrid.dist.data`), in batches of its share of ``--batch-size``, and
-    the sources are :class:`~damo_hybrid.dist.data.RankStream`; other inputs are read whole by every
-    rank (the caller gives each rank its slice of every batch)."""
+    On ``world`` ranks with ``--rank-input own`` this rank reads only its part of the input (see
+    :func:`own_part` and :mod:`damo_hybrid.dist.data`), in batches of its share of ``--batch-size``,
+    and the sources are :class:`~damo_hybrid.dist.data.RankStream`; otherwise every rank reads it
+    all (the caller gives each rank its slice of every batch)."""
     schema = Schema.from_dict(args.schema) if getattr(args, "schema", None) else FORMATS.get(args.format)
     if schema is None and args.format != "libfm":
         raise ValueError(f"format {args.format!r} needs a schema (columns, label, dense, sparse): give one in the config file")
@@ -43,7 +46,7 @@ def stream_data(args: argparse.Namespace, rank: int = 0, world: int = 1) -> tupl
 
     def kind(path: Any, **kw: Any) -> Any:
         size = args.batch_size
-        if split_by_file(path, world):
+        if own_part(args, path, world):
             kw["part"], size = (rank, world), share
         if args.format == "libfm":  # its schema comes from the file's first line
             return LibfmStream(path, size, schema.on_error if schema else "raise", **kw)
@@ -52,7 +55,7 @@ def stream_data(args: argparse.Namespace, rank: int = 0, world: int = 1) -> tupl
     def source(path: Any, stream: Any, epochs: int | None) -> Any:
         nonlocal group
         src = StreamSource(stream, epochs=epochs)
-        if not split_by_file(path, world):
+        if not own_part(args, path, world):
             return src
         import torch.distributed as dist
 

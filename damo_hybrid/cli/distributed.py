@@ -42,7 +42,7 @@ class Ranks:
 
     def part(self, batch_fn: Callable[[int], Any] | None) -> Callable[[int], Any] | None:
         """``batch_fn`` reduced to this rank's rows of each global batch."""
-        if batch_fn is None or getattr(batch_fn, "own_files", False):  # a stream of this rank's own files
+        if batch_fn is None or getattr(batch_fn, "own_part", False):  # a stream of this rank's own part
             return batch_fn
         rank, world = self.rank, self.world
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["expand_paths", "ahead", "skip_bytes"]
+__all__ = ["expand_paths", "ahead", "skip_bytes", "line_start", "byte_part"]
 
 T = TypeVar("T")
 
@@ -89,3 +89,50 @@ def skip_bytes(f: io.BufferedIOBase, n: int) -> None:
         if not got:
             return
         n -= len(got)
+
+
+def line_start(path: Path, at: int) -> int:
+    """The byte offset of the first line of ``path`` that starts at or after byte ``at`` (the
+    file's size when none does)."""
+    if at <= 0:
+        return 0
+    with open(path, "rb") as f:
+        f.seek(at - 1)  # the line that holds byte at - 1 ends at the first newline from there
+        pos = at - 1
+        while True:
+            chunk = f.read(1 << 16)
+            if not chunk:
+                return pos
+            nl = chunk.find(b"\n")
+            if nl >= 0:
+                return pos + nl + 1
+            pos += len(chunk)
+
+
+def byte_part(paths: Sequence[Path], rank: int, world: int) -> list[tuple[int, int, int]]:
+    """Rank ``rank``'s share of plain-text files read as one run of bytes, cut into ``world`` parts
+    of equal size at line starts: ``(file index, first byte, end byte)`` of each piece, in order.
+
+    A line belongs to the part that holds its first byte, so the parts cover every line once.
+
+    Raises:
+        ValueError: a file is compressed (it cannot be cut by byte; give one file per rank).
+    """
+    packed = [p for p in paths if p.suffix == ".gz"]
+    if packed:
+        raise ValueError(f"{packed[0]} is compressed and cannot be split by byte range over {world} ranks: give "
+                         f"at least {world} files (each rank then reads its own) or decompress it")
+    sizes = [os.path.getsize(p) for p in paths]
+    total = sum(sizes)
+    lo, hi = rank * total // world, (rank + 1) * total // world
+    out: list[tuple[int, int, int]] = []
+    base = 0
+    for i, (p, n) in enumerate(zip(paths, sizes)):
+        a, b = max(lo, base) - base, min(hi, base + n) - base
+        if a < b:  # the lines that start in bytes [a, b) of this file
+            a = line_start(p, a)
+            b = n if b >= n else line_start(p, b)
+            if a < b:
+                out.append((i, a, b))
+        base += n
+    return out

@@ -29,6 +29,8 @@ class ParquetStream(DelimitedStream):
     is a row group).
     """
 
+    splits_by_bytes = False  # split over ranks by file only
+
     def __init__(self, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], schema: Schema,
                  batch_size: int = 4096, **kwargs: Any) -> None:
         super().__init__(paths, schema, batch_size, **kwargs)

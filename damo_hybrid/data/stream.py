@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..keys.hashing import hash_feature, hash_packed, mix64
-from .files import ahead, expand_paths, skip_bytes
+from .files import ahead, byte_part, expand_paths, skip_bytes
 from .readers import DenseMode, Schema, _buckets, delimited_lines
 from .synthetic import Batch
 
@@ -80,10 +80,15 @@ class Holdout:
         if not 0.0 < self.fraction < 1.0:
             raise ValueError(f"the held-out fraction must be in (0, 1), got {self.fraction}")
 
-    def keep(self, file: int, first: int, n: int) -> np.ndarray:
-        """bool (n,): which of rows ``first .. first + n - 1`` of file ``file`` this side keeps."""
+    def keep(self, file: int, first: int, n: int, top: int = 0) -> np.ndarray:
+        """bool (n,): which of rows ``first .. first + n - 1`` of file ``file`` this side keeps;
+        ``top``: the byte where the stream's part of the file starts, whose rows it counts (a run
+        split by byte range over ranks, where the rows before it are not counted)."""
         ordinal = (np.uint64(file) << np.uint64(40)) + np.arange(first, first + n, dtype=np.uint64)
-        h = mix64(ordinal ^ mix64(np.uint64(self.seed))[0])
+        salt = mix64(np.uint64(self.seed))[0]
+        if top:
+            salt ^= mix64(np.uint64(top) | np.uint64(1 << 63))[0]
+        h = mix64(ordinal ^ salt)
         held = (h >> np.uint64(11)).astype(np.float64) * 2.0**-53 < self.fraction
         return held if self.held_out else ~held
 
@@ -124,8 +129,10 @@ class DelimitedStream:
             :class:`Position` (0: file order).
         compiled: try the compiled fast path first (False: pyarrow first; the same batches, for
             comparisons).
-        part: ``(rank, world)``: read only files ``rank, rank + world, ...`` of the input (a run
-            that splits its input over ranks by file, :mod:`damo_hybrid.dist.data`).
+        part: ``(rank, world)``: read only this rank's part of the input (a run that splits its
+            input over ranks, :mod:`damo_hybrid.dist.data`): files ``rank, rank + world, ...``
+            of an input of at least ``world`` files, else its ``1 / world`` of the files' bytes
+            read as one run, cut at line starts (plain text only).
     """
 
     def __init__(self, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], schema: Schema,
@@ -137,16 +144,12 @@ class DelimitedStream:
         if not block_mb > 0:
             raise ValueError(f"block_mb must be > 0, got {block_mb}")
         self.paths = expand_paths(paths)
-        # each file's number in the whole input, which the held-out split hashes
+        # each file's number in the whole input, which the held-out split hashes, and the bytes
+        # [first, end) of it this stream reads (end None: to the end of the file)
         self.file_ids = list(range(len(self.paths)))
+        self.ranges: list[tuple[int, int | None]] = [(0, None)] * len(self.paths)
         if part is not None:
-            rank, world = part
-            if not 0 <= rank < world:
-                raise ValueError(f"part must be (rank, world) with 0 <= rank < world, got {part}")
-            if len(self.paths) < world:
-                raise ValueError(f"{len(self.paths)} input file(s) cannot be dealt over {world} ranks: give at "
-                                 f"least {world} files (a glob or a directory) to split the input by file")
-            self.paths, self.file_ids = self.paths[rank::world], self.file_ids[rank::world]
+            self._take_part(*part)
         self.schema = schema
         self.batch_size = batch_size
         self.block_bytes = max(1 << 12, int(block_mb * 2**20))
@@ -155,6 +158,7 @@ class DelimitedStream:
             raise ValueError(f"shuffle_buffer must be an int >= 0, got {shuffle_buffer!r}")
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.skipped = 0
+        self._bases: dict[int, int] = {}
         s = schema
         self.dense_fields = list(s.dense) if s.dense_mode in (DenseMode.LOG1P, DenseMode.BOTH) else []
         self.sparse_fields = list(s.sparse) + (list(s.dense) if s.dense_mode in (DenseMode.BUCKETIZE, DenseMode.BOTH) else [])
@@ -162,6 +166,26 @@ class DelimitedStream:
         from .textparse import plan_text
 
         self._plan = plan_text(schema) if compiled else None
+
+    def _take_part(self, rank: int, world: int) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"part must be (rank, world) with 0 <= rank < world, got {(rank, world)}")
+        if len(self.paths) >= world:  # by file
+            self.paths, self.file_ids = self.paths[rank::world], self.file_ids[rank::world]
+            self.ranges = self.ranges[rank::world]
+            return
+        if not self.splits_by_bytes:
+            raise ValueError(f"{len(self.paths)} {type(self).__name__} file(s) cannot be split over {world} ranks: "
+                             f"give at least {world} files (a glob or a directory)")
+        pieces = byte_part(self.paths, rank, world)
+        if not pieces:
+            raise ValueError(f"the input ({', '.join(map(str, self.paths))}) has too few lines to give each of "
+                             f"{world} ranks some: use fewer ranks or more data")
+        self.paths = [self.paths[i] for i, _, _ in pieces]
+        self.file_ids = [self.file_ids[i] for i, _, _ in pieces]
+        self.ranges = [(a, b) for _, a, b in pieces]
+
+    splits_by_bytes = True  # a file can be cut at any line start (see part)
 
     # ------------------------------------------------------------ batches
     def batches(self, start: Position = Position()) -> Iterator[tuple[Batch, Position]]:
@@ -227,8 +251,10 @@ class DelimitedStream:
         """``(block, rows used -> Position after them)`` from ``start`` on. A thread reads and
         parses (pyarrow, without the GIL) the next blocks while this one is converted."""
         rows = 0
+        if start.file < len(self.paths) and start.offset < self.ranges[start.file][0]:  # the top of a part
+            start = replace(start, offset=self.ranges[start.file][0], line=1, row=0, rows=0)
         for fi, off, ln, raw, nlines, table in ahead(self._tables(start), depth=2):
-            block = self._convert_table(self.paths[fi], raw, ln, off == 0, table)
+            block = self._convert_table(fi, raw, ln, off == 0, table)
             block, skip, first, rows = self._frame(start, fi, off, block, rows)
 
             def after(used: int, fi: int = fi, off: int = off, ln: int = ln, n: int = len(block) + skip,
@@ -249,11 +275,12 @@ class DelimitedStream:
             ``(block, rows skipped, its first row's ordinal, rows of the file after it)``.
         """
         at_start = (fi, off) == (start.file, start.offset)
-        if at_start or off == 0:
+        top = self.ranges[fi][0]
+        if at_start or off == top:
             rows = start.rows if at_start else 0
         first, rows = rows, rows + len(block)
         if self.holdout is not None:
-            block = block.take(self.holdout.keep(self.file_ids[fi], first, len(block)))
+            block = block.take(self.holdout.keep(self.file_ids[fi], first, len(block), top))
         skip = start.row if at_start else 0
         if skip:
             block = block.take(slice(skip, None))
@@ -263,15 +290,19 @@ class DelimitedStream:
         """``(file, offset, line, raw bytes, newlines, parsed)`` of each block: parsed is a
         :class:`_Block` from the compiled fast path, else an Arrow table, else None."""
         for fi in range(start.file, len(self.paths)):
-            offset, line = (start.offset, start.line) if fi == start.file else (0, 1)
+            top, end = self.ranges[fi]
+            offset, line = (start.offset, start.line) if fi == start.file else (top, 1)
             # reading (and gunzip) runs a thread of its own, a block ahead of the parse
-            for off, ln, raw, nlines in ahead(self._raw_blocks(self.paths[fi], offset, line), 2, "damo-read"):
+            for off, ln, raw, nlines in ahead(self._raw_blocks(self.paths[fi], offset, line, end), 2, "damo-read"):
                 body = _body(raw, self.schema, off == 0)
                 block = self._text(body)
                 yield fi, off, ln, raw, nlines, block if block is not None else self._arrow(body)
 
-    def _raw_blocks(self, path: Path, offset: int, line: int) -> Iterator[tuple[int, int, bytes, int]]:
-        """``(byte offset, first line number, bytes ending at a line end, newlines in them)``."""
+    def _raw_blocks(self, path: Path, offset: int, line: int,
+                    end: int | None = None) -> Iterator[tuple[int, int, bytes, int]]:
+        """``(byte offset, first line number, bytes ending at a line end, newlines in them)``,
+        up to byte ``end`` (a line start; None: the end of the file). Line numbers count from the
+        part's first line, which :meth:`_line_base` places in the file."""
         opener = gzip.open if path.suffix == ".gz" else open
         try:
             with opener(path, "rb") as f:
@@ -281,8 +312,11 @@ class DelimitedStream:
                     else:
                         f.seek(offset)
                 rest = b""
+                left = -1 if end is None else end - offset  # bytes still to read (-1: all)
                 while True:
-                    chunk = f.read(self.block_bytes)
+                    chunk = f.read(self.block_bytes if left < 0 else min(self.block_bytes, left))
+                    if left >= 0:
+                        left -= len(chunk)
                     if not chunk:
                         if rest:
                             yield offset, line, rest, rest.count(b"\n")
@@ -320,9 +354,31 @@ class DelimitedStream:
                                        null_values=[""], strings_can_be_null=False, quoted_strings_can_be_null=False)
         return read, parse, convert
 
-    def _convert_table(self, path: Path, raw: bytes, line: int, file_start: bool, table: object) -> _Block:
+    def _line_base(self, fi: int) -> int:
+        """Lines of file ``fi`` before this stream's part of it (counted once, when a line number
+        is first needed: the fast paths never read the bytes before the part)."""
+        top = self.ranges[fi][0]
+        if not top:
+            return 0
+        got = self._bases.get(fi)
+        if got is None:
+            got = 0
+            with open(self.paths[fi], "rb") as f:
+                left = top
+                while left:
+                    chunk = f.read(min(left, 1 << 24))
+                    if not chunk:
+                        break
+                    got += chunk.count(b"\n")
+                    left -= len(chunk)
+            self._bases[fi] = got
+        return got
+
+    def _convert_table(self, fi: int, raw: bytes, line: int, file_start: bool, table: object) -> _Block:
+        path = self.paths[fi]
         block = table if isinstance(table, _Block) else self._fast(table) if table is not None else None
         if block is None:  # a value the fast path will not judge: the reference line reader decides
+            line += self._line_base(fi)
             text = raw.decode("utf-8-sig" if file_start else "utf-8")
             lines = text.split("\n")
             if lines and lines[-1] == "":

@@ -1,21 +1,29 @@
-"""Each rank reads its own files: a stream split over the ranks by file, its epochs ending together.
+"""Each rank reads its own part of the input: a stream split over the ranks, its epochs ending together.
 
-With an input of at least ``W`` files (a glob or a directory), rank ``r`` of ``W`` reads files
-``r, r + W, r + 2W, ...`` of the sorted list and nothing else (the streams take ``part=(r, W)``),
-in batches of its share of the global batch. The held-out split hashes each file's global
-number, so its rows are the same as in one process.
+Rank ``r`` of ``W`` reads (the streams take ``part=(r, W)``), in batches of its share of the
+global batch:
+
+- with at least ``W`` files (a glob or a directory): files ``r, r + W, r + 2W, ...`` of the
+  sorted list and nothing else. The held-out split hashes each file's global number, so its rows
+  are the same as in one process;
+- with fewer (a single file, say), plain text: its ``1 / W`` of the files' bytes read as one
+  run, cut at line starts (a line belongs to the part holding its first byte). It seeks to its
+  part and never reads the bytes before it, except to count lines when an error must name one.
+  The held-out split counts rows from the part's start, so which rows it holds out depends on
+  ``W``. Compressed files and parquet cannot be cut by byte: with fewer files than ranks every
+  rank reads them whole (the CLI says so).
 
 :class:`RankStream` makes the ranks agree where the data ends: before each batch every rank
 says whether it has one (a one-int all-reduce over a gloo group of its own), and when any rank's
-files are done, every rank's data ends at that batch (the longer ranks' last rows of that pass
+part is done, every rank's data ends at that batch (the longer ranks' last rows of that pass
 are not trained, as with ``drop_last``). The ranks thus run the same number of steps, which every
 collective of a step needs. Its state for a checkpoint holds every rank's position; resumed on the
-same number of ranks each rank continues where it stopped, on another number the files are
-dealt anew, so the run restarts its epoch from the top of the files (logged).
+same number of ranks each rank continues where it stopped, on another number the input is
+dealt anew, so the run restarts its epoch from the top (logged).
 
-Runs split by file see every row of an epoch (less those tails) in another order than one
-process; runs on one file split each global batch instead (:meth:`~damo_hybrid.cli.distributed.Ranks.part`)
-and equal one process exactly.
+Runs split this way see every row of an epoch (less those tails) in another order than one
+process; ``--rank-input all`` reads the whole input on every rank and gives each its slice of
+each global batch (:meth:`~damo_hybrid.cli.distributed.Ranks.part`), equal to one process exactly.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ class RankStream:
         group: a gloo process group of every rank, used only for this (from any one thread at a time).
     """
 
-    own_files = True  # batches of this rank's own files, not slices of global ones
+    own_part = True  # batches of this rank's own part of the input, not slices of global ones
 
     def __init__(self, source: StreamSource, group: Any) -> None:
         self.source, self.group = source, group
@@ -74,6 +82,8 @@ class RankStream:
             return
         index = int(ranks[0]["index"])
         if self.rank == 0:
-            log.warning("the checkpoint's data positions were taken on %s rank(s); this run deals the files "
-                        "over %d ranks, so its epoch restarts at the top of the files", d.get("world", 1), self.world)
+            log.warning("the checkpoint's data positions were taken on %s rank(s); this run deals the input "
+                        "over %d ranks, so its epoch restarts at the top of the input (a held-out split of an "
+                        "input cut by byte range holds out other rows on another number of ranks)",
+                        d.get("world", 1), self.world)
         self.source.load_state(restart_epoch(ranks, index))
