@@ -698,3 +698,88 @@ def test_train_on_ranks_cuts_a_single_file_by_byte_range(tmp_path):
     for rank in range(2):  # ~1000 rows per rank in batches of 64: 15 full steps, the shorter part ends both
         with EmbeddingStore(store / f"rank-{rank:05d}-of-00002", read_only=True) as st:
             assert 14 <= st.step("emb") <= 16
+
+
+def _bag_tables():  # type: ignore[no-untyped-def]
+    from damo_hybrid import TableConfig
+
+    init = InitializerConfig.normal(std=0.1, seed=7)
+    return [TableConfig("a", 4, optimizer=OPTS["adagrad"], initializer=init),
+            TableConfig("b", 3, optimizer=OPTS["adam"], initializer=init)]
+
+
+def _bag_batches(steps: int, batch: int):  # type: ignore[no-untyped-def]
+    """Per step: single keys, two bag features (some bags empty) and per-feature output weights."""
+    rng = np.random.default_rng(11)
+    for _ in range(steps):
+        u = rng.integers(0, 200, batch).astype(np.uint64)
+        bags = {}
+        for f in ("tags", "cats"):
+            n = rng.integers(0, 4, batch)
+            bags[f] = (rng.integers(0, 300, int(n.sum())).astype(np.uint64), np.concatenate([[0], np.cumsum(n)]))
+        yield u, bags
+
+
+def _bag_slice(u, bags, lo: int, hi: int):  # type: ignore[no-untyped-def]
+    out = {"u": u[lo:hi]}
+    for f, (v, o) in bags.items():
+        out[f] = (v[o[lo]:o[hi]], o[lo:hi + 1] - o[lo])
+    return out
+
+
+def _bag_loss(out: dict, scale: float) -> torch.Tensor:  # type: ignore[type-arg]
+    w = {f: torch.linspace(-1.0, 1.0, x.shape[1]) for f, x in out.items()}
+    return sum(((x * w[f]).sum(1) ** 2).sum() for f, x in out.items()) * scale  # type: ignore[return-value]
+
+
+_BAG_FEATURES = (("u", "a", None), ("tags", "a", "mean"), ("cats", "b", "sum"))
+
+
+def _bag_main(rank: int, port: int, root: str) -> None:
+    from damo_hybrid.dist import ShardedEmbeddingCollection
+    from damo_hybrid.nn import Feature
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        with EmbeddingStore(Path(root) / f"bag{rank}", _bag_tables()) as store:
+            coll = ShardedEmbeddingCollection(store, [Feature(*f) for f in _BAG_FEATURES], backend="cpu",
+                                              cache_mb=1e-9, min_cache_rows=80)  # ~250 keys a shard: evictions
+            first = coll.prepare(_bag_slice(*next(_bag_batches(1, 8)), 0, 4))
+            with pytest.raises(ValueError, match="have bag features: use forward"):
+                coll.forward_tables(first)
+            coll.release(first)
+            for u, bags in _bag_batches(8, 40):
+                lo, hi = (0, 15) if rank == 0 else (15, 40)  # uneven slices
+                _bag_loss(coll(coll.prepare(_bag_slice(u, bags, lo, hi))), 2 / 40).backward()
+                coll.apply_gradients()
+            coll.flush()
+            assert all(c.stats.evictions > 0 for c in coll.caches.values())
+            np.savez(Path(root) / f"bag{rank}.npz",
+                     **{t: np.concatenate([r.weights for _, r in store.scan(t)]) for t in ("a", "b")},
+                     **{f"{t}_keys": np.concatenate([k for k, _ in store.scan(t)]) for t in ("a", "b")})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bag_features_on_two_ranks_equal_one_process(tmp_path):
+    from damo_hybrid.nn import EmbeddingCollection, Feature
+
+    mp.start_processes(_bag_main, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    with EmbeddingStore(tmp_path / "one", _bag_tables()) as store:
+        coll = EmbeddingCollection(store, [Feature(*f) for f in _BAG_FEATURES], backend="cpu", cache_mb=1e-9,
+                                   min_cache_rows=160)
+        for u, bags in _bag_batches(8, 40):
+            _bag_loss(coll(coll.prepare(_bag_slice(u, bags, 0, 40))), 1 / 40).backward()
+            coll.apply_gradients()
+        coll.flush()
+        for t in ("a", "b"):
+            keys = np.concatenate([k for k, _ in store.scan(t)])
+            want = dict(zip(keys.tolist(), np.concatenate([r.weights for _, r in store.scan(t)])))
+            got = {}
+            for r in range(2):
+                z = np.load(tmp_path / f"bag{r}.npz")
+                assert (shard_of(z[f"{t}_keys"], 2) == r).all()
+                got.update(zip(z[f"{t}_keys"].tolist(), z[t]))
+            assert got.keys() == want.keys()
+            np.testing.assert_allclose(np.stack([got[k] for k in want]), np.stack(list(want.values())), atol=1e-5)

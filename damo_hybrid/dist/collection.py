@@ -25,7 +25,10 @@ in the host-manager thread while stages 2 and 3 of the previous batch run in the
 its own process group, so their collectives never interleave; every rank runs the same batches in
 the same order.
 
-This first version serves tables of single-valued features, without compression.
+Bag features (``pooling="sum"`` or ``"mean"``, input ``(values, offsets)``) travel as their
+values' unique keys, like single-valued ones; the asking rank pools its rows
+(``embedding_bag``), so the gradient of each value reaches its owner summed. Compressed tables
+are not sharded yet.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import torch.distributed as dist
 from ..cache.host import CacheStats
 from ..keys.hashing import as_keys
 from ..keys.kernels import unique_inverse
-from ..nn.collection import EmbeddingCollection, Feature, FeatureInput, PreparedBatch, refuse_unapplied
+from ..nn.collection import EmbeddingCollection, Feature, FeatureInput, PreparedBatch, bag_input, refuse_unapplied
 from ..nn.gather import TableOutput
 from ..store import EmbeddingStore
 from .exchange import Exchange
@@ -56,12 +59,15 @@ class _Shard:
     """One table's part of a sharded batch, on the rank that asked."""
 
     table: str
-    gather: torch.Tensor  # int64 (F_t * B,) each feature key's row among the keys sent (feature-major)
+    gather: torch.Tensor  # int64 (sum of the features' keys,) each key's row among the keys sent (feature-major)
     send_counts: np.ndarray  # int64 (W,) unique keys sent to each owner
     recv_counts: np.ndarray  # int64 (W,) keys each rank sent this one (as owner)
     local: PreparedBatch | None  # the owner's side: the keys it serves, resident and pinned
     leaf: torch.Tensor | None = None  # (U, dim) the rows received, in send order
     served: torch.Tensor | None = None  # (sum recv_counts, dim) the rows this rank served
+    # per feature: (name, first key in gather, keys, bag starts int64 (B,) or None); None when
+    # every feature of the table is single-valued (one gather of (B, F_t, dim))
+    parts: list[tuple[str, int, int, torch.Tensor | None]] | None = None
 
 
 @dataclass
@@ -79,13 +85,13 @@ class ShardedEmbeddingCollection(torch.nn.Module):
 
     Args:
         store: this rank's own store (its shard of every table).
-        features: single-valued features, in output order.
+        features: in output order; single-valued, or bags (``pooling``).
         cache_mb, min_cache_rows, backend, device_cache_mb: as for the local collection.
         timeout: seconds an exchange waits for the other ranks before it raises
             :class:`~damo_hybrid.errors.ExchangeError` (a rank that died is usually reported
             at once: its sockets close).
     Raises:
-        ValueError: a bag feature or a compressed table (not sharded yet), or no process group.
+        ValueError: a compressed table (not sharded yet), or no process group.
     """
 
     def __init__(self, store: EmbeddingStore, features: Sequence[Feature], cache_mb: float | None = None,
@@ -94,12 +100,10 @@ class ShardedEmbeddingCollection(torch.nn.Module):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("a ShardedEmbeddingCollection needs torch.distributed initialised (init_process_group)")
-        bags = [f.name for f in features if f.pooling is not None]
-        if bags:
-            raise ValueError(f"features {bags} pool bags: a sharded collection serves single-valued features only")
         self.store, self.features = store, list(features)
         tables = list(dict.fromkeys(f.table for f in features))
         self._by_table = {t: [f.name for f in features if f.table == t] for t in tables}
+        self._pooling = {f.name: f.pooling for f in features}
         # the owner's side: one local collection per table, over the keys the ranks send it
         self.local = {t: EmbeddingCollection(store, [Feature(t, t)], cache_mb=cache_mb, min_cache_rows=min_cache_rows,
                                              backend=backend, device_cache_mb=device_cache_mb) for t in tables}
@@ -124,18 +128,28 @@ class ShardedEmbeddingCollection(torch.nn.Module):
         """De-duplicate each table's keys, send them to their owners and make them resident there.
 
         Args:
-            inputs: feature name -> uint64 (B,) keys.
+            inputs: feature name -> uint64 (B,) keys, or (values uint64 (L,), offsets int64 (B + 1,))
+                for a bag feature.
         """
         missing = [f.name for f in self.features if f.name not in inputs]
         if missing:
             raise KeyError(f"inputs lack features {missing}")
-        keys_of = {f.name: as_keys(inputs[f.name], f.name) for f in self.features}
-        sizes = {len(k) for k in keys_of.values()}
+        keys_of, offsets_of = {}, {}
+        for f in self.features:
+            keys_of[f.name], offsets_of[f.name] = bag_input(f, inputs[f.name])
+        sizes = {len(keys_of[n]) if o is None else len(o) - 1 for n, o in offsets_of.items()}
         if len(sizes) != 1:
             raise ValueError(f"every feature needs the same batch size, got {sorted(sizes)}")
         b = sizes.pop()
-        gathers, sends, counts = {}, [], []
+        gathers, sends, counts, parts_of = {}, [], [], {}
         for t, feats in self._by_table.items():
+            if any(offsets_of[f] is not None for f in feats):
+                parts, start = [], 0
+                for f in feats:
+                    o = offsets_of[f]
+                    parts.append((f, start, len(keys_of[f]), None if o is None else torch.from_numpy(o[:-1])))
+                    start += len(keys_of[f])
+                parts_of[t] = parts
             ukeys, inverse = unique_inverse(np.concatenate([keys_of[f] for f in feats]))
             order, n = split_by_owner(ukeys, self.world)
             pos = np.empty(len(ukeys), np.int64)
@@ -158,13 +172,26 @@ class ShardedEmbeddingCollection(torch.nn.Module):
                      for r in range(self.world)]
             mine = np.concatenate(parts)
             local = self.local[t].prepare({t: mine}) if len(mine) else None
-            batch.tables[t] = _Shard(t, gathers[t], send_counts[:, i], recv_counts[:, i], local)
+            batch.tables[t] = _Shard(t, gathers[t], send_counts[:, i], recv_counts[:, i], local,
+                                     parts=parts_of.get(t))
         return batch
 
     # ------------------------------------------------------------- worker
     def forward_tables(self, batch: ShardedBatch | Mapping[str, FeatureInput]) -> dict[str, TableOutput]:
         """Per table, ``emb`` (B, F_t, D) and ``linear`` (B, F_t) or None, as
-        :meth:`EmbeddingCollection.forward_tables`: the owners serve the rows at step time."""
+        :meth:`EmbeddingCollection.forward_tables`: the owners serve the rows at step time.
+
+        Raises:
+            ValueError: a table has a bag feature (use :meth:`forward`).
+        """
+        bags = sorted({f.table for f in self.features if f.pooling is not None})
+        if bags:
+            raise ValueError(f"tables {bags} have bag features: use forward() for per-feature outputs")
+        return self._rows(batch)  # type: ignore[return-value]
+
+    def _rows(self, batch: ShardedBatch | Mapping[str, FeatureInput]) -> dict[str, Any]:
+        """The owners' rows at step time: per table a :class:`TableOutput` when its features are
+        single-valued, else a dict of feature -> (B, dim) (bags pooled)."""
         if not isinstance(batch, ShardedBatch):
             batch = self.prepare(batch)
         train = self.training and torch.is_grad_enabled()
@@ -181,6 +208,15 @@ class ShardedEmbeddingCollection(torch.nn.Module):
             sh.served = served if train else None
             rows = self._step.send(served.detach(), sh.recv_counts, sh.send_counts)
             sh.leaf = rows.requires_grad_(train)
+            if sh.parts is not None:
+                gather = sh.gather.to(rows.device)
+                per: dict[str, torch.Tensor] = {}
+                for name, start, n, offs in sh.parts:
+                    idx = gather[start:start + n]
+                    per[name] = sh.leaf.index_select(0, idx) if offs is None else torch.nn.functional.embedding_bag(
+                        idx, sh.leaf, offs.to(rows.device), mode=self._pooling[name])
+                out[t] = per
+                continue
             nf = len(self._by_table[t])
             x = sh.leaf.index_select(0, sh.gather.to(rows.device)).view(nf, batch.batch_size, cfg.dim).transpose(0, 1)
             out[t] = TableOutput(x[..., :-1], x[..., -1]) if cfg.linear_column else TableOutput(x, None)
@@ -189,11 +225,14 @@ class ShardedEmbeddingCollection(torch.nn.Module):
         return out
 
     def forward(self, batch: ShardedBatch | Mapping[str, FeatureInput]) -> dict[str, torch.Tensor]:
-        """feature -> (B, dim) rows (the full row, first-order column included)."""
-        x = self.forward_tables(batch)
+        """feature -> (B, dim) rows (the full row, first-order column included; bags pooled)."""
+        x = self._rows(batch)
         res = {}
         for t, feats in self._by_table.items():
             o = x[t]
+            if isinstance(o, dict):
+                res.update(o)
+                continue
             full = o.emb if o.linear is None else torch.cat([o.emb, o.linear.unsqueeze(-1)], -1)
             res.update({f: full[:, i] for i, f in enumerate(feats)})
         return res

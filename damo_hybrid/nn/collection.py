@@ -129,6 +129,27 @@ def _out_dim(cfg: TableConfig) -> int:
     return cfg.dim if cfg.compression is None else cfg.compression.out_dim(cfg.dim, cfg.linear_column)
 
 
+def bag_input(f: Feature, x: FeatureInput) -> tuple[np.ndarray, np.ndarray | None]:
+    """A feature's input checked: ``(keys uint64 (B,), None)``, or for a bag feature ``(values
+    uint64 (L,), offsets int64 (B + 1,))``.
+
+    Raises:
+        TypeError: single keys given for a bag feature, or a bag for a single-valued one.
+        ValueError: offsets that do not rise from 0 to ``L``; keys as :func:`~damo_hybrid.keys.as_keys`.
+    """
+    if f.pooling is None:
+        if isinstance(x, tuple):
+            raise TypeError(f"feature {f.name!r} has no pooling: give uint64 (B,) keys, not (values, offsets)")
+        return as_keys(x, f.name), None
+    if not (isinstance(x, tuple) and len(x) == 2):
+        raise TypeError(f"feature {f.name!r} pools a bag: give (values uint64 (L,), offsets int64 (B + 1,))")
+    keys = as_keys(x[0], f"{f.name} values")
+    offs = np.asarray(x[1], dtype=np.int64)
+    if offs.ndim != 1 or len(offs) < 1 or offs[0] != 0 or offs[-1] != len(keys) or (np.diff(offs) < 0).any():
+        raise ValueError(f"offsets of {f.name!r} must rise from 0 to len(values) = {len(keys)}")
+    return keys, offs
+
+
 class EmbeddingCollection(torch.nn.Module):
     """Disk-backed embeddings for many features.
 
@@ -218,20 +239,8 @@ class EmbeddingCollection(torch.nn.Module):
         per_table: dict[str, list[tuple[Feature, np.ndarray, np.ndarray | None]]] = {}
         batch_size = None
         for f in self.features:
-            x = inputs[f.name]
-            if f.pooling is None:
-                if isinstance(x, tuple):
-                    raise TypeError(f"feature {f.name!r} has no pooling: give uint64 (B,) keys, not (values, offsets)")
-                keys, offs = as_keys(x, f.name), None
-                b = len(keys)
-            else:
-                if not (isinstance(x, tuple) and len(x) == 2):
-                    raise TypeError(f"feature {f.name!r} pools a bag: give (values uint64 (L,), offsets int64 (B + 1,))")
-                keys = as_keys(x[0], f"{f.name} values")
-                offs = np.asarray(x[1], dtype=np.int64)
-                if offs.ndim != 1 or len(offs) < 1 or offs[0] != 0 or offs[-1] != len(keys) or (np.diff(offs) < 0).any():
-                    raise ValueError(f"offsets of {f.name!r} must rise from 0 to len(values) = {len(keys)}")
-                b = len(offs) - 1
+            keys, offs = bag_input(f, inputs[f.name])
+            b = len(keys) if offs is None else len(offs) - 1
             if batch_size is None:
                 batch_size = b
             elif b != batch_size:
