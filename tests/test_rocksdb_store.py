@@ -324,3 +324,23 @@ def test_row_counts_are_exact_after_a_crash_and_on_a_live_store(tmp_path):
         s.apply_gradients("emb", np.arange(15, 17, dtype=np.uint64), np.ones((2, 4), np.float32))
     with EmbeddingStore(path) as s:  # and exact from then on, after a clean close
         assert s.stats().table_rows["emb"] == 17
+
+
+def test_a_reopened_store_keeps_its_rocksdb_options(tmp_path):
+    """rocksdict gave the column family of an existing database its own defaults: a reopened store
+    had no bloom filter (every lookup of a missing key read a data block per level, ~10x the
+    time), an 8 MiB block cache and compressed blocks. Any store a second run opens was hit."""
+    import glob
+
+    from damo_hybrid.config import StoreConfig
+    from damo_hybrid.storage.rocksdb import RocksDBStorage
+
+    cfg = StoreConfig(block_cache_mb=64)
+    for _ in range(2):  # created, then reopened
+        st = RocksDBStorage(str(tmp_path / "db"), cfg)
+        st.put(0, np.arange(10, dtype=np.uint64), [bytes(8)] * 10)
+        assert st.db.property_int_value("rocksdb.block-cache-capacity") == 64 << 20
+        st.db.close()
+    effective = open(sorted(glob.glob(str(tmp_path / "db" / "OPTIONS-*")))[-1]).read()  # written on open
+    default_cf = effective.split('[CFOptions "default"]')[1]
+    assert "filter_policy=bloomfilter" in default_cf and "compression=kNoCompression" in default_cf
