@@ -485,6 +485,32 @@ def test_train_under_torchrun_shards_the_tables_over_the_ranks(tmp_path):
     r = subprocess.run(cli + ["inspect", "--store", str(store), "--json"], capture_output=True, text=True, timeout=120)
     info = json.loads(r.stdout)["tables"]["emb"]
     assert info["rows"] == len(saved) and info["step"] == 6
+    # export --onnx of the sharded checkpoint: one export of every rank's rows, as one process's
+    pytest.importorskip("onnxruntime")
+    from damo_hybrid.pipeline.checkpoint import load_trainer_state
+    from damo_hybrid.serving import Predictor
+
+    r = subprocess.run(cli + ["export", "--store", str(store), "--onnx", str(tmp_path / "onnx")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(saved) == np.load(tmp_path / "onnx" / "keys_emb.npy").tolist()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merge-")]  # the merged store is removed
+    state = load_trainer_state(ck)
+    with EmbeddingStore(store / "rank-00000-of-00002", read_only=True) as st:
+        tables = list(st.tables.values())
+    with EmbeddingStore(tmp_path / "merged", tables) as merged:  # the reference: the shards' rows loaded by hand
+        for rank in range(2):
+            with EmbeddingStore(store / f"rank-{rank:05d}-of-00002", read_only=True) as st:
+                for t in tables:
+                    for k, rows in st.scan(t.name):
+                        merged.load_rows(t.name, k, rows)
+        m = DeepFM(merged, state["model_spec"]["fields"], state["model_spec"]["n_dense"], backend="cpu")
+        m.load_state_dict(state["model"])
+        m.eval()
+        b = SyntheticCriteo(256, seed=0, vocab_min=300, vocab_max=3000).batch(1)  # a trained batch
+        with torch.no_grad():
+            want = m(m.prepare(b.sparse), torch.from_numpy(b.dense)).numpy()
+    np.testing.assert_allclose(Predictor(tmp_path / "onnx").predict(b.sparse, b.dense), want, atol=1e-5, rtol=0)
     # --resume on 2 ranks: every rank restores its shard of the newest checkpoint and trains on
     r = subprocess.run([sys.executable] + train + ["--steps", "9", "--resume", "--nproc", "2"], capture_output=True,
                        text=True, timeout=300)  # --nproc: the command launches torchrun itself

@@ -1,8 +1,15 @@
-"""``damo-hybrid export --onnx DIR``: a trained built-in model, from its latest training checkpoint, for serving."""
+"""``damo-hybrid export --onnx DIR``: a trained built-in model, from its latest training checkpoint, for serving.
+
+A sharded run's checkpoint is exported whole: its ranks' rows are merged into one temporary
+store (:func:`~damo_hybrid.dist.checkpoint.restore_shard` onto one rank) beside ``DIR``, which is
+removed afterwards; the output is the same as one process's.
+"""
 
 from __future__ import annotations
 
 import argparse
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -12,7 +19,7 @@ from ..store import EmbeddingStore
 
 
 def export_onnx_from_checkpoint(args: argparse.Namespace) -> int:
-    from ..dist.checkpoint import is_sharded, newest_checkpoint
+    from ..dist.checkpoint import is_sharded, newest_checkpoint, restore_shard
     from ..nn.models import MODELS
     from ..serving.onnx import export_onnx
 
@@ -22,10 +29,6 @@ def export_onnx_from_checkpoint(args: argparse.Namespace) -> int:
     if found is None:
         raise DamoHybridError(f"no complete training checkpoint under {root}: train with --checkpoint-every N "
                               "(or give --checkpoint-dir)")
-    if is_sharded(found[0]):
-        raise DamoHybridError(f"the newest checkpoint under {root} is a sharded run's: resume it once in one process "
-                              "(train --resume --steps N without torchrun, N its last step) to merge the shards, "
-                              "then export --onnx")
     ck, state = found
     spec = state.get("model_spec") or {}
     classes = {cls.__name__: cls for cls in MODELS.values()}
@@ -33,7 +36,14 @@ def export_onnx_from_checkpoint(args: argparse.Namespace) -> int:
     if cls is None or not spec.get("fields") or spec.get("n_dense") is None:
         raise DamoHybridError(f"checkpoint {ck} does not say which built-in model wrote it (written by an older "
                               "version, or by a custom model): export from Python with damo_hybrid.serving.export_onnx")
-    with EmbeddingStore(ck / "store", read_only=True) as store:
+    with ExitStack() as stack:
+        if is_sharded(ck):  # every rank's rows merged into one store beside the output, removed after
+            out_dir = Path(args.onnx).resolve()
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".merge-", dir=out_dir.parent)))
+            store = stack.enter_context(restore_shard(ck, tmp / "store", 0, 1))
+        else:
+            store = stack.enter_context(EmbeddingStore(ck / "store", read_only=True))
         model = cls(store, spec["fields"], spec["n_dense"], backend="cpu", dense_mode=spec.get("dense_mode", "raw"),
                     field_tables=spec.get("field_tables"))
         model.load_state_dict(state["model"])
