@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from damo_hybrid.data.readers import FORMATS, DenseMode, Schema, delimited_lines
-from damo_hybrid.data.stream import _finish
+from damo_hybrid.data.blocks import finish_block as _finish
 from damo_hybrid.data.textparse import parse_text, plan_text
 from damo_hybrid.keys.hashing import hash_feature
 

@@ -16,21 +16,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .. import __version__
 from ..config import (
-    InitializerConfig,
     OptimizerConfig,
     OptimizerKind,
     RowDtype,
-    TableConfig,
     reject_unknown,
 )
 from ..data.readers import FORMATS
 from ..errors import DamoHybridError
 from ..ops import Backend, resolve_backend
 from ..store import EmbeddingStore
+from . import stores
 from .args import (
     Parser,
     check_writable,
@@ -42,58 +39,11 @@ from .args import (
 )
 from .bench import add_bench_arguments
 from .data import NO_END, file_data, stream_data
+from .demo import demo
 from .signals import Terminated, sigterm_as_interrupt
 from .tables import field_tables_of, model_tables_of
 
 __all__ = ["main"]
-
-
-def _demo(args: argparse.Namespace) -> int:
-    """Logistic regression on Zipf-distributed synthetic ids, every weight in RocksDB."""
-    from ..data.synthetic import zipf_keys
-
-    rng = np.random.default_rng(args.seed)
-    fields, batch = args.fields, args.batch_size
-    # a hidden per-key weight decides the labels, so the model can learn them
-    truth = lambda keys: ((keys % np.uint64(1000)).astype(np.float64) / 1000.0 - 0.5) * 2.0  # noqa: E731
-    tmp = None if args.store else tempfile.TemporaryDirectory(prefix="damo-demo-")
-    store_dir = Path(args.store) if args.store else Path(tmp.name) / "store"  # type: ignore[union-attr]
-    tables = [
-        TableConfig(f"f{i}", 1, initializer=InitializerConfig.zeros(), optimizer=OptimizerConfig.adagrad(lr=args.lr))
-        for i in range(fields)
-    ]
-    if (store_dir / "meta.json").exists():
-        with EmbeddingStore(store_dir, read_only=True) as existing:
-            other = sorted(set(existing.tables) - {t.name for t in tables})
-        if other:
-            raise ValueError(f"--store {store_dir} holds other tables ({', '.join(other[:5])}): the demo would add its "
-                             "own beside them; give it a new --store")
-    print(f"damo-hybrid {__version__} store demo: {fields} fields, batch {batch}, {args.steps} steps, store {store_dir}")
-    t0 = time.perf_counter()
-    losses = []
-    with EmbeddingStore(store_dir, tables) as store:
-        for step in range(args.steps):
-            keys = [zipf_keys(rng, batch, args.vocab, field=i) for i in range(fields)]
-            logit_true = sum(truth(k) for k in keys)
-            y = (rng.random(batch) < 1.0 / (1.0 + np.exp(-logit_true))).astype(np.float32)
-            logit = sum(store.lookup(f"f{i}", k)[:, 0] for i, k in enumerate(keys))
-            p = 1.0 / (1.0 + np.exp(-logit))
-            eps = 1e-7
-            losses.append(float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps))))
-            g = ((p - y) / batch).astype(np.float32)[:, None]
-            for i, k in enumerate(keys):
-                store.apply_gradients(f"f{i}", k, g)
-            if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
-                print(f"  step {step:5d}  logloss {np.mean(losses[-20:]):.4f}")
-        st = store.stats()
-    dt = time.perf_counter() - t0
-    print(f"rows stored {st.rows:,}  disk {st.disk_bytes / 2**20:.1f} MiB  hits {st.hits:,}  misses {st.misses:,}")
-    print(f"samples/s {args.steps * batch / dt:,.0f}  key-updates/s {args.steps * batch * fields / dt:,.0f}")
-    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
-    print(f"logloss first 10 steps {first:.4f} -> last 10 steps {last:.4f}")
-    if tmp is not None:
-        tmp.cleanup()
-    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -261,68 +211,6 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
     return 0
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    from ..dist.shards import (
-        open_for_reading,  # a sharded run's rank stores read as one
-    )
-
-    with open_for_reading(args.store) as s:
-        st = s.stats()
-        out = {
-            "store": str(args.store),
-            "disk_bytes": st.disk_bytes,
-            "tables": {
-                n: {"rows": st.table_rows[n], "step": s.step(n), "config": c.to_dict()}
-                for n, c in s.tables.items()
-            },
-        }
-    if args.json:
-        print(json.dumps(out, indent=1))
-        return 0
-    print(f"store {out['store']}  disk {st.disk_bytes / 2**20:.1f} MiB  tables {len(out['tables'])}")
-    for n, t in out["tables"].items():
-        c = t["config"]
-        tc = TableConfig.from_dict(c)
-        print(f"  {n:24s} dim {c['dim']:4d}  rows {t['rows']:>12,}  step {t['step']:>9,}  "
-              f"optimizer {c['optimizer']['kind']} lr {c['optimizer']['lr']}  init {c['initializer']['kind']}"
-              + (f"  row_dtype {tc.row_dtype.value}" if tc.row_dtype is not RowDtype.FLOAT32 else "")
-              + (f"  compression {tc.compression.describe()}" if tc.compression is not None else ""))
-    return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    if args.onnx:
-        from .export import export_onnx_from_checkpoint
-
-        return export_onnx_from_checkpoint(args)
-    if not args.out:
-        raise ValueError("export needs --out FILE.npz (the rows), or --onnx DIR (a model for serving)")
-    check_writable("--out", args.out)
-    from ..dist.shards import open_for_reading
-
-    with open_for_reading(args.store) as s:
-        n = s.export(args.out, tables=args.table or None)
-    print(f"wrote {args.out}: " + ", ".join(f"{t} {c:,} rows" for t, c in n.items()))
-    return 0
-
-
-def _dump(args: argparse.Namespace) -> int:
-    from ..dist.shards import open_for_reading
-
-    check_writable("--out", args.out)
-    if args.format == "seed":
-        from ..compat.seed_format import dump_seed_format
-
-        with open_for_reading(args.store) as s:
-            n = dump_seed_format(s, args.out, tables=args.table or None, min_count=args.min_count,
-                                 expire_days=args.expire_days)
-    else:
-        with open_for_reading(args.store) as s:
-            n = s.dump(args.out, tables=args.table or None, min_count=args.min_count, expire_days=args.expire_days)
-    print(f"wrote {args.out}: " + ", ".join(f"{t} {c:,} rows" for t, c in n.items()))
-    return 0
-
-
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The command's parser and its ``train`` sub-parser (whose defaults a config file sets)."""
     p = Parser(prog="damo-hybrid", description=__doc__)
@@ -408,12 +296,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     d.add_argument("--lr", type=float_in(0.0), default=0.1)
     d.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)
     d.add_argument("--store", help="store directory (default: a new temporary one)")
-    d.set_defaults(fn=_demo)
+    d.set_defaults(fn=demo)
 
     i = sub.add_parser("inspect", help="show a store's tables, row counts, disk size and config")
     i.add_argument("--store", required=True)
     i.add_argument("--json", action="store_true", help="print JSON")
-    i.set_defaults(fn=_inspect)
+    i.set_defaults(fn=stores.inspect)
 
     e = sub.add_parser("export", help="write keys_<table> and weights_<table> to .npz, or a trained model to ONNX")
     e.add_argument("--store", required=True)
@@ -423,7 +311,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                    "to DIR: model.onnx over row indices, keys_<table>.npy, export.json (serve with "
                    "damo_hybrid.serving.Predictor)")
     e.add_argument("--checkpoint-dir", help="where train wrote its checkpoints (default: STORE.ckpt)")
-    e.set_defaults(fn=_export)
+    e.set_defaults(fn=stores.export)
 
     u = sub.add_parser("dump", help="export rows that pass the seed's conditions")
     u.add_argument("--store", required=True)
@@ -433,7 +321,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     u.add_argument("--expire-days", type=float_in(0.0), default=None, help="keep rows updated within this many days")
     u.add_argument("--format", choices=("npz", "seed"), default="npz",
                    help="npz (keys/weights/counts/updated per table) or the seed project's binary format")
-    u.set_defaults(fn=_dump)
+    u.set_defaults(fn=stores.dump)
 
     b = sub.add_parser("bench", help="store benchmark: lookup and apply_gradients keys/s straight from RocksDB")
     add_bench_arguments(b)

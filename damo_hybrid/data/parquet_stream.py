@@ -16,8 +16,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
+from .blocks import Block, Position
 from .readers import Schema, parquet_table
-from .stream import DelimitedStream, Position, _Block
+from .stream import DelimitedStream
 
 __all__ = ["ParquetStream"]
 
@@ -35,7 +36,7 @@ class ParquetStream(DelimitedStream):
                  batch_size: int = 4096, **kwargs: Any) -> None:
         super().__init__(paths, schema, batch_size, **kwargs)
 
-    def _blocks(self, start: Position) -> Iterator[tuple[_Block, Any]]:
+    def _blocks(self, start: Position) -> Iterator[tuple[Block, Any]]:
         import pyarrow.parquet as pq
 
         s = self.schema
@@ -59,7 +60,7 @@ class ParquetStream(DelimitedStream):
                     before = sum(f.metadata.row_group(i).num_rows for i in range(g))
                     data = parquet_table(path, table, self.batch_size, s, allow_empty=True, first_row=before)
                     self.skipped += data.skipped
-                    block = _Block(data.sparse, data.dense, data.label)
+                    block = Block(data.sparse, data.dense, data.label)
                 block, skip, first, rows = self._frame(start, fi, g, block, rows)
 
                 def after(used: int, fi: int = fi, g: int = g, n: int = len(block) + skip, base: int = skip,

@@ -33,86 +33,20 @@ import io
 import os
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..keys.hashing import hash_feature, hash_packed, mix64
+from ..keys.hashing import hash_feature, hash_packed
+from .blocks import Block, Holdout, Position, finish_block, strip_header, to_batch
 from .files import ahead, byte_part, expand_paths, skip_bytes
-from .readers import DenseMode, Schema, _buckets, delimited_lines
+from .readers import DenseMode, Schema, delimited_lines
 from .synthetic import Batch
 
 __all__ = ["DelimitedStream", "Position", "Holdout", "expand_paths"]
 
-_BOM = b"\xef\xbb\xbf"
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where a stream resumes: ``row`` rows into the block at byte ``offset`` (line ``line``) of
-    file ``file``, whose earlier blocks held ``rows`` rows (the ordinal the held-out split hashes)."""
-
-    file: int = 0
-    offset: int = 0
-    line: int = 1
-    row: int = 0
-    rows: int = 0
-    window: int = 0  # with a shuffle buffer: the window that starts here, and its rows already used
-    taken: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {"file": self.file, "offset": self.offset, "line": self.line, "row": self.row, "rows": self.rows,
-                "window": self.window, "taken": self.taken}
-
-
-@dataclass(frozen=True)
-class Holdout:
-    """A held-out share of a stream's rows, picked by a stable hash of (seed, file, row ordinal):
-    no second pass, and the training side (``held_out=False``) never sees a held-out row."""
-
-    fraction: float
-    held_out: bool
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.fraction < 1.0:
-            raise ValueError(f"the held-out fraction must be in (0, 1), got {self.fraction}")
-
-    def keep(self, file: int, first: int, n: int, top: int = 0) -> np.ndarray:
-        """bool (n,): which of rows ``first .. first + n - 1`` of file ``file`` this side keeps;
-        ``top``: the byte where the stream's part of the file starts, whose rows it counts (a run
-        split by byte range over ranks, where the rows before it are not counted)."""
-        ordinal = (np.uint64(file) << np.uint64(40)) + np.arange(first, first + n, dtype=np.uint64)
-        salt = mix64(np.uint64(self.seed))[0]
-        if top:
-            salt ^= mix64(np.uint64(top) | np.uint64(1 << 63))[0]
-        h = mix64(ordinal ^ salt)
-        held = (h >> np.uint64(11)).astype(np.float64) * 2.0**-53 < self.fraction
-        return held if self.held_out else ~held
-
-
-@dataclass
-class _Block:
-    """Parsed rows of one block."""
-
-    sparse: dict[str, np.ndarray]
-    dense: np.ndarray
-    label: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.label)
-
-    def take(self, sl: slice | np.ndarray) -> _Block:
-        return _Block({f: k[sl] for f, k in self.sparse.items()}, self.dense[sl], self.label[sl])
-
-    @staticmethod
-    def concat(parts: list[_Block]) -> _Block:
-        if len(parts) == 1:
-            return parts[0]
-        return _Block({f: np.concatenate([p.sparse[f] for p in parts]) for f in parts[0].sparse},
-                      np.concatenate([p.dense for p in parts]), np.concatenate([p.label for p in parts]))
 
 
 class DelimitedStream:
@@ -190,7 +124,7 @@ class DelimitedStream:
     # ------------------------------------------------------------ batches
     def batches(self, start: Position = Position()) -> Iterator[tuple[Batch, Position]]:
         """Every batch from ``start`` to the end of the last file, each with the position after it."""
-        parts: list[_Block] = []
+        parts: list[Block] = []
         have = 0
         for block, pos_after_rows in (self._windows(start) if self.shuffle_buffer else self._blocks(start)):
             used = 0
@@ -198,24 +132,24 @@ class DelimitedStream:
                 take = self.batch_size - have
                 parts.append(block.take(slice(used, used + take)))
                 used += take
-                yield _concat(parts), pos_after_rows(used)
+                yield to_batch(parts), pos_after_rows(used)
                 parts, have = [], 0
             if used < len(block):
                 parts.append(block.take(slice(used, None)))
                 have += len(block) - used
         if have:
-            yield _concat(parts), Position(len(self.paths), 0, 1, 0)
+            yield to_batch(parts), Position(len(self.paths), 0, 1, 0)
 
-    def _windows(self, start: Position) -> Iterator[tuple[_Block, object]]:
+    def _windows(self, start: Position) -> Iterator[tuple[Block, object]]:
         """Shuffled windows of ``shuffle_buffer`` rows, with ``rows used -> Position after them``
         (the window's start, its number and the rows of it used)."""
         n = self.shuffle_buffer
         w, skip = start.window, start.taken
         w_pos = replace(start, window=0, taken=0)
         blocks = self._blocks(w_pos)
-        carry: tuple[_Block, Any, int] | None = None
+        carry: tuple[Block, Any, int] | None = None
         while True:
-            parts: list[_Block] = []
+            parts: list[Block] = []
             have, last = 0, None
             while have < n:
                 if carry is not None:
@@ -235,7 +169,7 @@ class DelimitedStream:
             if not have:
                 return
             assert last is not None
-            window = _Block.concat(parts).take(np.random.default_rng([self.seed, w]).permutation(have))
+            window = Block.concat(parts).take(np.random.default_rng([self.seed, w]).permutation(have))
             nxt_pos = replace(last[0](last[1]), window=w + 1, taken=0)
             base, skip = skip, 0
             if base:
@@ -247,7 +181,7 @@ class DelimitedStream:
             yield window, at
             w, w_pos = w + 1, replace(nxt_pos, window=0, taken=0)
 
-    def _blocks(self, start: Position) -> Iterator[tuple[_Block, object]]:
+    def _blocks(self, start: Position) -> Iterator[tuple[Block, object]]:
         """``(block, rows used -> Position after them)`` from ``start`` on. A thread reads and
         parses (pyarrow, without the GIL) the next blocks while this one is converted."""
         rows = 0
@@ -265,7 +199,7 @@ class DelimitedStream:
                 return Position(fi, off, ln, used + base, first)
             yield block, after
 
-    def _frame(self, start: Position, fi: int, off: int, block: _Block, rows: int) -> tuple[_Block, int, int, int]:
+    def _frame(self, start: Position, fi: int, off: int, block: Block, rows: int) -> tuple[Block, int, int, int]:
         """A block at ``(file, offset)`` with the held-out split and the resume skip applied.
 
         Args:
@@ -288,13 +222,13 @@ class DelimitedStream:
 
     def _tables(self, start: Position) -> Iterator[tuple[int, int, int, bytes, int, object]]:
         """``(file, offset, line, raw bytes, newlines, parsed)`` of each block: parsed is a
-        :class:`_Block` from the compiled fast path, else an Arrow table, else None."""
+        :class:`Block` from the compiled fast path, else an Arrow table, else None."""
         for fi in range(start.file, len(self.paths)):
             top, end = self.ranges[fi]
             offset, line = (start.offset, start.line) if fi == start.file else (top, 1)
             # reading (and gunzip) runs a thread of its own, a block ahead of the parse
             for off, ln, raw, nlines in ahead(self._raw_blocks(self.paths[fi], offset, line, end), 2, "damo-read"):
-                body = _body(raw, self.schema, off == 0)
+                body = strip_header(raw, self.schema, off == 0)
                 block = self._text(body)
                 yield fi, off, ln, raw, nlines, block if block is not None else self._arrow(body)
 
@@ -374,9 +308,9 @@ class DelimitedStream:
             self._bases[fi] = got
         return got
 
-    def _convert_table(self, fi: int, raw: bytes, line: int, file_start: bool, table: object) -> _Block:
+    def _convert_table(self, fi: int, raw: bytes, line: int, file_start: bool, table: object) -> Block:
         path = self.paths[fi]
-        block = table if isinstance(table, _Block) else self._fast(table) if table is not None else None
+        block = table if isinstance(table, Block) else self._fast(table) if table is not None else None
         if block is None:  # a value the fast path will not judge: the reference line reader decides
             line += self._line_base(fi)
             text = raw.decode("utf-8-sig" if file_start else "utf-8")
@@ -385,7 +319,7 @@ class DelimitedStream:
                 lines.pop()
             data = self._line_reader(path, ((line + i, ln.rstrip("\r")) for i, ln in enumerate(lines)))
             self.skipped += data.skipped
-            return _Block(data.sparse, data.dense, data.label)
+            return Block(data.sparse, data.dense, data.label)
         return block
 
     def _line_reader(self, path: Path, lines: Iterator[tuple[int, str]]) -> Any:
@@ -407,12 +341,12 @@ class DelimitedStream:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError):
             return None
 
-    def _fast(self, t: object, schema: Schema | None = None) -> _Block | None:
+    def _fast(self, t: object, schema: Schema | None = None) -> Block | None:
         """A parsed block's keys, dense features and labels, or None if any row needs the line
         reader's judgement (``schema``: the stream's, or one naming other int id columns)."""
         s = schema or self.schema
         if not t.num_columns:  # type: ignore[attr-defined]
-            return _Block({f: np.zeros(0, np.uint64) for f in self.sparse_fields},
+            return Block({f: np.zeros(0, np.uint64) for f in self.sparse_fields},
                           np.zeros((0, len(self.dense_fields)), np.float32), np.zeros(0, np.float32))
         label = _floats(t.column(s.label))
         if label is None or np.isnan(label).any():
@@ -433,9 +367,9 @@ class DelimitedStream:
                 sparse[c] = hash_feature(c, col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False))
             else:
                 sparse[c] = _hash_strings(c, col)
-        return _finish(s, label, dense, sparse)
+        return finish_block(s, label, dense, sparse)
 
-    def _text(self, body: bytes) -> _Block | None:
+    def _text(self, body: bytes) -> Block | None:
         """The block parsed by the compiled fast path, or None where it hands the block on."""
         if self._plan is None:
             return None
@@ -444,36 +378,7 @@ class DelimitedStream:
         parsed = parse_text(body, self._plan)
         if parsed is None:
             return None
-        return _finish(self.schema, parsed.label, parsed.dense, dict(zip(self.schema.sparse, parsed.keys)))
-
-
-def _finish(s: Schema, label: np.ndarray, dense: np.ndarray, sparse: dict[str, np.ndarray]) -> _Block | None:
-    """A block from raw float64 labels (N,), dense values (N, D) (NaN: missing) and the sparse
-    columns' keys: the schema's label rule and dense transforms applied; None if a label breaks
-    the rule (the line reader then names the line)."""
-    if s.label_threshold is not None:
-        label = (label >= s.label_threshold).astype(np.float32)
-    elif not np.isin(label, (0.0, 1.0)).all():
-        return None
-    if s.dense and s.dense_mode in (DenseMode.BUCKETIZE, DenseMode.BOTH):
-        for j, c in enumerate(s.dense):
-            sparse[c] = hash_feature(c, _buckets(dense[:, j]))
-    out = np.zeros((len(label), 0), np.float32)
-    if s.dense and s.dense_mode in (DenseMode.LOG1P, DenseMode.BOTH):
-        out = np.log1p(np.maximum(np.nan_to_num(dense, nan=0.0), 0.0)).astype(np.float32)
-    return _Block(sparse, out, label.astype(np.float32))
-
-
-def _body(raw: bytes, s: Schema, file_start: bool) -> bytes:
-    """A block without a file's BOM and header line."""
-    if not file_start:
-        return raw
-    body = raw[len(_BOM):] if raw.startswith(_BOM) else raw
-    end = body.find(b"\n")
-    head = body[:end if end >= 0 else len(body)].rstrip(b"\r")
-    if s.header or (s.header is None and head.decode("utf-8", "replace").split(s.sep) == list(s.columns)):
-        return body[end + 1:] if end >= 0 else b""
-    return body
+        return finish_block(self.schema, parsed.label, parsed.dense, dict(zip(self.schema.sparse, parsed.keys)))
 
 
 def _floats(col: object, missing: float | None = None) -> np.ndarray | None:
@@ -502,11 +407,3 @@ def _hash_strings(field: str, col: object) -> np.ndarray:
     offsets = np.frombuffer(offs, dtype=dtype)[c.offset:c.offset + len(c) + 1]
     raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
     return hash_packed(field, raw, offsets)
-
-
-def _concat(parts: list[_Block]) -> Batch:
-    if len(parts) == 1:
-        p = parts[0]
-        return Batch(dict(p.sparse), p.dense, p.label)
-    return Batch({f: np.concatenate([p.sparse[f] for p in parts]) for f in parts[0].sparse},
-                 np.concatenate([p.dense for p in parts]), np.concatenate([p.label for p in parts]))
