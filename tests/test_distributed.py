@@ -5,6 +5,7 @@ batch; each rank's store holds exactly the keys it owns."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -809,3 +810,197 @@ def test_bag_features_on_two_ranks_equal_one_process(tmp_path):
                 got.update(zip(z[f"{t}_keys"].tolist(), z[t]))
             assert got.keys() == want.keys()
             np.testing.assert_allclose(np.stack([got[k] for k in want]), np.stack(list(want.values())), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.requires_cuda)])
+def test_a_sharded_collection_on_one_rank_equals_the_local_one(tmp_path, backend):
+    """Every exchange of a sharded step runs (to itself) on a one-rank group: gloo with the rows on
+    the host, NCCL with them on the GPU (the keys are host arrays: the exchange moves them to the
+    group's device and back). Rows and outputs equal the local collection's after steps that evict."""
+    from damo_hybrid.dist.collection import ShardedEmbeddingCollection
+    from damo_hybrid.dist.exchange import exchange_device
+    from damo_hybrid.nn.collection import EmbeddingCollection, Feature
+
+    device = "cuda" if backend == "nccl" else "cpu"
+    assert exchange_device(backend).type == device
+    tables = model_tables("deepfm", 8, OPTS["adagrad"], InitializerConfig.normal(std=0.1, seed=3))[:1]
+    feats = [Feature("a", "emb"), Feature("b", "emb")]
+    rng = np.random.default_rng(0)
+    batches = [{f.name: rng.integers(0, 3000, 64).astype(np.uint64) for f in feats} for _ in range(6)]
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        outs = {}
+        for kind in ("local", "sharded"):
+            with EmbeddingStore(tmp_path / kind, tables) as store:
+                cls = ShardedEmbeddingCollection if kind == "sharded" else EmbeddingCollection
+                coll = cls(store, feats, cache_mb=1e-9, min_cache_rows=150, backend=device)
+                got = []
+                for b in batches:
+                    x = coll(coll.prepare(b))
+                    (x["a"] * x["b"]).sum().backward()
+                    coll.apply_gradients()
+                    got.append(x["a"].detach().cpu().numpy())
+                assert sum(c.stats.evictions for c in coll.caches.values()) > 0
+                coll.flush()
+                keys = np.concatenate([k for k, _ in store.scan("emb")])
+                outs[kind] = (np.stack(got), keys, store.read_rows("emb", keys)[0].weights)
+        for a, b in zip(outs["local"], outs["sharded"]):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_exchange_error_test_reads_only_what_gloo_and_nccl_say():
+    from damo_hybrid.dist.exchange import as_exchange_error
+    from damo_hybrid.errors import ExchangeError
+
+    lost = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:5")
+    assert isinstance(as_exchange_error(lost, "row exchange"), ExchangeError)
+    own = RuntimeError("my layer's socket count timeout must be positive")  # the model's own error
+    assert as_exchange_error(own, "dense gradients' all-reduce") is own
+
+
+def _one_process_checkpoint(root: Path, data: SyntheticCriteo, steps: int) -> Path:
+    """``steps`` steps of one process on the global batches, with a checkpoint at the end."""
+    from damo_hybrid.pipeline.checkpoint import latest_checkpoint
+    from damo_hybrid.trainer import Trainer
+
+    tables = model_tables("deepfm", 8, OPTS["adagrad"], InitializerConfig.normal(std=0.1, seed=3))
+    with EmbeddingStore(root / "one", tables) as store:
+        torch.manual_seed(0)  # a one-process pipeline holds two global batches' rows pinned: 1,200 rows
+        model = DeepFM(store, data.sparse_fields, 3, hidden=(16,), cache_mb=1e-9, min_cache_rows=1200, backend="cpu")
+        trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), data.batch)
+        trainer.fit(steps, checkpoint_every=steps, checkpoint_dir=root / "ck1")
+    return latest_checkpoint(root / "ck1")
+
+
+def _continue(ck: Path, dest: Path, rank: int, world: int, steps: int) -> dict[str, np.ndarray]:
+    """Restore rank ``rank`` of ``world`` from ``ck`` and train ``steps`` more steps on its slice."""
+    from damo_hybrid.dist.checkpoint import restore_shard
+    from damo_hybrid.pipeline.checkpoint import load_trainer_state
+    from damo_hybrid.trainer import Trainer
+
+    torch.set_num_threads(1)
+    data = SyntheticCriteo(BATCH, seed=1, vocab_min=200, vocab_max=3000, n_sparse=6, n_dense=3)
+    with restore_shard(ck, dest, rank, world) as store:
+        model = DeepFM(store, data.sparse_fields, 3, hidden=(16,), cache_mb=1e-9, min_cache_rows=1200 // world,
+                       backend="cpu")
+        trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2),
+                          _Slice(data, rank, world) if world > 1 else data.batch)
+        trainer.load_state(load_trainer_state(ck))
+        trainer.fit(steps)
+        model.sparse.flush()
+        keys = np.concatenate([k for k, _ in store.scan("emb")])
+        out = {"keys": keys, "weights": store.read_rows("emb", keys)[0].weights, "step": np.array(store.step("emb"))}
+        out.update({f"dense.{n}": p.detach().numpy() for n, p in model.state_dict().items()})
+        return out
+
+
+def _continue_main(rank: int, port: int, root: str, ck: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        np.savez(Path(root) / f"cont{rank}.npz", **_continue(Path(ck), Path(root) / f"two{rank}", rank, 2, 3))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_one_process_checkpoint_restores_onto_two_ranks_and_training_goes_on_exactly(tmp_path):
+    """1 -> 2: the restored shards hold the saved rows, split by the sharding rule, and 3 more
+    steps on 2 ranks end where 3 more steps of the one process end."""
+    from damo_hybrid.dist.checkpoint import restore_shard
+
+    data = SyntheticCriteo(BATCH, seed=1, vocab_min=200, vocab_max=3000, n_sparse=6, n_dense=3)
+    ck = _one_process_checkpoint(tmp_path, data, 6)
+    with EmbeddingStore(ck / "store", read_only=True) as saved:
+        want_keys = np.concatenate([k for k, _ in saved.scan("emb")])
+        want = saved.read_rows("emb", want_keys)[0]
+    got_keys, got_w, got_st = [], [], []
+    for r in range(2):
+        with restore_shard(ck, tmp_path / f"check{r}", r, 2) as s:
+            k = np.concatenate([k for k, _ in s.scan("emb")])
+            assert (shard_of(k, 2) == r).all() and s.step("emb") == 6
+            rows = s.read_rows("emb", k)[0]
+            got_keys.append(k), got_w.append(rows.weights), got_st.append(rows.state)
+    order = np.argsort(np.concatenate(got_keys))
+    np.testing.assert_array_equal(np.concatenate(got_keys)[order], want_keys)
+    np.testing.assert_array_equal(np.concatenate(got_w)[order], want.weights)
+    np.testing.assert_array_equal(np.concatenate(got_st)[order], want.state)
+
+    ref = _continue(ck, tmp_path / "ref", 0, 1, 3)
+    mp.start_processes(_continue_main, args=(_free_port(), str(tmp_path), str(ck)), nprocs=2, start_method="spawn")
+    outs = [dict(np.load(tmp_path / f"cont{r}.npz")) for r in range(2)]
+    assert all(int(o["step"]) == int(ref["step"]) == 9 for o in outs)
+    keys = np.concatenate([o["keys"] for o in outs])
+    order = np.argsort(keys)
+    np.testing.assert_array_equal(keys[order], ref["keys"])
+    np.testing.assert_allclose(np.concatenate([o["weights"] for o in outs])[order], ref["weights"], rtol=1e-5, atol=1e-5)
+    for name in (n for n in ref if n.startswith("dense.")):
+        for o in outs:
+            np.testing.assert_allclose(o[name], ref[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def _stale_main(rank: int, port: int, root: str) -> None:
+    """A checkpoint at step 2 over what an interrupted attempt left at that step (rank 1's shard, a
+    shard of a 3-rank run, no marker), then a checkpoint at step 4 beside a damaged one set aside."""
+    from damo_hybrid.dist.checkpoint import save_sharded_checkpoint
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        tables = [model_tables("deepfm", 4, OPTS["adagrad"], InitializerConfig.normal(std=0.1))[0]]
+        with EmbeddingStore(Path(root) / f"rank{rank}", tables) as store:
+            store.apply_gradients("emb", np.arange(rank * 10, rank * 10 + 5, dtype=np.uint64), np.ones((5, 5), np.float32))
+            save_sharded_checkpoint(Path(root) / "ck", 2, store, {"step": 2} if rank == 0 else None)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_checkpoint_a_stopped_run_left_half_written_is_written_anew_and_damaged_ones_stay_aside(tmp_path):
+    from damo_hybrid.dist.checkpoint import (
+        latest_sharded_checkpoint,
+        newest_checkpoint,
+        prune_sharded_checkpoints,
+    )
+
+    ck = tmp_path / "ck" / "step-000000002"
+    for stale in ("shard-00001-of-00002", "shard-00002-of-00003"):  # a rank's part, written before the stop
+        (ck / stale / "junk").mkdir(parents=True)
+    mp.start_processes(_stale_main, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    found, marker = latest_sharded_checkpoint(tmp_path / "ck")
+    assert found == ck and marker["world"] == 2
+    assert sorted(p.name for p in ck.glob("shard-*")) == ["shard-00000-of-00002", "shard-00001-of-00002"]
+    with EmbeddingStore(ck / "shard-00001-of-00002", read_only=True) as s:
+        assert s.stats().table_rows["emb"] == 5
+    # a newer checkpoint whose trainer state is damaged is set aside, and stays aside: never picked
+    # again, never deleted by pruning
+    bad = tmp_path / "ck" / "step-000000004"
+    shutil.copytree(ck, bad)
+    (bad / "COMPLETE.json").write_text(json.dumps({"world": 2, "sharding_version": marker["sharding_version"],
+                                                   "step": 4}))
+    (bad / "trainer.pt").write_bytes(b"truncated")
+    got, state = newest_checkpoint(tmp_path / "ck")
+    assert got == ck and state == {"step": 2}
+    aside = [p.name for p in (tmp_path / "ck").iterdir() if ".damaged-" in p.name]
+    assert len(aside) == 1
+    assert latest_sharded_checkpoint(tmp_path / "ck")[0] == ck
+    assert newest_checkpoint(tmp_path / "ck")[0] == ck
+    prune_sharded_checkpoints(tmp_path / "ck", keep=1, rank=0)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted(["step-000000002", *aside])
+
+
+def test_one_process_refuses_to_train_a_shard_of_a_run_on_ranks(tmp_path):
+    """A rank's store holds only the keys it owns: a model built over it in one process would add
+    rows of keys other ranks own. It is refused; restored onto one process it trains."""
+    from damo_hybrid.dist.sharding import claim_shard
+    from damo_hybrid.errors import ConfigConflictError
+
+    tables = model_tables("deepfm", 4, OPTS["adagrad"], InitializerConfig.normal(std=0.1))
+    data = SyntheticCriteo(16, seed=1, n_sparse=3, n_dense=1)
+    with EmbeddingStore(tmp_path / "rank-00001-of-00002", tables) as store:
+        claim_shard(store.root, 2, 1)
+        with pytest.raises(ConfigConflictError, match="shard 1 of a run on 2 ranks"):
+            DeepFM(store, data.sparse_fields, 1, hidden=(4,), backend="cpu")
+    with EmbeddingStore(tmp_path / "single", tables) as store:
+        claim_shard(store.root, 1, 0)  # a run restored onto one process records world 1
+        DeepFM(store, data.sparse_fields, 1, hidden=(4,), backend="cpu")

@@ -236,3 +236,15 @@ def test_data_that_ends_on_a_checkpoint_step_writes_that_checkpoint_once(tmp_pat
                                                                                 checkpoint_every=2, checkpoint_dir=root)
         assert s.steps == 4
         assert [p.name for p in complete_checkpoints(root)] == ["step-4", "step-2"]
+
+
+@pytest.mark.parametrize("junk", [b"truncated", b"", b"\x80\x02}q\x00(X"], ids=["text", "empty", "cut-pickle"])
+def test_a_trainer_state_of_any_damage_is_a_typed_error(tmp_path, junk):
+    """However a trainer.pt is damaged (the unpickler fails with IndexError on some), loading it
+    says so with DamoHybridError, so a resume passes over it to an older checkpoint."""
+    from damo_hybrid.errors import DamoHybridError
+    from damo_hybrid.pipeline.checkpoint import load_trainer_state
+
+    (tmp_path / "trainer.pt").write_bytes(junk)
+    with pytest.raises(DamoHybridError, match="damaged"):
+        load_trainer_state(tmp_path)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -46,6 +47,15 @@ __all__ = ["save_sharded_checkpoint", "latest_sharded_checkpoint", "prune_sharde
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE.json"
+_NAME = re.compile(r"^step-(\d+)$")  # not a checkpoint moved aside (``step-N.damaged-<id>``)
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """The ``step-N`` directories under ``root`` (complete or not, of either kind), by step."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
 
 
 def _shard_dir(ck: Path, rank: int, world: int) -> Path:
@@ -61,8 +71,18 @@ def save_sharded_checkpoint(root: str | Path, step: int, store: EmbeddingStore, 
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     ck = Path(root) / f"step-{step:09d}"
+    if (ck / COMPLETE).is_file():
+        raise FileExistsError(f"checkpoint {ck} already exists and is complete")
     ck.mkdir(parents=True, exist_ok=True)
-    store.checkpoint(_shard_dir(ck, rank, world))
+    # what an earlier attempt at this step left before a rank stopped (the run resumed from an
+    # older checkpoint and came back here): never complete, so never used; written anew
+    mine = _shard_dir(ck, rank, world)
+    shutil.rmtree(mine, ignore_errors=True)
+    if rank == 0:  # shards of another number of ranks: no rank of this run writes them
+        for p in ck.glob("shard-*-of-*"):
+            if not p.name.endswith(f"-of-{world:05d}"):
+                shutil.rmtree(p, ignore_errors=True)
+    store.checkpoint(mine)
     if rank == 0 and state is not None:
         with atomic_file(ck / "trainer.pt") as f:
             torch.save(state, f)
@@ -83,19 +103,20 @@ def prune_sharded_checkpoints(root: str | Path, keep: int, rank: int) -> None:
     from ..pipeline.checkpoint import complete_checkpoints
 
     plain = set(complete_checkpoints(root))  # a one-process run's, kept by its own pruning
-    steps = sorted(p for p in Path(root).glob("step-*") if p.is_dir() and p not in plain)
+    steps = [p for p in _step_dirs(Path(root)) if p not in plain]  # moved-aside ones are kept
     done = [p for p in steps if (p / COMPLETE).is_file()]
     if not done:
         return
     kept = set(done[-keep:]) if keep > 0 else set()
-    for p in steps:
-        if p not in kept and p.name <= done[-1].name:
+    newest = steps.index(done[-1])
+    for p in steps[:newest + 1]:
+        if p not in kept:
             shutil.rmtree(p, ignore_errors=True)
 
 
 def latest_sharded_checkpoint(root: str | Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest complete checkpoint under ``root`` and its marker, or None."""
-    found = sorted(p for p in Path(root).glob("step-*") if (p / COMPLETE).is_file()) if Path(root).exists() else []
+    found = [p for p in _step_dirs(Path(root)) if (p / COMPLETE).is_file()]
     if not found:
         return None
     return found[-1], json.loads((found[-1] / COMPLETE).read_text())
@@ -125,8 +146,7 @@ def newest_checkpoint(root: str | Path, log: Any = None, move_damaged: bool = Tr
 
     root = Path(root)
     found = [(int(p.name.split("-")[1]), p) for p in complete_checkpoints(root)]
-    if root.is_dir():
-        found += [(int(json.loads((p / COMPLETE).read_text())["step"]), p) for p in root.glob("step-*") if is_sharded(p)]
+    found += [(int(json.loads((p / COMPLETE).read_text())["step"]), p) for p in _step_dirs(root) if is_sharded(p)]
     for _, ck in sorted(found, key=lambda c: c[0], reverse=True):
         try:
             return ck, load_trainer_state(ck)

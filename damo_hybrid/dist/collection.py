@@ -43,7 +43,6 @@ import torch
 import torch.distributed as dist
 
 from ..cache.host import CacheStats
-from ..keys.hashing import as_keys
 from ..keys.kernels import unique_inverse
 from ..nn.collection import EmbeddingCollection, Feature, FeatureInput, PreparedBatch, bag_input, refuse_unapplied
 from ..nn.gather import TableOutput

@@ -2,13 +2,15 @@
 
 Every exchange of a sharded step (keys to their owners, rows back, gradients to the owners) is
 one ``all_to_all_single`` whose split sizes the ranks agreed on beforehand (:meth:`Exchange.counts`):
-gloo on CPU tensors, NCCL on CUDA tensors, no protocol of our own.
+gloo on CPU tensors, NCCL on CUDA tensors, no protocol of our own. An exchange moves what it sends
+to its group's device (:func:`exchange_device`) and hands back what it received on the device the
+data came from, so the keys (numpy on the host) and the rows (on the model's device) travel over
+either backend.
 """
 
 from __future__ import annotations
 
 import time
-
 from datetime import timedelta
 
 import numpy as np
@@ -17,11 +19,22 @@ import torch.distributed as dist
 
 from ..errors import ExchangeError
 
-__all__ = ["Exchange", "as_exchange_error"]
+__all__ = ["Exchange", "as_exchange_error", "exchange_device"]
 
-# how gloo and NCCL word a lost peer or a timeout (they raise plain RuntimeErrors)
-_COMM_FAILURE = ("connection closed by peer", "connection reset", "timed out", "timeout", "gloo", "nccl",
-                 "broken pipe", "socket")
+# how gloo and NCCL word a lost peer or a timeout (they raise plain RuntimeErrors); an error of
+# the model's own code that merely mentions a timeout or a socket is not one of them
+_COMM_FAILURE = ("connection closed by peer", "connection reset by peer", "connection refused", "timed out",
+                 "application timeout caused pair closure", "socket timeout", "broken pipe", "processgroupgloo",
+                 "processgroupnccl", "nccl error", "gloo/transport", "third_party/gloo",
+                 "watchdog caught collective operation timeout")
+
+
+def exchange_device(backend: str) -> torch.device:
+    """Where a collective of ``backend`` takes its tensors: the current CUDA device for NCCL,
+    the host for gloo (and any other CPU backend)."""
+    if str(backend).lower() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def as_exchange_error(e: RuntimeError, what: str, timeout: timedelta | None = None, sure: bool = False) -> Exception:
@@ -51,6 +64,7 @@ class Exchange:
         self.group, self.what, self.timeout = group, what, timeout
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.device = exchange_device(dist.get_backend(group))
         # what this rank sent to the other ranks (not to itself) and the seconds spent in the collectives
         self.bytes_sent = 0
         self.seconds = 0.0
@@ -58,12 +72,12 @@ class Exchange:
 
     def counts(self, send: np.ndarray) -> np.ndarray:
         """int64 (world, K) what this rank sends each rank -> int64 (world, K) what each sends it."""
-        t = torch.from_numpy(np.ascontiguousarray(send, np.int64).reshape(-1))
+        t = torch.from_numpy(np.ascontiguousarray(send, np.int64).reshape(-1)).to(self.device)
         out = torch.empty_like(t)
         t0 = time.perf_counter()
         self._all_to_all(out, t)
         self._count(t0, 8 * send.size * (self.world - 1) // self.world)  # the rows to the other ranks
-        return out.numpy().reshape(send.shape)
+        return out.cpu().numpy().reshape(send.shape)
 
     def _all_to_all(self, out: torch.Tensor, data: torch.Tensor, out_splits: list[int] | None = None,
                     in_splits: list[int] | None = None) -> None:
@@ -79,10 +93,12 @@ class Exchange:
 
     def send(self, data: torch.Tensor, send_counts: np.ndarray, recv_counts: np.ndarray) -> torch.Tensor:
         """Rows of ``data`` (N, ...) grouped by destination, ``send_counts[r]`` to rank ``r``;
-        returns the rows received, grouped by source, ``recv_counts[r]`` from rank ``r``."""
-        out = torch.empty((int(recv_counts.sum()), *data.shape[1:]), dtype=data.dtype, device=data.device)
+        returns the rows received, grouped by source, ``recv_counts[r]`` from rank ``r``, on
+        ``data``'s device (they travel on the group's, :attr:`device`)."""
+        out = torch.empty((int(recv_counts.sum()), *data.shape[1:]), dtype=data.dtype, device=self.device)
         t0 = time.perf_counter()
-        self._all_to_all(out, data.contiguous(), [int(x) for x in recv_counts], [int(x) for x in send_counts])
+        self._all_to_all(out, data.to(self.device).contiguous(), [int(x) for x in recv_counts],
+                         [int(x) for x in send_counts])
         row = data.element_size() * int(np.prod(data.shape[1:]))
         self._count(t0, row * int(send_counts.sum() - send_counts[self.rank]))
-        return out
+        return out.to(data.device)

@@ -18,7 +18,7 @@ from ..errors import ConfigConflictError
 from ..keys.hashing import mix64
 from ..storage.files import atomic_file
 
-__all__ = ["SHARDING_VERSION", "SHARD_FILE", "shard_of", "split_by_owner", "claim_shard"]
+__all__ = ["SHARDING_VERSION", "SHARD_FILE", "shard_of", "split_by_owner", "claim_shard", "refuse_lone_shard"]
 
 SHARD_FILE = "shard.json"  # in a shard's store: {"sharding_version", "world", "rank"}
 
@@ -61,3 +61,28 @@ def claim_shard(root: Path | None, world: int, rank: int) -> None:
         return
     with atomic_file(p) as f:
         f.write(json.dumps(want, sort_keys=True).encode())
+
+
+def refuse_lone_shard(root: Path | None) -> None:
+    """Refuse to train a shard of a run on ranks outside such a run: a collection over the store at
+    ``root`` when it records shard ``r`` of ``W > 1`` and this process is not one of ``W`` ranks
+    (it would add rows of keys that other ranks own).
+
+    Raises:
+        ConfigConflictError: the store is such a shard.
+    """
+    p = Path(root) / SHARD_FILE if root is not None else None
+    if p is None or not p.exists():
+        return
+    have = json.loads(p.read_text())
+    world = int(have.get("world", 1))
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == world:
+        return
+    raise ConfigConflictError(
+        f"store {root} holds shard {have.get('rank')} of a run on {world} ranks: train it from that rank of a "
+        f"{world}-rank run, or restore the run's checkpoint onto one process "
+        "(damo_hybrid.dist.restore_shard(ck, dest, 0, 1), or train --resume) to train all its rows here")

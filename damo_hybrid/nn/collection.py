@@ -192,6 +192,8 @@ class EmbeddingCollection(torch.nn.Module):
             self.device = torch.device("cpu")
             with_tier = device_cache_mb is not None or store.config.device_cache_mb is not None
             tier_device = self.device if with_tier else None
+        from ..dist.sharding import refuse_lone_shard  # here: dist builds on this module
+        refuse_lone_shard(store.root)
         self.store = store
         self.features = list(features)
         self.tiers: dict[str, TableTiers] = store.cache(
