@@ -40,11 +40,16 @@ def _save(plt, fig, path: Path) -> Path:
 
 def train_plots(res: dict, out: Path, machine: str) -> list[Path]:
     plt = _plt()
-    runs = sorted((r for r in res["damo"] if "error" not in r), key=lambda r: r["fraction"])
+    ok = [r for r in res["damo"] if "error" not in r]
+    runs = sorted((r for r in ok if r.get("storage", "rocksdb") == "rocksdb"), key=lambda r: r["fraction"])
+    ceiling = sorted((r for r in ok if r.get("storage") == "memory"), key=lambda r: r["fraction"])
     x = [100 * r["fraction"] for r in runs]
     torch_sps = res["torch"]["samples_per_s"]
     fig, ax = plt.subplots(figsize=(6.4, 4))
     ax.plot(x, [r["samples_per_s"] for r in runs], "o-", label="damo_hybrid (RocksDB + host cache)")
+    if ceiling:  # bench --train --storages rocksdb,memory: the same run with the rows in a dict
+        ax.plot([100 * r["fraction"] for r in ceiling], [r["samples_per_s"] for r in ceiling], "^--",
+                color="tab:green", label="rows in memory instead of RocksDB (ceiling)")
     ax.axhline(torch_sps, color="grey", ls="--", label=f"in-memory torch ({torch_sps:,.0f})")
     ax.set_xlabel("host-cache budget, % of the in-memory table's bytes")
     ax.set_ylabel("samples/s (median)")
@@ -63,7 +68,7 @@ def train_plots(res: dict, out: Path, machine: str) -> list[Path]:
     # per step, in steady state, each stage's time in its own thread: host manager, writer, worker
     groups = [("host manager", ("dedup", "index", "victims", "evict", "overlay", "rocksdb_read", "decode", "init")),
               ("writer", ("encode", "rocksdb_write")),
-              ("worker", ("forward", "backward", "sparse_step", "dense_step"))]
+              ("worker", ("forward", "backward", "sparse_step", "dense_step"))]  # split: the dense forward in backward
     width = 0.26
     for gi, (gname, stages) in enumerate(groups):
         bottom = [0.0] * len(runs)

@@ -88,3 +88,17 @@ def test_training_and_host_benchmarks_report_steady_state_breakdowns(tmp_path):
     assert half["ratio_to_torch"] == half["samples_per_s"] / (sum(r["torch_runs"][1:]) / 2)
     h = bench_host(tmp_path, threads=2, vocab=20_000, fraction=0.25, batch=4000, batches=3)
     assert h["filled"] and h["unique_keys_per_s"] > 0 and h["per_core"] <= h["unique_keys_per_s"]
+
+
+def test_the_training_benchmarks_memory_ceiling_changes_only_where_rows_are_stored():
+    """``storages=("rocksdb", "memory")``: the second run keeps its rows in a dict, not RocksDB;
+    the caches see the same keys, so hits, reads and evictions are the same in both."""
+    from damo_hybrid.bench.train import run_train_bench
+
+    # batches of 2,048 fill the smallest cache (65,536 rows) in a few steps: the timed ones evict
+    r = run_train_bench(steps=2, warmup=1, rows=50_000, fractions=(0.05,), max_warmup=8, batch=2048,
+                        storages=("rocksdb", "memory"), worker_threads=1, log=lambda s: None)
+    disk, mem = r["damo"]
+    assert (disk["storage"], mem["storage"]) == ("rocksdb", "memory")
+    assert disk["torch_threads"] == mem["torch_threads"] == 1
+    assert disk["per_step_keys"] == mem["per_step_keys"] and disk["per_step_keys"]["evictions"] > 0

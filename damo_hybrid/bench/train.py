@@ -15,6 +15,14 @@ damo_hybrid is measured in steady state: it trains until its host cache evicts, 
 more steps, then times ``steps`` steps, with the per-stage breakdown of :mod:`damo_hybrid.timing`.
 Throughput is the median samples/s over the timed steps.
 
+``storages=("memory",)`` (``bench --train --storages rocksdb,memory``) runs damo_hybrid once more
+with its rows in :class:`~damo_hybrid.storage.backend.MemoryStorage` (a dict, nothing persisted)
+in place of RocksDB: not a configuration to train with, but the ceiling that shows what the
+storage costs, everything else (tiers, pipeline, worker) unchanged. ``worker_threads`` sets the
+worker's torch threads (default: every core but one); with more than that, set
+``OMP_WAIT_POLICY=PASSIVE`` before the process starts, or the worker's idle OpenMP threads spin
+on the cores the host side needs (the result records the policy).
+
 With a data file (``bench --train --data FILE``) both sides train on its batches instead, read by
 the streaming reader (damo_hybrid's in its loader thread), and the run reports how long the worker
 waited for its input and the host manager for the loader: the loader must never starve the worker.
@@ -40,12 +48,15 @@ from ..data.synthetic import SyntheticCriteo
 from ..nn.models import DeepFM, model_tables
 from ..pipeline.stages import worker_threads
 from ..pipeline.trainer import Trainer, TrainSummary, peak_rss_mb
+from ..storage.backend import MemoryStorage
 from ..store import EmbeddingStore
 from ..timing import CLOCK
 from . import machine
 from .baseline import InMemoryEmbeddings, modulo_index, train_in_memory
 
-__all__ = ["run_train_bench", "fit_timed", "median_rate", "STAGES"]
+__all__ = ["run_train_bench", "fit_timed", "median_rate", "STAGES", "STORAGES"]
+
+STORAGES = ("rocksdb", "memory")
 
 _log = logging.getLogger(__name__)
 
@@ -114,7 +125,7 @@ STAGES = ("dedup", "index", "victims", "evict", "overlay", "rocksdb_read", "deco
 
 def bench_damo(data: SyntheticCriteo | FileBatches, cache_mb: float, steps: int, warmup: int, dim: int, lr: float,
                root: Path, threads: int, prefetch: bool = True, max_warmup: int = 400,
-               row_dtype: str = "float32") -> dict[str, Any]:
+               row_dtype: str = "float32", storage: str = "rocksdb", worker: int | None = None) -> dict[str, Any]:
     """Train until the host cache evicts (steady state), ``warmup`` more steps, then time ``steps``.
 
     Returns:
@@ -125,8 +136,12 @@ def bench_damo(data: SyntheticCriteo | FileBatches, cache_mb: float, steps: int,
     torch.manual_seed(0)
     tables = [dataclasses.replace(t, row_dtype=row_dtype) for t in
               model_tables("deepfm", dim, OptimizerConfig.adagrad(lr), InitializerConfig.normal(std=0.01))]
-    torch.set_num_threads(worker_threads(threads, prefetch))
-    with EmbeddingStore(root / f"store-{cache_mb:g}-{prefetch}-{row_dtype}", tables) as store:
+    if storage not in STORAGES:
+        raise ValueError(f"unknown storage {storage!r}; known: {list(STORAGES)}")
+    torch.set_num_threads(worker or worker_threads(threads, prefetch))
+    opened = (EmbeddingStore(None, tables, storage=MemoryStorage()) if storage == "memory"
+              else EmbeddingStore(root / f"store-{cache_mb:g}-{prefetch}-{row_dtype}", tables))
+    with opened as store:
         model = DeepFM(store, data.sparse_fields, len(data.dense_fields), cache_mb=cache_mb, backend="cpu")
         trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-3), data.batch)
         caches = list(model.sparse.caches.values())
@@ -170,6 +185,7 @@ def bench_damo(data: SyntheticCriteo | FileBatches, cache_mb: float, steps: int,
                 "read_back": counts.get("rocksdb_read", 0) / steps, "new": counts.get("init", 0) / steps,
                 "evictions": counts.get("evict", 0) / steps, "write_backs": window["write_backs"] / steps}
         return {"samples_per_s": median_rate(times, data.batch_size, 0), "cache_mb": cache_mb, "row_dtype": row_dtype,
+                "storage": storage,
                 "steady_after_steps": window["filled_at"], "cache_filled": window["filled"],
                 "timed_steps": len(times), "torch_threads": torch.get_num_threads(),
                 "hit_rate": keys["hits"] / keys["unique"] if keys["unique"] else 0.0,
@@ -186,8 +202,9 @@ def bench_damo(data: SyntheticCriteo | FileBatches, cache_mb: float, steps: int,
 
 def thread_cpu() -> dict[str, float]:
     """CPU seconds (user + system) of this process's live threads, summed by the group their name
-    starts with: ``main`` (the worker), ``damo-host``, ``damo-writer``, ``damo-read``, ``rocksdb``
-    ..., ``other`` (Linux; empty elsewhere). Threads that ended are not counted."""
+    starts with: ``main`` (the worker), ``damo-worker`` (the second half of its dense part, on 2
+    cores), ``damo-host``, ``damo-writer``, ``damo-read``, ``rocksdb`` ..., ``other`` (Linux; empty
+    elsewhere). Threads that ended are not counted."""
     out: dict[str, float] = {}
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     try:
@@ -210,7 +227,8 @@ def thread_cpu() -> dict[str, float]:
 
 
 def _thread_group(comm: str) -> str:
-    for prefix in ("damo-host", "damo-loader", "damo-writer", "damo-read", "damo-parse", "damo-textparse", "rocksdb"):
+    for prefix in ("damo-host", "damo-loader", "damo-writer", "damo-worker", "damo-read", "damo-parse", "damo-textparse",
+                   "rocksdb"):
         if comm.startswith(prefix):
             return prefix
     return "other"
@@ -225,10 +243,12 @@ def _stalls(trainer: Trainer) -> dict[str, float]:
 def run_train_bench(steps: int = 100, warmup: int = 20, rows: int = 4_200_000, fractions: tuple[float, ...] = (0.25, 0.05),
                     dim: int = 16, lr: float = 0.05, threads: int | None = None, max_warmup: int = 400,
                     batch: int = 4096, row_dtypes: tuple[str, ...] = ("float32",), data_path: str | None = None,
-                    data_format: str = "criteo", log: Callable[[str], None] = _log.info) -> dict[str, Any]:
+                    data_format: str = "criteo", storages: tuple[str, ...] = ("rocksdb",),
+                    worker_threads: int | None = None, log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """In-memory torch (all ``threads``), then damo_hybrid at each cache fraction in steady state
     (the worker on ``worker_threads(threads)``, a core left to the host side), once per row dtype
-    (``float32``, or 16-bit rows: the same budget in bytes then holds more rows).
+    (``float32``, or 16-bit rows: the same budget in bytes then holds more rows), and once per
+    storage (``rocksdb``; ``memory``: the ceiling without the storage's cost).
 
     Torch is measured again after each damo_hybrid run, and each ratio is taken against the mean
     of the two torch runs around it: a shared machine's speed drifts over minutes, and this keeps
@@ -239,7 +259,8 @@ def run_train_bench(steps: int = 100, warmup: int = 20, rows: int = 4_200_000, f
     torch.set_num_threads(threads)
     data = SyntheticCriteo(batch, seed=0) if data_path is None else FileBatches(data_path, batch, data_format)
     res: dict[str, Any] = {"steps": steps, "warmup": warmup, "threads": threads, "machine": machine(),
-                           "data": str(data_path) if data_path else "synthetic"}
+                           "data": str(data_path) if data_path else "synthetic",
+                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 
     def measure_torch() -> dict[str, Any]:
         torch.set_num_threads(threads)
@@ -253,14 +274,15 @@ def run_train_bench(steps: int = 100, warmup: int = 20, rows: int = 4_200_000, f
     res["damo"] = []
     before = t["samples_per_s"]
     with tempfile.TemporaryDirectory() as d:
-        for frac, dtype in [(f, x) for f in fractions for x in row_dtypes]:
+        for frac, dtype, storage in [(f, x, s) for f in fractions for x in row_dtypes for s in storages]:
             mb = frac * t["table_bytes"] / 2**20
             try:
                 r = bench_damo(data, mb, steps, warmup, dim, lr, Path(d), threads, max_warmup=max_warmup,
-                               row_dtype=dtype)
+                               row_dtype=dtype, storage=storage, worker=worker_threads)
             except Exception as e:  # a budget too small for the batches in flight: report, go on
                 log(f"damo_hybrid, cache {frac:.0%} of the table ({mb:,.0f} MiB): failed: {e}")
-                res["damo"].append({"fraction": frac, "cache_mb": mb, "row_dtype": dtype, "error": str(e)})
+                res["damo"].append({"fraction": frac, "cache_mb": mb, "row_dtype": dtype, "storage": storage,
+                                    "error": str(e)})
                 continue
             finally:
                 torch.set_num_threads(threads)
@@ -271,7 +293,9 @@ def run_train_bench(steps: int = 100, warmup: int = 20, rows: int = 4_200_000, f
             before = after
             res["damo"].append(r)
             k, ms = r["per_step_keys"], r["per_step_ms"]
-            log(f"damo_hybrid, {dtype} rows, cache {frac:.0%} of the table ({mb:,.0f} MiB, {r['cache_rows']:,} rows, "
+            where = "" if storage == "rocksdb" else ", rows in memory, not RocksDB (the ceiling)"
+            log(f"damo_hybrid{where}, {dtype} rows, {r['torch_threads']} worker threads, cache {frac:.0%} of the "
+                f"table ({mb:,.0f} MiB, {r['cache_rows']:,} rows, "
                 f"hit rate {r['hit_rate']:.3f}), steady after {r['steady_after_steps']} "
                 f"steps, {r['timed_steps']} timed: {r['samples_per_s']:,.0f} samples/s ({r['ratio_to_torch']:.2f}x "
                 f"torch's {r['torch_samples_per_s']:,.0f}, the mean of the runs before and after)")

@@ -66,13 +66,17 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
         checkpoint as ckpts,  # either kind: one process's or a sharded run's
     )
     from ..nn.models import MODELS
+    from ..pipeline.split import MIN_SPLIT, dense_parts
     from ..pipeline.stages import worker_threads
     from ..pipeline.trainer import Trainer, check_model_class
     from .distributed import check_store_root
 
     torch.manual_seed(args.seed)
-    # with prefetch the host manager needs a core of its own while torch computes
-    threads = args.threads or worker_threads(prefetch=not args.no_prefetch)
+    # with prefetch the host manager needs a core of its own while torch computes; on 2 cores
+    # the trainer runs the dense part in two halves at once, one torch thread each
+    parts = (dense_parts() if ranks is None and resolve_backend(args.backend) is Backend.CPU
+             and args.batch_size >= MIN_SPLIT else 1)
+    threads = args.threads or worker_threads(prefetch=not args.no_prefetch, parts=parts)
     check_writable("--json", args.json)
     torch.set_num_threads(threads)
     if args.data and args.stream:

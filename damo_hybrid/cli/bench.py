@@ -63,14 +63,19 @@ def run_bench(args: argparse.Namespace) -> int | None:
                             sides=tuple(args.sides.split(",")), root=args.dir, trace_dir=args.trace_dir,
                             log_fn=print)
     elif args.train:
-        from ..bench.train import run_train_bench
+        from ..bench.train import STORAGES, run_train_bench
 
         dtypes = tuple(args.row_dtypes.split(","))
         bad = sorted(set(dtypes) - {d.value for d in RowDtype})
         if bad:
             raise ValueError(f"unknown row dtypes {bad}; known: {[d.value for d in RowDtype]}")
+        storages = tuple(args.storages.split(","))
+        bad = sorted(set(storages) - set(STORAGES))
+        if bad:
+            raise ValueError(f"unknown --storages {bad}; known: {list(STORAGES)}")
         res = run_train_bench(steps=args.train_steps, fractions=tuple(float(x) for x in args.fractions.split(",")),
-                              row_dtypes=dtypes, data_path=args.data, data_format=args.data_format, log=print)
+                              row_dtypes=dtypes, data_path=args.data, data_format=args.data_format, storages=storages,
+                              worker_threads=args.worker_threads, log=print)
     elif args.dist:
         res = _dist(args)
     elif args.host:
@@ -152,6 +157,11 @@ def add_bench_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--fractions", default="0.25,0.05", help="cache budgets as fractions of the torch table's bytes")
     b.add_argument("--row-dtypes", default="float32", help="with --train: the row dtypes to run at each budget, "
                    "e.g. float32,float16 (16-bit rows fit more rows in the same bytes)")
+    b.add_argument("--storages", default="rocksdb", help="with --train: where damo_hybrid's rows live, each run "
+                   "in turn: rocksdb, memory (a dict: the ceiling without the storage's cost, nothing persisted)")
+    b.add_argument("--worker-threads", type=int_in(1), default=None,
+                   help="with --train: the worker's torch threads (default: every core but one; with more, set "
+                   "OMP_WAIT_POLICY=PASSIVE)")
     b.add_argument("--quality", action="store_true",
                    help="instead: AUC/logloss parity with in-memory torch on the real datasets under --data-root")
     b.add_argument("--compression", action="store_true",

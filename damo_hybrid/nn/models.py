@@ -151,6 +151,19 @@ class _SparseCTR(nn.Module):
             return e, first, dense
         return torch.cat([e, self.autodis(dense)], 1), first, dense[:, :0]
 
+    def forward(self, batch: Any, dense: torch.Tensor) -> torch.Tensor:
+        """Logits, float32 (B,): the embeddings (:meth:`embeddings_and_dense`), then :meth:`dense_part`."""
+        e, first, dense_in = self.embeddings_and_dense(batch, dense)
+        return self.dense_part(e, first, dense, dense_in)
+
+    def dense_part(self, e: torch.Tensor, first: torch.Tensor | None, dense: torch.Tensor,
+                   dense_in: torch.Tensor) -> torch.Tensor:
+        """The dense part: logits float32 (B,) from what :meth:`embeddings_and_dense` gives and the
+        raw dense values (B, n_dense). Row ``i`` of the output depends on row ``i`` of the inputs
+        only, so a batch's dense part may run in parts (the trainer's split of the worker's compute,
+        :mod:`damo_hybrid.pipeline.split`)."""
+        raise NotImplementedError
+
     def apply_sparse_gradients(self) -> None:
         """Step the batch's rows (a no-op with an embedding module: its own optimizer steps it)."""
         if self.sparse is not None:
@@ -196,29 +209,23 @@ class WideAndDeep(_SparseCTR):
         self.dense_linear = nn.Linear(n_dense, 1) if n_dense else None
         self.deep = mlp([self.n_fields * self.dim + self.n_dense_in, *hidden, 1])
 
-    def _wide_deep(self, e: torch.Tensor, first: torch.Tensor | None, dense: torch.Tensor,
-                   dense_in: torch.Tensor | None = None) -> torch.Tensor:
+    def dense_part(self, e: torch.Tensor, first: torch.Tensor | None, dense: torch.Tensor,
+                   dense_in: torch.Tensor) -> torch.Tensor:
         assert first is not None
         if self.dense_linear is not None:
             first = first + self.dense_linear(dense).squeeze(1)
-        return first + self.deep(torch.cat([e.flatten(1), dense if dense_in is None else dense_in], 1)).squeeze(1)
-
-    def forward(self, batch: Any, dense: torch.Tensor) -> torch.Tensor:
-        """Logits, float32 (B,)."""
-        e, first, dense_in = self.embeddings_and_dense(batch, dense)
-        return self._wide_deep(e, first, dense, dense_in)
+        return first + self.deep(torch.cat([e.flatten(1), dense_in], 1)).squeeze(1)
 
 
 class DeepFM(WideAndDeep):
     """DeepFM (Guo et al. 2017): Wide & Deep's parts plus the FM pairwise term
     ``0.5 * sum_d ((sum_f e_fd)^2 - sum_f e_fd^2)``, all sharing one embedding per field."""
 
-    def forward(self, batch: Any, dense: torch.Tensor) -> torch.Tensor:
-        """Logits, float32 (B,)."""
-        e, first, dense_in = self.embeddings_and_dense(batch, dense)
+    def dense_part(self, e: torch.Tensor, first: torch.Tensor | None, dense: torch.Tensor,
+                   dense_in: torch.Tensor) -> torch.Tensor:
         s = e.sum(1)
         fm = 0.5 * (s * s - (e * e).sum(1)).sum(1)
-        return self._wide_deep(e, first, dense, dense_in) + fm
+        return super().dense_part(e, first, dense, dense_in) + fm
 
 
 class DCNv2(_SparseCTR):
@@ -238,8 +245,8 @@ class DCNv2(_SparseCTR):
         self.deep = mlp([d, *hidden])
         self.head = nn.Linear(d + (hidden[-1] if hidden else d), 1)
 
-    def forward(self, batch: Any, dense: torch.Tensor) -> torch.Tensor:
-        e, _, dense_in = self.embeddings_and_dense(batch, dense)
+    def dense_part(self, e: torch.Tensor, first: torch.Tensor | None, dense: torch.Tensor,
+                   dense_in: torch.Tensor) -> torch.Tensor:
         x0 = torch.cat([e.flatten(1), dense_in], 1)
         x = x0
         for layer in self.cross:
@@ -268,8 +275,9 @@ class DLRM(_SparseCTR):
         self.register_buffer("_iu", torch.triu_indices(n, n, offset=1), persistent=False)
         self.top = mlp([(self.dim if nd else 0) + n * (n - 1) // 2, *top, 1])
 
-    def forward(self, batch: Any, dense: torch.Tensor) -> torch.Tensor:
-        e, _, dense = self.embeddings_and_dense(batch, dense)
+    def dense_part(self, e: torch.Tensor, first: torch.Tensor | None, dense: torch.Tensor,
+                   dense_in: torch.Tensor) -> torch.Tensor:
+        dense = dense_in
         if self.bottom is None:
             z = torch.bmm(e, e.transpose(1, 2))[:, self._iu[0], self._iu[1]]
             return self.top(z).squeeze(1)

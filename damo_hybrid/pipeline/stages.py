@@ -210,8 +210,9 @@ class Pipeline(Generic[B, P]):
         self.close()
 
 
-def worker_threads(cores: int | None = None, prefetch: bool = True) -> int:
+def worker_threads(cores: int | None = None, prefetch: bool = True, parts: int = 1) -> int:
     """Torch threads for the worker: every core, less one for the host side when it runs
-    beside the worker (prefetch), so the stages do not oversubscribe the cores."""
+    beside the worker (prefetch), so the stages do not oversubscribe the cores; shared by the
+    ``parts`` its dense compute runs in at once (:mod:`damo_hybrid.pipeline.split`)."""
     cores = cores or os.cpu_count() or 1
-    return max(1, cores - 1) if prefetch else cores
+    return max(1, (max(1, cores - 1) if prefetch else cores) // parts)

@@ -29,6 +29,7 @@ from ..errors import NonFiniteGradientError
 from ..nn.collection import PreparedBatch
 from ..timing import CLOCK
 from .checkpoint import latest_checkpoint, prune_checkpoints, save_training_checkpoint
+from .split import MIN_SPLIT, SplitDense, dense_parts, splittable
 from .stages import Pipeline, PipelineStats
 
 __all__ = ["Trainer", "StageTimes", "TrainSummary"]
@@ -99,10 +100,21 @@ class Trainer:
         dense_optimizer: any ``torch.optim`` optimizer over the model's dense parameters.
         train_batch: batch index -> :class:`~damo_hybrid.data.synthetic.Batch`.
         eval_batch: batch index -> held-out batch (optional).
+        split: run each batch's dense part (FM, MLPs, crosses) forward and backward as
+            two halves on two threads (:mod:`damo_hybrid.pipeline.split`). Default: on a 2-core
+            machine with torch on one thread (as the CLI sets it), for the built-in model classes
+            on the CPU in one process (the halves' gradients are summed in a fixed order, so runs
+            repeat bit for bit; an unsplit step differs by the order of float additions). A batch
+            under ``MIN_SPLIT`` samples, a ``loss_fn`` other than the default mean
+            ``BCEWithLogitsLoss``, or CPU autocast runs whole.
+    Raises:
+        ValueError: ``split=True`` for a model without a row-wise dense part, a sharded one, or
+            one on a GPU.
     """
 
     def __init__(self, model: torch.nn.Module, dense_optimizer: torch.optim.Optimizer,
-                 train_batch: Callable[[int], Batch], eval_batch: Callable[[int], Batch] | None = None) -> None:
+                 train_batch: Callable[[int], Batch], eval_batch: Callable[[int], Batch] | None = None,
+                 split: bool | None = None) -> None:
         self.model = model
         # a model whose embeddings are a module of its own (DHE, in-memory tables) has no rows to serve
         sparse = getattr(model, "sparse", None)
@@ -134,6 +146,15 @@ class Trainer:
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
         # set to a list to collect (stage, start, end) perf_counter intervals of every stage
         self.timeline: list[tuple[str, float, float]] | None = None
+        # the dense part's forward and backward in two halves on two threads (a 2-core machine's second
+        # core, damo_hybrid.pipeline.split); decided once, so both loops compute the same sums
+        one_cpu = self.device.type == "cpu" and not self._sharded
+        if split is None:  # where the halves get a core each: 2 cores, one torch thread
+            split = one_cpu and splittable(model, built_in=True) and dense_parts() == 2 and torch.get_num_threads() == 1
+        elif split and not (one_cpu and splittable(model)):
+            raise ValueError("split=True needs a built-in model (or a subclass that overrides only its row-wise "
+                             "dense_part), on the CPU, in one process")
+        self.split = SplitDense(model) if split else None
 
     def train_step(self, index: int) -> float:
         """One sequential step: load, prepare, compute, apply."""
@@ -152,12 +173,20 @@ class Trainer:
         try:
             with record_function("damo.compute"):
                 self.model.train()
-                with CLOCK("forward"):
-                    logits = self._train_forward(prepared, self._to_device(b.dense))
-                    loss = self.loss_fn(logits, self._to_device(b.label))
-                self.opt.zero_grad(set_to_none=True)
-                with CLOCK("backward"):
-                    loss.backward()
+                if self.split is not None and len(b.label) >= MIN_SPLIT and self._default_loss() and not _autocast():
+                    dense = self._to_device(b.dense)
+                    with CLOCK("forward"):  # the gather; each half's forward runs with its backward
+                        gathered = self.model.embeddings_and_dense(prepared, dense)
+                    self.opt.zero_grad(set_to_none=True)
+                    with CLOCK("backward"):
+                        loss = self.split.halves(gathered, dense, self._to_device(b.label))
+                else:
+                    with CLOCK("forward"):
+                        logits = self._train_forward(prepared, self._to_device(b.dense))
+                        loss = self.loss_fn(logits, self._to_device(b.label))
+                    self.opt.zero_grad(set_to_none=True)
+                    with CLOCK("backward"):
+                        loss.backward()
         except BaseException as e:
             self.sparse.release(prepared)  # a failed forward or backward keeps no rows pinned
             if self._train_forward is not self.model and isinstance(e, RuntimeError):
@@ -193,6 +222,12 @@ class Trainer:
         self.step += 1
         self.samples += len(b.label)
         return float(loss.detach())
+
+    def _default_loss(self) -> bool:
+        """Whether the loss is the one the split computes: mean BCE with logits, unweighted."""
+        f = self.loss_fn
+        return (type(f) is torch.nn.BCEWithLogitsLoss and f.reduction == "mean" and f.weight is None
+                and f.pos_weight is None)
 
     def _dense_finite(self) -> bool:
         """Whether every dense gradient is finite (one reduction, one host sync)."""
@@ -382,6 +417,9 @@ class Trainer:
             except Exception:  # the store itself may be what failed
                 log.exception("could not flush the caches after an error")
             raise
+        finally:
+            if self.split is not None:
+                self.split.close()  # its helper thread lives as long as one fit
         secs = time.perf_counter() - t0
         self.sparse.flush()
         a = ll = None
@@ -398,6 +436,14 @@ class Trainer:
             peak_rss_mb=peak_rss_mb(), stages=self.times,
             device_hit_rate=_hit_rate(dstats) if dstats else None,
         )
+
+
+def _autocast() -> bool:
+    """Whether CPU autocast is on (thread-local: the split's helper thread would not inherit it)."""
+    try:
+        return bool(torch.is_autocast_enabled("cpu"))
+    except TypeError:  # torch before 2.4
+        return bool(torch.is_autocast_cpu_enabled())
 
 
 class _NoRows:
