@@ -113,8 +113,6 @@ def strip_header(raw: bytes, s: Schema, file_start: bool) -> bytes:
 
 
 def to_batch(parts: list[Block]) -> Batch:
-    if len(parts) == 1:
-        p = parts[0]
-        return Batch(dict(p.sparse), p.dense, p.label)
-    return Batch({f: np.concatenate([p.sparse[f] for p in parts]) for f in parts[0].sparse},
-                 np.concatenate([p.dense for p in parts]), np.concatenate([p.label for p in parts]))
+    """One batch of consecutive blocks' rows (its own dict of keys: a block's may be reused)."""
+    b = Block.concat(parts)
+    return Batch(dict(b.sparse), b.dense, b.label)

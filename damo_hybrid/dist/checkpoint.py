@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch.distributed as dist
 
 from ..config import StoreConfig
 from ..errors import DamoHybridError
+from ..pipeline.checkpoint import complete_checkpoints, load_trainer_state, step_dirs
 from ..storage.files import atomic_file
 from ..store import EmbeddingStore
 from .sharding import SHARDING_VERSION, claim_shard, shard_of
@@ -47,15 +47,6 @@ __all__ = ["save_sharded_checkpoint", "latest_sharded_checkpoint", "prune_sharde
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE.json"
-_NAME = re.compile(r"^step-(\d+)$")  # not a checkpoint moved aside (``step-N.damaged-<id>``)
-
-
-def _step_dirs(root: Path) -> list[Path]:
-    """The ``step-N`` directories under ``root`` (complete or not, of either kind), by step."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
 
 
 def _shard_dir(ck: Path, rank: int, world: int) -> Path:
@@ -100,10 +91,8 @@ def prune_sharded_checkpoints(root: str | Path, keep: int, rank: int) -> None:
     whose last barrier every rank has passed)."""
     if rank != 0:
         return
-    from ..pipeline.checkpoint import complete_checkpoints
-
     plain = set(complete_checkpoints(root))  # a one-process run's, kept by its own pruning
-    steps = [p for p in _step_dirs(Path(root)) if p not in plain]  # moved-aside ones are kept
+    steps = [p for p in step_dirs(root) if p not in plain]  # moved-aside ones are kept
     done = [p for p in steps if (p / COMPLETE).is_file()]
     if not done:
         return
@@ -116,7 +105,7 @@ def prune_sharded_checkpoints(root: str | Path, keep: int, rank: int) -> None:
 
 def latest_sharded_checkpoint(root: str | Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest complete checkpoint under ``root`` and its marker, or None."""
-    found = [p for p in _step_dirs(Path(root)) if (p / COMPLETE).is_file()]
+    found = [p for p in step_dirs(root) if (p / COMPLETE).is_file()]
     if not found:
         return None
     return found[-1], json.loads((found[-1] / COMPLETE).read_text())
@@ -129,8 +118,6 @@ def is_sharded(ck: str | Path) -> bool:
 
 def any_checkpoint(root: str | Path) -> bool:
     """Whether ``root`` holds a complete checkpoint of either kind."""
-    from ..pipeline.checkpoint import complete_checkpoints
-
     return bool(complete_checkpoints(root)) or latest_sharded_checkpoint(root) is not None
 
 
@@ -142,11 +129,9 @@ def newest_checkpoint(root: str | Path, log: Any = None, move_damaged: bool = Tr
     ``move_damaged`` (one process, or rank 0 of a run whose other ranks do not look) it is renamed
     ``step-<N>.damaged-<id>``, kept for inspection out of the way of the run that redoes its steps.
     """
-    from ..pipeline.checkpoint import complete_checkpoints, load_trainer_state
-
     root = Path(root)
     found = [(int(p.name.split("-")[1]), p) for p in complete_checkpoints(root)]
-    found += [(int(json.loads((p / COMPLETE).read_text())["step"]), p) for p in _step_dirs(root) if is_sharded(p)]
+    found += [(int(json.loads((p / COMPLETE).read_text())["step"]), p) for p in step_dirs(root) if is_sharded(p)]
     for _, ck in sorted(found, key=lambda c: c[0], reverse=True):
         try:
             return ck, load_trainer_state(ck)
@@ -163,8 +148,6 @@ def newest_checkpoint(root: str | Path, log: Any = None, move_damaged: bool = Tr
 
 def _parts(ck: Path) -> list[Path]:
     """The store checkpoints of every rank of complete checkpoint ``ck``, of either kind, in rank order."""
-    from ..pipeline.checkpoint import complete_checkpoints
-
     if is_sharded(ck):
         marker = json.loads((ck / COMPLETE).read_text())
         if marker.get("sharding_version") != SHARDING_VERSION:

@@ -31,7 +31,7 @@ from ..errors import DamoHybridError
 from ..storage.files import atomic_file, fsync_dir
 
 __all__ = ["save_training_checkpoint", "complete_checkpoints", "latest_checkpoint", "load_latest",
-           "load_trainer_state", "prune_checkpoints"]
+           "load_trainer_state", "prune_checkpoints", "step_dirs"]
 
 _MARKER = "TRAINING.json"
 _NAME = re.compile(r"^step-(\d+)$")
@@ -69,14 +69,19 @@ def save_training_checkpoint(root: str | os.PathLike[str], step: int, store: Any
     return dst
 
 
-def complete_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
-    """The complete checkpoints under ``root``, newest (highest step) first."""
+def step_dirs(root: str | os.PathLike[str]) -> list[Path]:
+    """The ``step-N`` directories under ``root``, complete or not, of either kind (one process's or
+    a sharded run's), oldest (lowest step) first; not one set aside as ``step-N.damaged-<id>``."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _NAME.match(p.name)) and (p / _MARKER).is_file() and (p / "trainer.pt").is_file()]
-    return [p for _, p in sorted(found, reverse=True)]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def complete_checkpoints(root: str | os.PathLike[str]) -> list[Path]:
+    """The complete checkpoints under ``root``, newest (highest step) first."""
+    return [p for p in reversed(step_dirs(root)) if (p / _MARKER).is_file() and (p / "trainer.pt").is_file()]
 
 
 def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
@@ -136,9 +141,8 @@ def load_latest(root: str | os.PathLike[str], log: Any = None) -> tuple[Path, di
 def prune_checkpoints(root: str | os.PathLike[str], keep: int) -> None:
     """Delete all but the ``keep`` newest complete checkpoints, and leftover partial ones."""
     root = Path(root)
-    done = sorted((int(_NAME.match(p.name).group(1)), p) for p in root.iterdir()  # type: ignore[union-attr]
-                  if _NAME.match(p.name) and (p / _MARKER).is_file())
-    for _, p in done[:-keep] if keep > 0 else done:
+    done = [p for p in step_dirs(root) if (p / _MARKER).is_file()]
+    for p in done[:-keep] if keep > 0 else done:
         shutil.rmtree(p, ignore_errors=True)
     for p in root.iterdir():
         if p.name.startswith(".step-") and ".partial-" in p.name:

@@ -105,13 +105,13 @@ class SplitDense:
             g = a if b is None else b if a is None else a + b
             if g is not None:
                 p.grad = g if p.grad is None else p.grad + g
-        roots, grads = [e], [torch.cat([g0[k], g1[k]])]
+        # the gathered embeddings (and first-order sums) hand their gradient on to the rows
+        pairs = [(e, torch.cat([g0[k], g1[k]]))]
         if first is not None and first.requires_grad:
-            roots.append(first)
-            grads.append(torch.cat([g0[k + 1], g1[k + 1]]))
-        if e.requires_grad or len(roots) > 1:
-            torch.autograd.backward([r for r in roots if r.requires_grad],
-                                    [g for r, g in zip(roots, grads) if r.requires_grad])
+            pairs.append((first, torch.cat([g0[k + 1], g1[k + 1]])))
+        pairs = [(r, g) for r, g in pairs if r.requires_grad]
+        if pairs:
+            torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
         return loss0 + loss1
 
     def _half(self, params: list[torch.nn.Parameter], e: torch.Tensor, first: torch.Tensor | None,
