@@ -16,20 +16,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
 from damo_hybrid import EmbeddingStore, TableConfig
 from damo_hybrid.cache.host import HostCache
+from damo_hybrid.checks import clip
+from damo_hybrid.cli.args import check_writable, float_in, int_in
 from damo_hybrid.config import InitializerConfig, OptimizerConfig, StoreConfig
 from damo_hybrid.data.synthetic import zipf_ranks
 from damo_hybrid.keys.hashing import mix64
+from damo_hybrid.storage.files import atomic_file
 
 
 def rss_mb() -> dict[str, float]:
@@ -103,31 +108,60 @@ def run(keys: int, cache_mb: float, batch: int, fresh: float, dim: int, root: Pa
             "samples": samples, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``soak.py: error: ...`` (exit status 2), without the usage."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())[:250]}\n")
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number >= 1, also written as a float (``1e8``)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {clip(text)}") from None
+    if not (math.isfinite(v) and v >= 1 and v == int(v)):
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {clip(text)[1:-1]}")
+    return int(v)
+
+
+def _folder(text: str) -> str:
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{clip(text)} is not a folder")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--keys", type=float, default=1e8, help="distinct keys to stream")
-    p.add_argument("--cache-mb", type=float, default=1024.0)
-    p.add_argument("--batch", type=int, default=65536)
-    p.add_argument("--fresh", type=float, default=0.75, help="share of each batch that is never-seen keys")
-    p.add_argument("--dim", type=int, default=16)
-    p.add_argument("--sample-every", type=int, default=20)
+    p = _Parser(prog="soak.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--keys", type=_count, default=10**8, help="distinct keys to stream (1e8 is accepted)")
+    p.add_argument("--cache-mb", type=float_in(0.0), default=1024.0)
+    p.add_argument("--batch", type=int_in(1), default=65536)
+    p.add_argument("--fresh", type=float_in(0.0, 1.0, hi_open=False), default=0.75,
+                   help="share of each batch that is never-seen keys, in (0, 1]")
+    p.add_argument("--dim", type=int_in(1, 65535), default=16)
+    p.add_argument("--sample-every", type=int_in(1), default=20)
     p.add_argument("--no-mmap", action="store_true", help="StoreConfig(mmap_reads=False): SST pages not mapped into RSS")
-    p.add_argument("--dir", help="where the store goes (default: a temporary directory, removed after)")
+    p.add_argument("--dir", type=_folder, help="where the store goes (default: a temporary directory, removed after)")
     p.add_argument("--out", help="write the samples as JSON here")
     a = p.parse_args(argv)
-    if not 0.0 < a.fresh <= 1.0:
-        p.error("--fresh must lie in (0, 1]")
+    if a.out is not None and Path(a.out).parent.is_dir():  # (a missing folder is made at the end)
+        try:
+            check_writable("--out", a.out)
+        except ValueError as e:
+            p.error(str(e))
     with tempfile.TemporaryDirectory(dir=a.dir) as d:
-        res = run(int(a.keys), a.cache_mb, a.batch, a.fresh, a.dim, Path(d), a.sample_every,
+        res = run(a.keys, a.cache_mb, a.batch, a.fresh, a.dim, Path(d), a.sample_every,
                   mmap_reads=not a.no_mmap)
     anon = [s["rss_anon_mb"] for s in res["samples"]]
     half = anon[len(anon) // 2:]
     print(f"done: {res['keys']:,} keys in {res['elapsed_s']:,.0f} s; anonymous RSS min/median/max over the second "
           f"half {min(half):,.0f}/{statistics.median(half):,.0f}/{max(half):,.0f} MiB; disk "
           f"{res['disk_bytes'] / max(res['rows_stored'], 1):.0f} B/row (value + key {res['expected_bytes_per_row']} B)")
-    if a.out:
+    if a.out:  # beside it, then renamed: a failed write leaves the previous file whole
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=1))
+        with atomic_file(a.out) as f:
+            f.write(json.dumps(res, indent=1).encode())
     return 0
 
 

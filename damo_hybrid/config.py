@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .checks import clip as _clip
 from .checks import finite as _finite
 from .checks import int_at_least as _int_at_least
+from .checks import member as _member
 from .checks import non_negative as _non_negative
 from .checks import positive as _positive
+from .checks import reject_unknown
 from .checks import unit_interval as _unit_interval
 from .keys.compression import CompressionConfig
 from .precision import DEFAULT_INT16_STEP, RowDtype, check_int16_step
@@ -69,14 +71,14 @@ class InitializerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", InitializerKind(self.kind))
+        object.__setattr__(self, "kind", _member(InitializerKind, "initializer kind", self.kind))
         for n in ("low", "high", "mean"):
             _finite(n, getattr(self, n))
         _non_negative("std", self.std)
         if self.kind is InitializerKind.UNIFORM and not self.low < self.high:
             raise ValueError(f"uniform initializer needs low < high, got low={self.low}, high={self.high}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
-            raise ValueError(f"seed must be an int in [0, 2**64), got {self.seed!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {_clip(self.seed)}")
 
     @classmethod
     def zeros(cls) -> InitializerConfig:
@@ -144,12 +146,13 @@ class ScheduleConfig:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", ScheduleKind(self.kind))
+        object.__setattr__(self, "kind", _member(ScheduleKind, "schedule kind", self.kind))
         _positive("decay_steps", self.decay_steps)
         for n in ("decay_rate", "end_lr", "power", "alpha", "beta", "num_periods"):
             _non_negative(n, getattr(self, n))
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        _int_at_least("warmup_steps", self.warmup_steps, 0)
+        if not isinstance(self.staircase, bool):  # a "false" from a config file is not False
+            raise TypeError(f"staircase must be a bool, got {_clip(self.staircase)}")
 
 
 class OptimizerKind(str, enum.Enum):
@@ -192,7 +195,7 @@ class OptimizerConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", OptimizerKind(self.kind))
+        object.__setattr__(self, "kind", _member(OptimizerKind, "optimizer kind", self.kind))
         if isinstance(self.schedule, dict):
             object.__setattr__(self, "schedule", ScheduleConfig(**self.schedule))
         _positive("lr", self.lr)
@@ -258,15 +261,14 @@ class AdmissionConfig:
     unadmitted_value: str = "init"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.min_count, int) or not 1 <= self.min_count <= 255:
-            raise ValueError(f"min_count must be an int in [1, 255], got {self.min_count!r}")
-        if not isinstance(self.capacity, int) or self.capacity < 1:
-            raise ValueError(f"capacity must be an int >= 1, got {self.capacity!r}")
+        if not isinstance(self.min_count, int) or isinstance(self.min_count, bool) or not 1 <= self.min_count <= 255:
+            raise ValueError(f"min_count must be an int in [1, 255], got {_clip(self.min_count)}")
+        _int_at_least("capacity", self.capacity, 1)
         _finite("fpr", self.fpr)
         if not 0 < self.fpr < 1:
             raise ValueError(f"fpr must be in (0, 1), got {self.fpr!r}")
         if self.unadmitted_value not in ("init", "zeros"):
-            raise ValueError(f"unadmitted_value must be 'init' or 'zeros', got {self.unadmitted_value!r}")
+            raise ValueError(f"unadmitted_value must be 'init' or 'zeros', got {_clip(self.unadmitted_value)}")
 
 
 @dataclass(frozen=True)
@@ -283,8 +285,7 @@ class ExpiryConfig:
     def __post_init__(self) -> None:
         if self.max_age_days is not None:
             _positive("max_age_days", self.max_age_days)
-        if not isinstance(self.min_count, int) or self.min_count < 0:
-            raise ValueError(f"min_count must be an int >= 0, got {self.min_count!r}")
+        _int_at_least("min_count", self.min_count, 0)
 
 
 class NonFinitePolicy(str, enum.Enum):
@@ -333,8 +334,8 @@ class TableConfig:
     int16_step: float = DEFAULT_INT16_STEP
 
     def __post_init__(self) -> None:
-        if self.row_dtype not in {d.value for d in RowDtype}:
-            raise ValueError(f"row_dtype must be one of {[d.value for d in RowDtype]}, got {self.row_dtype!r}")
+        if not isinstance(self.row_dtype, str) or self.row_dtype not in [d.value for d in RowDtype]:
+            raise ValueError(f"row_dtype must be one of {[d.value for d in RowDtype]}, got {_clip(self.row_dtype)}")
         object.__setattr__(self, "row_dtype", RowDtype(self.row_dtype))
         if check_int16_step(self.int16_step) != DEFAULT_INT16_STEP and self.row_dtype is not RowDtype.INT16:
             raise ValueError(f"int16_step applies to row_dtype='int16' only, got row_dtype={self.row_dtype.value!r}")
@@ -344,10 +345,10 @@ class TableConfig:
             raise TypeError(f"compression must be a CompressionConfig or None, got {type(self.compression).__name__}")
         if not isinstance(self.name, str) or not _TABLE_NAME.match(self.name):
             raise ValueError(
-                f"table name must be 1-128 characters of letters, digits or '_.:-', got {self.name!r}"
+                f"table name must be 1-128 characters of letters, digits or '_.:-', got {_clip(self.name)}"
             )
         if not isinstance(self.dim, int) or isinstance(self.dim, bool) or not 1 <= self.dim <= 65535:
-            raise ValueError(f"dim must be an int in [1, 65535], got {self.dim!r}")
+            raise ValueError(f"dim must be an int in [1, 65535], got {_clip(self.dim)}")
         for n, typ in (("initializer", InitializerConfig), ("optimizer", OptimizerConfig)):
             if not isinstance(getattr(self, n), typ):
                 raise TypeError(f"{n} must be a {typ.__name__}, got {type(getattr(self, n)).__name__}")
@@ -355,9 +356,9 @@ class TableConfig:
             raise TypeError(f"admission must be an AdmissionConfig or None, got {type(self.admission).__name__}")
         if self.expiry is not None and not isinstance(self.expiry, ExpiryConfig):
             raise TypeError(f"expiry must be an ExpiryConfig or None, got {type(self.expiry).__name__}")
-        object.__setattr__(self, "nonfinite", NonFinitePolicy(self.nonfinite))
+        object.__setattr__(self, "nonfinite", _member(NonFinitePolicy, "nonfinite", self.nonfinite))
         if not isinstance(self.linear_column, bool):
-            raise TypeError(f"linear_column must be a bool, got {self.linear_column!r}")
+            raise TypeError(f"linear_column must be a bool, got {_clip(self.linear_column)}")
         if self.linear_column and self.dim < 2:
             raise ValueError(f"a table with linear_column needs dim >= 2 (embedding + first-order weight), got {self.dim}")
         c = self.compression
@@ -465,11 +466,12 @@ class StoreConfig:
         _positive("cache_mb", self.cache_mb)
         if self.device_cache_mb is not None:
             _positive("device_cache_mb", self.device_cache_mb)
-        if self.ttl_seconds is not None and (not isinstance(self.ttl_seconds, int) or self.ttl_seconds < 1):
-            raise ValueError(f"ttl_seconds must be None or an int >= 1, got {self.ttl_seconds!r}")
+        ttl = self.ttl_seconds
+        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 1):
+            raise ValueError(f"ttl_seconds must be None or an int >= 1, got {_clip(ttl)}")
         for n in ("sync_writes", "write_ahead_log", "mmap_reads", "allow_config_change"):
-            if not isinstance(getattr(self, n), bool):
-                raise TypeError(f"{n} must be a bool, got {getattr(self, n)!r}")
+            if not isinstance(getattr(self, n), bool):  # a "false" from a config file is not False
+                raise TypeError(f"{n} must be a bool, got {_clip(getattr(self, n))}")
         for n, lo in (("min_cache_rows", 1), ("block_cache_mb", 1), ("write_buffer_mb", 1), ("background_jobs", 1),
                       ("read_threads", 0), ("key_filter_mb", 0), ("bloom_bits_per_key", 0)):
             _int_at_least(n, getattr(self, n), lo)
@@ -481,18 +483,6 @@ def _enums_to_str(obj: Any) -> Any:
     if isinstance(obj, enum.Enum):
         return obj.value
     return obj
-
-
-def reject_unknown(what: str, given: Iterable[str], known: Iterable[str]) -> None:
-    """The one check of user-given names (config dicts, TOML tables, seed parameters).
-
-    Raises:
-        ValueError: ``unknown <what> [names]; known: [names]``.
-    """
-    known = sorted(known)
-    unknown = sorted(set(given) - set(known))
-    if unknown:
-        raise ValueError(f"unknown {what} {unknown}; known: {known}")
 
 
 def _reject_unknown(cls: type, d: dict[str, Any]) -> None:

@@ -19,6 +19,8 @@ __all__ = [
     "PipelineError",
     "WriteBackError",
     "ExchangeError",
+    "CacheFullError",
+    "InsufficientMemoryError",
 ]
 
 
@@ -39,16 +41,31 @@ class ConfigConflictError(DamoHybridError):
 
 
 class CorruptRowError(DamoHybridError):
-    """A stored row failed its length or checksum check; it is never used."""
+    """A stored row failed its length or checksum check (it is never used), or the storage cannot
+    read a table's rows at all (a damaged file): then ``key`` is None, and no key is blamed.
 
-    def __init__(self, table: str, key: int, reason: str) -> None:
-        super().__init__(
-            f"corrupt row in table {table!r} at key {key} (0x{key:016x}): {reason}. "
-            "Restore the store from a checkpoint, or delete the row with "
-            "EmbeddingStore.delete() to re-initialise it."
-        )
+    Args:
+        table: the table.
+        key: the row's key, or None where no row could be read.
+        reason: the cause (RocksDB's own words for a damaged file).
+        store: the store's folder, named first in the message.
+    """
+
+    def __init__(self, table: str, key: int | None, reason: str, store: str | None = None) -> None:
+        at = f"store {store}: " if store else ""
+        if key is None:
+            msg = f"{at}table {table!r} cannot be read: {reason}. Restore the store from a checkpoint."
+        else:
+            msg = (f"{at}corrupt row in table {table!r} at key {key} (0x{key:016x}): {reason}. "
+                   "Restore the store from a checkpoint, or EmbeddingStore.delete() the row to re-initialise it.")
+        super().__init__(msg)
         self.table = table
         self.key = key
+        self.reason = reason
+        self.store = store
+
+    def __reduce__(self) -> tuple[object, ...]:  # (pickled across processes with its arguments)
+        return (type(self), (self.table, self.key, self.reason, self.store))
 
 
 class OutOfSpaceError(DamoHybridError):
@@ -82,3 +99,18 @@ class WriteBackError(DamoHybridError):
 class ExchangeError(DamoHybridError):
     """An exchange between ranks failed: another rank stopped, or did not answer within the
     timeout. This rank's step was not stored; resume every rank from the last checkpoint."""
+
+
+class CacheFullError(DamoHybridError, RuntimeError):
+    """A cache tier cannot hold the rows one batch needs beside the batches in flight: its budget
+    is too small for the batch size (CLI: raise ``--cache-mb`` or lower ``--batch-size``)."""
+
+
+class InsufficientMemoryError(DamoHybridError, MemoryError):
+    """A configuration needs more memory than the machine has available; refused before anything
+    was allocated (:mod:`damo_hybrid.resources`). The message names the option to change."""
+
+
+class DamagedOutputError(DamoHybridError):
+    """An output (an export, a save, a checkpoint) whose parts do not belong together: a file
+    missing, cut short, or written by another write than the one its manifest records."""

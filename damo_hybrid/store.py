@@ -58,13 +58,13 @@ from .storage.checkpoint import restore_checkpoint
 from .storage.keyfilter import StoredKeyFilter
 from .storage.maintenance import StoreMaintenance
 from .storage.meta import (
-    META,
     check_change,
     check_ttl,
     load_tables,
     open_filters,
     read_meta,
     recount_rows,
+    store_root,
     write_meta,
 )
 from .storage.rocksdb import RocksDBStorage
@@ -145,30 +145,25 @@ class EmbeddingStore(StoreMaintenance):
         self.read_only = read_only
         self.config = config
         self.root: Path | None = Path(path) if path is not None else None
-        if storage is not None:
-            self._storage: Storage = storage
-        else:
-            if self.root is None:
-                raise ValueError("path is required unless a storage backend is given")
-            if read_only and not (self.root / META).exists():
-                raise FileNotFoundError(f"no store at {self.root} (missing {META})")
-            pre = read_meta(self.root) if self.root.exists() else None
-            if pre is not None:
-                check_ttl(pre, self.root, config.ttl_seconds)
-            self.root.mkdir(parents=True, exist_ok=True)
-            self._storage = RocksDBStorage(str(self.root / "db"), config, read_only=read_only)
-        try:
-            meta = read_meta(self.root) if self.root is not None else None  # re-read under the RocksDB lock
-            if meta is not None:
-                check_ttl(meta, self.root, config.ttl_seconds)
-            self._tables, self._next_id, _ = load_tables(meta, tables, self.root, config.allow_config_change)
-            self._filters = open_filters(self._storage, self._tables.values(), meta, self.root,
-                                         config.key_filter_mb << 20, read_only, trust_saved=storage is None)
-            if not read_only:
-                self._write_meta()  # marks the store live until close()
-        except BaseException:
-            self._storage.close()
-            raise
+        if storage is None and self.root is None:
+            raise ValueError("path is required unless a storage backend is given")
+        # the store a killed swap set aside comes back; a folder made here goes if the open fails
+        with store_root(self.root if storage is None else None, read_only, config.ttl_seconds) as found:
+            self.root = found or self.root
+            self._storage: Storage = storage if storage is not None else RocksDBStorage(
+                os.path.join(found or "", "db"), config, read_only=read_only)
+            try:
+                meta = read_meta(self.root) if self.root is not None else None  # re-read under the RocksDB lock
+                if meta is not None:
+                    check_ttl(meta, self.root, config.ttl_seconds)
+                self._tables, self._next_id, _ = load_tables(meta, tables, self.root, config.allow_config_change)
+                self._filters = open_filters(self._storage, self._tables.values(), meta, self.root,
+                                             config.key_filter_mb << 20, read_only, trust_saved=storage is None)
+                if not read_only:
+                    self._write_meta()  # marks the store live until close()
+            except BaseException:
+                self._storage.close()
+                raise
         self._io = RowIO(self._storage, self._filters, config.write_ahead_log or config.sync_writes)
         self._caches = TierRegistry(self._io, config)
 

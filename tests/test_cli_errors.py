@@ -55,6 +55,12 @@ BAD: list[tuple[list[str], str]] = [
     (T + ["--resume"], r"--resume and --checkpoint-every need --store"),
     (T + ["--checkpoint-every", "5"], r"--resume and --checkpoint-every need --store"),
     (T + ["--config", "{tmp}/missing.toml"], r"missing\.toml"),
+    # issue 28, classes 4 and 8: no input at all, and huge arguments quoted clipped
+    (T + ["--stream", "--data", "{dir}"], r"no data file at .*adir"),
+    (T + ["--stream", "--data", "{tmp}/nomatch*.tsv"], r"no data file at .*nomatch\*\.tsv"),
+    (T + ["--table-compression", "qr:" + "x" * 5000], r"--table-compression: qr takes .*'xxx.*\.\.\.'"),
+    (T + ["--model", "m" * 5000], r"--model: invalid choice: 'mmm.* \.\.\. "),
+    (T + ["--lr", "9" * 5000 + "x"], r"--lr: must be a number, got '999.*\.\.\.'"),
     # other commands
     (["export", "--store", "{tmp}/nostore", "--out", "{tmp}/w.npz"], r"no store at .*nostore"),
     (["export", "--store", "{tmp}/nostore", "--out", "{dir}"], r"--out .* is a directory; give a file name"),
@@ -75,6 +81,17 @@ BAD: list[tuple[list[str], str]] = [
     (["bench", "--json", "{dir}"], r"--json .* is a directory"),
     (["frobnicate"], r"invalid choice: 'frobnicate'"),
     ([], r"required: cmd|the following arguments are required"),
+    # issue 28, class 10: every bench argument checked before any work (tests/test_bench_status.py has more)
+    (["bench", "--train", "--fractions", "-1"], r"--fractions: each must lie in \(0, 1\], got -1"),
+    (["bench", "--fractions", "0.5"], r"--fractions applies to bench --train"),
+    (["bench", "--train", "--host"], r"give one benchmark at a time, got --train and --host"),
+    (["bench", "--dims", "16,0"], r"--dims: each must be in \[1, 65535\], got 0"),
+    (["bench", "--rows", "10", "--batches", "64"], r"--batches 64 exceeds --rows 10"),
+    (["bench", "--gpu", "--device-fraction", "2"], r"--device-fraction: must lie in"),
+    (["bench", "--gpu", "--gpu-rows", "0"], r"--gpu-rows: must be >= 1, got 0"),
+    (["bench", "--host", "--host-threads", "two"], r"--host-threads: 'two' is not an integer"),
+    (["bench", "--compression", "--ratios", "0"], r"--ratios: each must lie in \[1, inf\), got 0"),
+    (["bench", "--dir", "{tmp}/nowhere"], r"--dir .*nowhere: no such folder"),
 ]
 
 
@@ -158,3 +175,20 @@ def test_a_signal_still_deferred_when_the_command_ends_is_not_sent_again_and_set
     late._again(signal.SIGTERM)  # a retry that fires anyway does nothing once the block is over
     assert sent == [] and late.exit_code(0) == 143
     assert signal.getsignal(signal.SIGTERM) is not signals._interrupt
+
+
+@pytest.mark.parametrize("table, why", [
+    ('[fields.Z9]\nrow-dtype = "float16"\n',
+     r"error: .*run\.toml: \[fields\] names fields \['Z9'\] the data does not have; its fields: \['C1', "),
+    ('[fields.C3]\nrowdtype = "float16"\n',
+     r"error: .*run\.toml: unknown \[fields\.C3\] options \['rowdtype'\]; known: \['row-dtype', 'table-compression'\]"),
+], ids=["unknown-field", "unknown-option"])
+def test_a_bad_fields_table_names_the_config_file_and_the_key(tmp_path, capsys, table, why):
+    """As a bad ``[train]`` key does: the file, then the table and the key, in one line."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[train]\nsteps = 1\nbatch-size = 16\nvocab-min = 100\nvocab-max = 1000\n" + table)
+    assert main(["train", "--quiet", "--config", str(cfg), "--store", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and len(err[0]) < 300, err
+    assert re.search(why, err[0]), err[0]
+    assert not (tmp_path / "s").exists()  # refused before any store is made

@@ -123,17 +123,19 @@ def test_the_sharding_rule_is_stable_and_splits_keys_by_owner():
 
 
 class _Slice:
-    """Rank ``rank``'s half of each global batch of ``data``."""
+    """Rank ``rank``'s part of each global batch of ``data``: an even share, or (``cuts``) the rows
+    between ``cuts[rank]`` and ``cuts[rank + 1]``."""
 
-    def __init__(self, data: SyntheticCriteo, rank: int, world: int) -> None:
-        self.data, self.part = data, slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    def __init__(self, data: SyntheticCriteo, rank: int, world: int, cuts: tuple[int, ...] | None = None) -> None:
+        cuts = cuts or tuple(r * BATCH // world for r in range(world + 1))
+        self.data, self.part = data, slice(cuts[rank], cuts[rank + 1])
 
     def __call__(self, i: int):  # type: ignore[no-untyped-def]
         b = self.data.batch(i)
         return type(b)({f: k[self.part] for f, k in b.sparse.items()}, b.dense[self.part], b.label[self.part])
 
 
-def _fit(root: Path, rank: int, world: int, prefetch: bool) -> dict[str, np.ndarray]:
+def _fit(root: Path, rank: int, world: int, prefetch: bool, cuts: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
     """The Trainer's own loop (DDP for the dense layers when sharded), pipelined or not."""
     from damo_hybrid.trainer import Trainer
 
@@ -144,7 +146,7 @@ def _fit(root: Path, rank: int, world: int, prefetch: bool) -> dict[str, np.ndar
         torch.manual_seed(rank)  # other weights on rank 1: DDP gives every rank rank 0's initial ones
         model = DeepFM(store, data.sparse_fields, 3, hidden=(16,), cache_mb=1e-9, min_cache_rows=400, backend="cpu")
         held = SyntheticCriteo(BATCH, seed=1, vocab_min=200, vocab_max=3000, n_sparse=6, n_dense=3, split=1)
-        trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), _Slice(data, rank, world),
+        trainer = Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), _Slice(data, rank, world, cuts),
                           _Slice(held, rank, world))
         trainer.fit(STEPS, prefetch=prefetch)
         keys = np.concatenate([k for k, _ in store.scan("emb")])
@@ -153,20 +155,23 @@ def _fit(root: Path, rank: int, world: int, prefetch: bool) -> dict[str, np.ndar
         return out
 
 
-def _fit_main(rank: int, world: int, port: int, root: str) -> None:
+def _fit_main(rank: int, world: int, port: int, root: str, cuts: tuple[int, ...] | None = None) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
     try:
-        np.savez(Path(root) / f"fit{rank}.npz", **_fit(Path(root), rank, world, prefetch=True))
+        np.savez(Path(root) / f"fit{rank}.npz", **_fit(Path(root), rank, world, prefetch=True, cuts=cuts))
     finally:
         dist.destroy_process_group()
 
 
-def test_the_trainers_pipelined_run_on_two_ranks_equals_one_sequential_process(tmp_path):
+@pytest.mark.parametrize("cuts", [None, (0, 29, BATCH), (0, 0, BATCH)], ids=["even", "uneven", "one-empty"])
+def test_the_trainers_pipelined_run_on_two_ranks_equals_one_sequential_process(tmp_path, cuts):
     """Prefetch runs each rank's key exchange in the host-manager thread while the worker
-    exchanges rows and gradients (each on its own process group) and DDP averages the dense ones."""
+    exchanges rows and gradients (each on its own process group) and DDP averages the dense ones;
+    a global batch split unevenly (or leaving a rank no rows) gives the same steps: each rank's
+    loss counts by its rows."""
     ref = _fit(tmp_path / "one", 0, 1, prefetch=False)
-    mp.start_processes(_fit_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_fit_main, args=(2, _free_port(), str(tmp_path), cuts), nprocs=2, start_method="spawn")
     outs = [dict(np.load(tmp_path / f"fit{r}.npz")) for r in range(2)]
     keys = np.concatenate([o["keys"] for o in outs])
     order, ref_order = np.argsort(keys), np.argsort(ref["keys"])
@@ -462,7 +467,8 @@ def test_train_under_torchrun_shards_the_tables_over_the_ranks(tmp_path):
     from damo_hybrid.dist.checkpoint import latest_sharded_checkpoint
 
     ck, marker = latest_sharded_checkpoint(tmp_path / "s.ckpt")
-    assert marker == {"world": 2, "sharding_version": 1, "step": 6} and (ck / "trainer.pt").is_file()
+    assert {k: marker[k] for k in ("world", "sharding_version", "step")} == {"world": 2, "sharding_version": 1, "step": 6}
+    assert "sha256" in marker["manifest"]["files"]["trainer.pt"] and (ck / "trainer.pt").is_file()
     saved, weights = set(), {}
     for rank in range(2):
         with EmbeddingStore(store / f"rank-{rank:05d}-of-00002", read_only=True) as st:
@@ -617,7 +623,7 @@ def test_a_store_of_the_other_kind_is_refused_without_resume(tmp_path, capsys):
 
 
 def _files_main(rank: int, port: int, root: str) -> None:
-    from damo_hybrid.data.readers import FORMATS
+    from damo_hybrid.data.schema import FORMATS
     from damo_hybrid.data.source import EndOfData, StreamSource
     from damo_hybrid.data.stream import DelimitedStream
     from damo_hybrid.dist.data import RankStream
@@ -1004,3 +1010,116 @@ def test_one_process_refuses_to_train_a_shard_of_a_run_on_ranks(tmp_path):
     with EmbeddingStore(tmp_path / "single", tables) as store:
         claim_shard(store.root, 1, 0)  # a run restored onto one process records world 1
         DeepFM(store, data.sparse_fields, 1, hidden=(4,), backend="cpu")
+
+
+def test_train_on_two_ranks_with_an_odd_batch_equals_one_process(tmp_path):
+    """--batch-size 9 on 2 ranks: slices of 4 and 5 rows. Each rank's loss counts by its rows, so
+    the run equals one process (before, ranks averaged their means: rows differed by 3e-3)."""
+    import subprocess
+    import sys
+
+    train = [sys.executable, "-m", "damo_hybrid.cli", "train", "--batch-size", "9", "--steps", "6", "--dim", "4",
+             "--vocab-min", "50", "--vocab-max", "400", "--eval-batches", "0", "--quiet", "--backend", "cpu",
+             "--threads", "1"]
+    r = subprocess.run(train + ["--store", str(tmp_path / "one")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(train + ["--store", str(tmp_path / "two"), "--nproc", "2"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    def rows(*paths: Path) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        for p in paths:
+            with EmbeddingStore(p, read_only=True) as st:
+                for k, rw in st.scan("emb"):
+                    out.update(zip(k.tolist(), rw.weights.copy()))
+        return out
+
+    one = rows(tmp_path / "one")
+    two = rows(*(tmp_path / "two" / f"rank-{r:05d}-of-00002" for r in range(2)))
+    assert one.keys() == two.keys()
+    keys = sorted(one)
+    np.testing.assert_allclose(np.stack([two[k] for k in keys]), np.stack([one[k] for k in keys]), rtol=0, atol=1e-5)
+
+
+def test_the_exchange_error_names_the_cause_without_build_paths_or_a_cut_word():
+    from damo_hybrid.dist.exchange import as_exchange_error
+
+    text = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:28719 "
+            + "while waiting for the remote side of the pair to answer the request " * 3)
+    err = str(as_exchange_error(RuntimeError(text), "row exchange", sure=True))
+    assert "pair.cc" not in err and "/pytorch/" not in err
+    assert "Connection closed by peer" in err and "--resume" in err
+    cause = err[err.index("(") + 1:err.index("): a rank")]
+    assert cause.endswith(" ...") and cause[:-4].split(" ")[-1] in text.split(" ")  # cut between words
+    assert len(err) < 300
+
+
+def test_the_launcher_blames_the_rank_a_signal_stopped_not_the_ones_torchrun_stopped():
+    from types import SimpleNamespace as F
+
+    from damo_hybrid.cli.torchrun import first_failure
+
+    assert first_failure({0: F(exitcode=-15), 1: F(exitcode=-9)}) == (1, -9)
+    assert first_failure({0: F(exitcode=75), 1: F(exitcode=2)}) == (1, 2)  # rank 0 only lost rank 1
+    assert first_failure({0: F(exitcode=143), 1: F(exitcode=75)}) == (0, 143)
+
+
+def _rank_pid(tmp: Path, rank: int) -> int | None:
+    import os
+
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"damo_hybrid.cli\0train" in cmd and str(tmp).encode() in cmd:
+            return int(pid)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank through /proc")
+def test_a_rank_killed_under_nproc_gives_one_line_naming_it_and_resume(tmp_path):
+    """Before: torchrun's 46-59 lines of traceback, and (by a race) a false 'terminated (SIGTERM)'."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "damo_hybrid.cli", "train", "--nproc", "2", "--steps", "100000", "--batch-size", "256",
+           "--dim", "4", "--vocab-min", "100", "--vocab-max", "1000", "--eval-batches", "0", "--quiet", "--backend",
+           "cpu", "--store", str(tmp_path / "s"), "--checkpoint-every", "3"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, victim = time.time() + 120, None
+        while victim is None:
+            assert p.poll() is None and time.time() < deadline, "the run ended before a rank could be killed"
+            if any((c / "COMPLETE.json").exists() for c in (tmp_path / "s.ckpt").glob("step-*")):
+                victim = _rank_pid(tmp_path, 1)
+            time.sleep(0.1)
+        os.kill(victim, signal.SIGKILL)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert p.returncode == 3, err
+    assert len(lines) == 1, err
+    assert "rank 1 of 2" in lines[0] and "SIGKILL" in lines[0] and "--resume" in lines[0] and len(lines[0]) < 300
+
+
+def test_a_lost_rank_is_the_systems_refusal_at_the_cli_boundary():
+    from damo_hybrid.cli import failure
+    from damo_hybrid.errors import ExchangeError, PipelineError
+
+    lost = ExchangeError("rank 0 of 2: the row exchange with the other ranks failed (x): a rank stopped")
+    for e in (lost, _wrapped(PipelineError("the prepare stage failed"), lost)):
+        f = failure.explain(e, "train")
+        assert f.status == failure.SYSTEM and "rank 0 of 2" in f.line and not f.bug
+
+
+def _wrapped(outer: BaseException, cause: BaseException) -> BaseException:
+    outer.__cause__ = cause
+    return outer

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from damo_hybrid.cli import main
-from damo_hybrid.data.readers import DenseMode, Schema, _buckets, read_dataset
+from damo_hybrid.data.readers import read_dataset
+from damo_hybrid.data.schema import DenseMode, Schema
+from damo_hybrid.data.tabular import _buckets
 from damo_hybrid.keys.hashing import hash_feature
 
 
@@ -127,7 +129,7 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys, text, why):
 
 @pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
 def test_a_utf8_bom_is_not_data(tmp_path, gz):
-    from damo_hybrid.data.readers import _avazu_schema
+    from damo_hybrid.data.schema import _avazu_schema
 
     cols = _avazu_schema().columns
     rows = [",".join(cols)] + [",".join(["1", str(i % 2), "14102100"] + ["a"] * (len(cols) - 3)) for i in range(4)]

@@ -151,11 +151,14 @@ def test_a_checkpoint_restores_with_its_filter_or_rebuilds_it(tmp_path, damage):
     if damage == "filter file deleted":
         for p in (ck / FILTER_DIR).iterdir():
             os.remove(p)
-    elif damage == "written before filters":
+    elif damage == "written before filters":  # nor manifests: an earlier version's checkpoint
         import json
         meta = json.loads((ck / META).read_text())
         del meta["key_filter"]
         (ck / META).write_text(json.dumps(meta))
+        marker = json.loads((ck / "CHECKPOINT.json").read_text())
+        del marker["manifest"]
+        (ck / "CHECKPOINT.json").write_text(json.dumps(marker))
     with EmbeddingStore.from_checkpoint(ck, tmp_path / "r") as s:
         np.testing.assert_array_equal(s.lookup("emb", keys), _weights_after_one_step(keys))
 

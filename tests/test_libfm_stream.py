@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from test_stream import _err  # the error text a call raises, or None
 
 from damo_hybrid.data.libfm import LibfmStream
-from damo_hybrid.data.readers import OnError, read_dataset
+from damo_hybrid.data.readers import read_dataset
+from damo_hybrid.data.schema import OnError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -81,6 +81,57 @@ def test_stage_error_is_reraised_with_cause_and_nothing_leaks(tmp_path):
         assert s.step("emb") == 7  # batches 0..6 were trained and kept
 
 
+@pytest.mark.parametrize("stage, exc, line", [
+    ("loader", ValueError("d.csv:7: label 'x' is not a number\nmore detail"),
+     "the loader stage failed: d.csv:7: label 'x' is not a number"),
+    ("loader", KeyError("user"), "the loader stage failed: KeyError: 'user'"),
+    ("host manager", MemoryError(), "the host manager stage failed: MemoryError"),
+    ("host manager", OSError(5, "Input/output error"),
+     "the host manager stage failed: OSError: [Errno 5] Input/output error"),
+], ids=["value-error", "key-error", "no-message", "os-error"])
+def test_a_stage_error_reads_as_one_line_without_requoting(stage, exc, line):
+    """The stage's message as it is (``repr`` would quote it again: ``ValueError("...'x'...")``),
+    its first line only, the type named where the message alone does not say what failed."""
+    from damo_hybrid.cli.failure import REFUSED, explain
+    from damo_hybrid.pipeline import Pipeline
+
+    def load(i):
+        if stage == "loader" and i == 2:
+            raise exc
+        return i
+
+    def prepare(b):
+        if stage == "host manager" and b == 2:
+            raise exc
+        return b
+
+    with pytest.raises(PipelineError) as ei:
+        with Pipeline(load, prepare, lambda p: None, 0, 5) as pipe:
+            for _ in pipe:
+                pass
+    assert str(ei.value) == line
+    assert ei.value.__cause__ is exc  # the whole message stays in the cause
+    if type(exc) is ValueError:  # bad input: the command line prints the line as it is
+        f = explain(ei.value, "train")
+        assert (f.status, f.line) == (REFUSED, line)
+
+
+def test_a_huge_stage_error_is_cut_to_one_short_line():
+    from damo_hybrid.cli.failure import MAX_LINE
+    from damo_hybrid.pipeline import Pipeline
+
+    def load(i):
+        raise RuntimeError("x" * 100_000 + "'quoted'")
+
+    with pytest.raises(PipelineError) as ei:
+        with Pipeline(load, lambda b: b, lambda p: None, 0, 3) as pipe:
+            for _ in pipe:
+                pass
+    text = str(ei.value)
+    assert text.startswith("the loader stage failed: RuntimeError: xxx") and text.endswith("'quoted'")
+    assert " ... " in text and len(f"damo-hybrid train: error: {text}") < MAX_LINE
+
+
 def test_ctrl_c_stops_cleanly_with_pins_released(tmp_path):
     before = threading.active_count()
     with pytest.raises(KeyboardInterrupt):

@@ -184,7 +184,7 @@ def test_interrupted_checkpoint_is_never_picked_up(tmp_path, monkeypatch):
         def boom(*a, **k):
             raise OSError("simulated crash while writing the checkpoint")
 
-        monkeypatch.setattr("damo_hybrid.storage.checkpoint._fsync_tree", boom)
+        monkeypatch.setattr("damo_hybrid.storage.checkpoint.fsync_tree", boom)
         with pytest.raises(OSError, match="simulated"):
             s.checkpoint(tmp_path / "ck")
         assert not (tmp_path / "ck").exists()

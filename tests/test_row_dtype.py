@@ -252,7 +252,7 @@ def test_train_from_a_toml_config_inspect_export_and_dump(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text('[train]\nrow-dtype = "fp8"\n')
     assert main(["train", "--config", str(bad)]) == 2
-    assert "row_dtype = 'fp8' is not one of" in capsys.readouterr().err
+    assert "row-dtype = 'fp8' is not one of" in capsys.readouterr().err  # the key as the file spells it
 
 
 def test_packing_keeps_nan_a_nan_and_int16_refuses_what_it_cannot_hold():

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from damo_hybrid.data.readers import FORMATS, DenseMode, OnError, Schema, read_dataset
+from damo_hybrid.data.readers import read_dataset
+from damo_hybrid.data.schema import FORMATS, DenseMode, OnError, Schema
 from damo_hybrid.data.stream import DelimitedStream, Position
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -277,7 +278,9 @@ def test_resuming_with_another_shuffle_is_refused(tmp_path, capsys):
     assert "add --stream" in capsys.readouterr().err
     assert main([*args, "--stream", "--shuffle-buffer", "256", "--steps", "4", "--checkpoint-every", "2"]) == 0
     assert main([*args, "--stream", "--shuffle-buffer", "512", "--steps", "6", "--resume"]) == 2
-    assert "same --shuffle-buffer and --seed" in capsys.readouterr().err
+    assert "--shuffle-buffer 256 (this run: 512)" in capsys.readouterr().err  # the run's identity speaks first
+    assert main([*args, "--stream", "--shuffle-buffer", "512", "--steps", "6", "--resume", "--allow-run-change"]) == 2
+    assert "same --shuffle-buffer and --seed" in capsys.readouterr().err  # the stream cannot continue another way
     with __import__("damo_hybrid").EmbeddingStore(tmp_path / "s", read_only=True) as st:  # refused before the store changed
         assert st.step("emb") == 4
 

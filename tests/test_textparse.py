@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from damo_hybrid.data.readers import FORMATS, DenseMode, Schema, delimited_lines
+from damo_hybrid.data.delimited import delimited_lines
+from damo_hybrid.data.schema import FORMATS, DenseMode, Schema
 from damo_hybrid.data.blocks import finish_block as _finish
 from damo_hybrid.data.textparse import parse_text, plan_text
 from damo_hybrid.keys.hashing import hash_feature

@@ -13,7 +13,28 @@ from __future__ import annotations
 import os
 import platform
 
-__all__ = ["machine"]
+from ..errors import DamoHybridError
+
+__all__ = ["machine", "CheckFailed", "RankFailed"]
+
+
+class CheckFailed(Exception):
+    """A benchmark ran, and a check it makes failed (a reader lost rows, a rank failed):
+    ``damo-hybrid bench`` prints the message and exits 1."""
+
+
+class RankFailed(DamoHybridError):
+    """A rank of a benchmark on several processes (``bench --dist``) stopped, and nothing was
+    measured: the message names the rank and the cause in one line. ``died``: a signal or an exit
+    without an error of its own ended it (the system stopped it: exit status 3); else it raised
+    (exit status 2, or 3 where its error is a system's refusal, a full disk say)."""
+
+    def __init__(self, message: str, died: bool) -> None:
+        super().__init__(message)
+        self.died = died
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.died))
 
 
 def machine() -> str:

@@ -47,7 +47,7 @@ from ..pipeline.trainer import Trainer
 from ..rows.optimizers import state_width
 from .quality import DATASETS, load_split, train_damo
 
-__all__ = ["METHODS", "ID_SPACE", "pick_config", "run_compression_study", "synthetic_split"]
+__all__ = ["METHODS", "ID_SPACE", "pick_config", "run_compression_study", "synthetic_split", "missed_goals"]
 
 log = logging.getLogger(__name__)
 
@@ -277,3 +277,25 @@ def _goals(runs: list[dict[str, Any]]) -> dict[str, Any]:
         beats[f"{r['method']}@{r['ratio']:g}x"] = None if at is None else r["auc"] > at
     g["beats_hashing"] = beats
     return g
+
+
+def missed_goals(res: dict[str, Any]) -> list[str]:
+    """Each goal of :func:`_goals` that a dataset's runs missed, in words (a goal that could not
+    be judged, ``None``, is not missed); empty where every goal was met. ``bench --compression``
+    exits 1 when this is not empty."""
+    out = []
+    for name, d in res.get("datasets", {}).items():
+        g = d.get("goals") or {}
+        for m, r in (g.get("row_dtype") or {}).items():
+            if r.get("within_0.001") is False:
+                out.append(f"{name}: {m} rows, AUC gap {r['auc_gap']:+.4f} beyond 0.001")
+        b = g.get("best_at_10x")
+        if b and b.get("within_0.002") is False:
+            out.append(f"{name}: the best at 10x ({b['method']}), AUC gap {b['auc_gap']:+.4f} beyond 0.002")
+        k = g.get("binary_code_1000x_kept")
+        if k and k.get("at_least_0.99") is False:
+            out.append(f"{name}: binary_code at 1000x keeps {k['fraction']:.3f} of the AUC above 0.5, below 0.99")
+        lost = [run for run, ok in (g.get("beats_hashing") or {}).items() if ok is False]
+        if lost:
+            out.append(f"{name}: {', '.join(lost)} below the hashing trick's AUC at the same bytes")
+    return out

@@ -11,6 +11,7 @@ not a scaling measurement: the scaling model (:func:`scaling_model`) is.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import statistics
 import tempfile
@@ -21,9 +22,20 @@ from typing import Any
 
 import numpy as np
 
-from . import machine
+from . import RankFailed, machine
 
 __all__ = ["run_dist_bench", "scaling_model", "unique_per_rank"]
+
+
+def _last_error(trace: str) -> str:
+    """The final exception of a rank's traceback text, ``Type: message`` on one line (the
+    package path of its type left out), at most 200 characters."""
+    found = "an error (its traceback holds no exception line)"
+    for line in trace.splitlines():
+        m = re.match(r"([A-Za-z_][\w.]*)(: .*)?$", line)  # frames are indented; this is not
+        if m and (m.group(2) or m.group(1).endswith(("Error", "Exception", "Interrupt", "Exit"))):
+            found = m.group(1).rsplit(".", 1)[-1] + (m.group(2) or "")
+    return found if len(found) <= 200 else found[:199] + "…"
 
 
 def _free_port() -> int:
@@ -128,8 +140,16 @@ def run_dist_bench(world: int = 2, batch: int = 4096, steps: int = 30, warmup: i
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_rank, args=(world, _free_port(), d, batch, steps, warmup, cache_mb), nprocs=world,
-                           start_method="spawn")
+        try:
+            mp.start_processes(_rank, args=(world, _free_port(), d, batch, steps, warmup, cache_mb), nprocs=world,
+                               start_method="spawn")
+        except mp.ProcessExitedException as e:
+            how = (f"was stopped by {e.signal_name}" if e.signal_name else
+                   f"ended with exit status {e.exit_code} without an error of its own (killed, or out of memory?)")
+            raise RankFailed(f"rank {e.error_index} of {world} {how}; nothing was measured", died=True) from None
+        except mp.ProcessRaisedException as e:
+            raise RankFailed(f"rank {e.error_index} of {world} failed: {_last_error(e.msg)}; nothing was measured",
+                             died=False) from None
         ranks = [json.loads((Path(d) / f"rank{r}.json").read_text()) for r in range(world)]
     return {"machine": machine(), "world": world, "batch": batch, "steps": steps, "warmup": warmup,
             "cache_mb": cache_mb, "ranks": ranks, "model": "deepfm", "dim": 16,

@@ -37,6 +37,17 @@ _log = logging.getLogger(__name__)
 
 def _worker(store: EmbeddingStore, table: str, seed: int, batch: int, vocab: int, batches: int, rows: int,
             warm: int, start: threading.Barrier, out: dict[str, Any]) -> None:
+    """One host manager's run (:func:`_work`); what it raises is kept in ``out["error"]`` for the
+    main thread to raise, and breaks the start barrier so that no other thread waits for it."""
+    try:
+        _work(store, table, seed, batch, vocab, batches, rows, warm, start, out)
+    except BaseException as e:  # noqa: BLE001 - handed to the main thread
+        out["error"] = e
+        start.abort()
+
+
+def _work(store: EmbeddingStore, table: str, seed: int, batch: int, vocab: int, batches: int, rows: int,
+          warm: int, start: threading.Barrier, out: dict[str, Any]) -> None:
     tiers = store.cache_table(table, rows=rows)
     host, t = tiers.host, tiers.table
     rng = np.random.default_rng(seed)
@@ -84,8 +95,9 @@ def bench_host(root: Path, threads: int, vocab: int, fraction: float, batch: int
             x.start()
         for x in ts:
             x.join()
-    if any("seconds" not in o for o in outs):
-        raise RuntimeError("a host-manager thread failed (see the log)")
+    errors = [o["error"] for o in outs if "error" in o]
+    if errors:  # the first thread's own error, not the broken barrier it left the others
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
     wall = max(o["seconds"] for o in outs)
     total = sum(o["unique_keys"] for o in outs) / wall
     cores = min(threads, os.cpu_count() or 1)

@@ -14,6 +14,7 @@ measured beside it.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import os
@@ -29,9 +30,10 @@ from typing import Any
 import numpy as np
 
 from ..data.parquet_stream import ParquetStream
-from ..data.readers import FORMATS
+from ..data.schema import FORMATS
 from ..data.stream import DelimitedStream
-from . import machine
+from ..storage.files import atomic_file
+from . import CheckFailed, machine
 
 __all__ = ["run_loader_bench", "write_criteo_file"]
 
@@ -59,12 +61,13 @@ def _lines(n: int, seed: int) -> bytes:
 
 def write_criteo_file(path: Path, rows: int, distinct: int = 100_000, seed: int = 0) -> int:
     """Write ``rows`` Criteo-format lines (``distinct`` of them, repeated) to ``path`` (gzip if
-    it ends in .gz); returns the bytes of the plain text."""
+    it ends in .gz), beside it and renamed into place (a failed write, a full disk, leaves what
+    was there); returns the bytes of the plain text."""
     block = _lines(min(rows, distinct), seed)
     per = min(rows, distinct)
-    opener = gzip.open if path.suffix == ".gz" else open
     written = 0
-    with opener(path, "wb") as f:  # type: ignore[operator]
+    with atomic_file(path) as out, (gzip.GzipFile(Path(path).name, "wb", fileobj=out) if Path(path).suffix == ".gz"
+                                    else contextlib.nullcontext(out)) as f:
         left = rows
         while left:
             if left >= per:
@@ -119,7 +122,7 @@ def _pass(path: Path, batch: int, block_mb: float, rows: int, sample: bool,
             curve.append((n / rows, _rss_mb()))
     dt = time.perf_counter() - t0
     if n != rows:
-        raise RuntimeError(f"read {n} rows of {rows}")
+        raise CheckFailed(f"the streaming reader read {n:,} rows of the {rows:,} in {path.name}")
     return n / dt, curve
 
 

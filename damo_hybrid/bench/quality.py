@@ -31,7 +31,8 @@ from torch import nn
 
 from ..config import InitializerConfig, OptimizerConfig, TableConfig
 from ..data.metrics import auc, logloss
-from ..data.readers import TabularData, read_dataset
+from ..data.readers import read_dataset
+from ..data.tabular import TabularData
 from ..nn.models import MODELS, model_tables
 from ..pipeline.trainer import Trainer
 from ..rows.initializers import RowInitializer

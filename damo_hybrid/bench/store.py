@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..config import InitializerConfig, OptimizerConfig, TableConfig
+from ..storage.files import atomic_file
 from ..store import EmbeddingStore
 from . import machine
 
@@ -111,7 +112,8 @@ def run_store_bench(args: argparse.Namespace, log: Callable[[str], None] = _log.
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         for dim in dims:
             out["configs"].append(bench_store(Path(d), args.rows, dim, batches, args.repeats, args.flat_steps, log))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    if args.json:  # beside it, then renamed: a failed write leaves the previous report whole
+        with atomic_file(args.json) as f:
+            f.write(json.dumps(out, indent=1).encode())
         log(f"wrote {args.json}")
     return 0

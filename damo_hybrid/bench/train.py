@@ -80,11 +80,11 @@ class FileBatches:
     Args:
         path: the file (or a glob or directory of them).
         batch_size: samples per batch.
-        fmt: a format of :data:`~damo_hybrid.data.readers.FORMATS` (Criteo by default).
+        fmt: a format of :data:`~damo_hybrid.data.schema.FORMATS` (Criteo by default).
     """
 
     def __init__(self, path: str | os.PathLike[str], batch_size: int, fmt: str = "criteo") -> None:
-        from ..data.readers import FORMATS
+        from ..data.schema import FORMATS
         from ..data.source import StreamSource
         from ..data.stream import DelimitedStream
 

@@ -28,6 +28,18 @@ log = logging.getLogger(__name__)
 DEFAULT_DEVICE_CACHE_MB = 2048.0  # device-tier budget on a GPU when none is given
 
 
+def _check_host_memory(tables: list[Table], rows: list[int], fix: str, floor: int | None = None) -> None:
+    """Refuse host tiers of ``rows`` rows per table that the machine's free memory cannot hold
+    (their slabs are reserved lazily: an overcommitted one would meet the OOM killer later)."""
+    from ..resources import check_fits
+
+    need = sum(r * HostCache.nbytes_per_row(t.dim, t.width, t.prec.itemsize) for t, r in zip(tables, rows))
+    at_floor = floor is not None and any(r == floor for r in rows)
+    names = ", ".join(t.name for t in tables[:4]) + (", ..." if len(tables) > 4 else "")
+    check_fits([(f"{sum(rows):,} rows" + (f", at least {floor:,} per table" if at_floor else ""), need)],
+               fix + (" or min_cache_rows" if at_floor else ""), f"caching table{'s' if len(tables) > 1 else ''} {names}")
+
+
 class TierRegistry:
     """Cache tiers by table name.
 
@@ -76,6 +88,8 @@ class TierRegistry:
 
                 dshare = dev_mb * 2**20 / sum(DeviceCache.nbytes_per_row(t.dim, t.width, t.prec.itemsize) for t in new)
             floor = cfg.min_cache_rows if min_cache_rows is None else min_cache_rows
+            _check_host_memory(new, [max(floor, int(share)) for t in new],
+                               f"lower the cache budget (cache_mb={host_mb:,.0f}; CLI: --cache-mb)", floor)
             try:
                 for t in new:
                     self.cache_table(t, max(floor, int(share)), max(floor, int(dshare)) if dshare is not None else None,
@@ -99,6 +113,7 @@ class TierRegistry:
             device = "cpu"
         tiers = self._tiers.get(t.name)
         if tiers is None:
+            _check_host_memory([t], [rows], "ask for fewer rows")
             tiers = TableTiers(self._io.bind(t), rows, device_rows, device)
             self._tiers[t.name] = tiers
         else:

@@ -36,6 +36,7 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
+from ..errors import CacheFullError
 from ..keys.kernels import mix
 from ..timing import CLOCK
 from .keyindex import KeyIndex
@@ -167,7 +168,7 @@ class SlotPool:
         :meth:`assign`.
 
         Raises:
-            RuntimeError: fewer than ``n`` slots are unpinned.
+            CacheFullError (a RuntimeError): fewer than ``n`` slots are unpinned.
         """
         take = min(n, self._nfree)
         out = self._free[self._nfree - take:self._nfree][::-1].copy()
@@ -235,7 +236,7 @@ class SlotPool:
             if swept > (MAX_USES + 1) * cap:  # every count reaches zero within MAX_USES laps
                 if found:
                     self.unpin(np.concatenate(found))
-                raise RuntimeError(
+                raise CacheFullError(
                     f"{self.what} cannot free {need} slots: its {cap} slots are pinned or needed by this "
                     "batch; raise the cache budget or lower the batch size"
                 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -23,11 +24,12 @@ from ..config import (
     RowDtype,
     reject_unknown,
 )
-from ..data.readers import FORMATS
-from ..errors import DamoHybridError
+from ..data.schema import FORMATS
+from ..errors import ConfigConflictError, DamoHybridError, OutOfSpaceError
 from ..ops import Backend, resolve_backend
+from ..storage.files import atomic_file
 from ..store import EmbeddingStore
-from . import stores
+from . import resume, stores
 from .args import (
     Parser,
     check_writable,
@@ -53,8 +55,22 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.nproc > 1 and LAUNCHED not in os.environ:  # this command again, on N local ranks under torchrun
         return launch_local_ranks(args)
+    from .torchrun import quiet_failure
+
     with distributed_run(args) as ranks:
-        return _train_run(args, ranks)
+        try:
+            return _train_run(args, ranks)
+        except (DamoHybridError, KeyboardInterrupt, RuntimeError) as e:
+            if ranks is not None and type(e) is RuntimeError:  # a collective no call site named: a lost rank?
+                from ..dist.exchange import as_exchange_error
+
+                if (lost := as_exchange_error(e, "collective")) is not e:
+                    if (rc := quiet_failure(lost)) is not None:
+                        return rc
+                    raise lost from e
+            if (rc := quiet_failure(e)) is None:  # what the launcher of the ranks reports for them
+                raise
+            return rc
 
 
 def _train_run(args: argparse.Namespace, ranks: Any) -> int:
@@ -68,7 +84,8 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
     from ..nn.models import MODELS
     from ..pipeline.split import MIN_SPLIT, dense_parts
     from ..pipeline.stages import worker_threads
-    from ..pipeline.trainer import Trainer, check_model_class
+    from ..pipeline.checkpoint import check_model_class
+    from ..pipeline.trainer import Trainer
     from .distributed import check_store_root
 
     torch.manual_seed(args.seed)
@@ -127,32 +144,47 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
         if had and args.checkpoint_every and not args.resume:
             raise ValueError(f"{ckpt_root} already holds checkpoints of an earlier run: pass --resume to continue it, "
                              "or give another --checkpoint-dir (or --store) to start anew")
-        found = ckpts.newest_checkpoint(ckpt_root, log=print, move_damaged=world == 1) if args.resume else None
-        if found is not None:
+        if args.store:
+            resume.recover_swap(store_dir, print)
+        identity = resume.run_identity(args, store_dir if ranks is None else store_dir.parent)
+        found = None
+        while args.resume:  # the newest checkpoint that verifies and restores; a damaged one is set aside
+            found = ckpts.newest_checkpoint(ckpt_root, log=print, move_damaged=world == 1)
+            if found is None:
+                break
             ck, state = found
             check_model_class(state, MODELS[args.model].__name__, args.dense_mode, field_tables)  # before the store is touched
+            resume.check_identity(ck, state.get("run"), identity, args.allow_run_change, print)
             if state.get("data") is not None and hasattr(data, "load_state"):
                 data.load_state(state["data"])  # a stream read another way is refused here too
-            if ranks is not None:  # the run's stores of any other number of ranks give way to this one's
-                ranks.clear_other_worlds(store_dir.parent)
             # the store may hold work done after the checkpoint: restart from the checkpoint's copy,
             # built beside the store and swapped in by renames, so a kill never leaves a half store
-            staging = store_dir.with_name(f".{store_dir.name}.restoring")
-            trash = store_dir.with_name(f".{store_dir.name}.old")
-            for d in (staging, trash):
-                if d.exists():
-                    shutil.rmtree(d)
-            if ranks is None and not ckpts.is_sharded(ck):
-                EmbeddingStore.from_checkpoint(ck / "store", staging, tables, store_cfg).close()
-            else:  # this rank's shard, re-sharded when the checkpoint was taken on another number of ranks
-                ckpts.restore_shard(ck, staging, rank, world, store_cfg).close()
-            if store_dir.exists():
-                store_dir.rename(trash)
-            staging.rename(store_dir)
-            shutil.rmtree(trash, ignore_errors=True)
+            staging = resume.staging_dir(store_dir)
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                if ranks is None and not ckpts.is_sharded(ck):
+                    EmbeddingStore.from_checkpoint(ck / "store", staging, tables, store_cfg).close()
+                else:  # this rank's shard, re-sharded when the checkpoint was taken on another number of ranks
+                    ckpts.restore_shard(ck, staging, rank, world, store_cfg).close()
+            except ConfigConflictError:  # this run's tables do not fit the checkpoint's: not damage
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            except (DamoHybridError, OSError) as e:
+                shutil.rmtree(staging, ignore_errors=True)
+                err = resume.restore_failed(ck, staging, e)
+                if world > 1 or isinstance(e, OutOfSpaceError) or getattr(e, "errno", None) in (
+                        errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+                    raise err from None  # the system's refusal, not damage; ranks fall back only together
+                ckpts.set_aside(ck, err, print)
+                continue
+            if ranks is not None:  # once every rank's copy is built: the stores of other numbers of ranks go
+                ranks.clear_other_worlds(store_dir.parent)
+            resume.swap_in(staging, store_dir)
             store = EmbeddingStore(store_dir, tables, store_cfg)
             print(f"resuming from {ck} at step {state['step']}")
-        else:
+            break
+        if found is None:
+            state = None
             if args.resume and had:
                 raise DamoHybridError(f"no checkpoint under {ckpt_root} loads (see above); the store was not changed")
             if args.resume:
@@ -175,7 +207,7 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
             train_fn, eval_fn = getattr(data, "batch", data), getattr(held_out, "batch", held_out)
             if ranks is not None:  # this rank's slice of every global batch, unless it reads a part of its own
                 train_fn, eval_fn = ranks.part(train_fn), ranks.part(eval_fn)
-            trainer = Trainer(model, dense_opt, train_fn, eval_fn)
+            trainer = Trainer(model, dense_opt, train_fn, eval_fn, identity=identity)
             if state is not None:
                 trainer.load_state(state)
             remaining = max(0, args.steps - trainer.step)
@@ -211,7 +243,8 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
           f"stage seconds: load {s.stages.load:.1f} prepare {s.stages.prepare:.1f} compute {s.stages.compute:.1f} "
           f"apply {s.stages.apply:.1f}" + ("  (load/prepare overlap compute)" if not args.no_prefetch else ""))
     if args.json:
-        Path(args.json).write_text(json.dumps(s.as_dict(), indent=1))
+        with atomic_file(args.json) as f:
+            f.write(json.dumps(s.as_dict(), indent=1).encode())
     return 0
 
 
@@ -285,6 +318,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     t.add_argument("--min-count", type=int_in(1, 255), default=1,
                    help="admission: a key's row is stored and trained only from its Nth occurrence on "
                         "(a counting Bloom filter; before that it reads as its initial row)")
+    t.add_argument("--allow-run-change", action="store_true",
+                   help="with --resume: continue although this run's options that change its result (--batch-size, "
+                        "--seed, --data, --model, --store, ...) differ from the checkpoint's (each difference is printed)")
     t.add_argument("--allow-config-change", action="store_true",
                    help="let a changed --lr or --optimizer settings replace the config stored with the tables (logged)")
     t.add_argument("--no-prefetch", action="store_true",
@@ -334,6 +370,10 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    from ..data.schema import Schema
+    from ..keys.compression import CompressionConfig
+    from .args import clip, config_value
+
     parser, train = _parser()
     args = parser.parse_args(argv)
     if args.cmd == "train" and args.config:
@@ -341,59 +381,102 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         cfg = load_config(args.config)
         actions = {a.dest: a for a in train._actions if a.dest not in ("help", "config")}
         opts = {k.replace("-", "_"): v for k, v in cfg.get("train", {}).items()}
+        written = {k.replace("-", "_"): k for k in cfg.get("train", {})}  # each key as the file spells it
         try:
             reject_unknown("[train] keys", opts, actions)
         except ValueError as e:
             raise ValueError(f"{args.config}: {e}") from None
-        for k, v in list(opts.items()):
-            a = actions[k]
-            if a.choices is not None and v not in a.choices:
-                raise ValueError(f"{args.config}: [train] {k} = {v!r} is not one of {sorted(a.choices)}")
-            if a.type in (int, float) or getattr(a.type, "__qualname__", "").startswith(("int_in", "float_in")):
-                try:  # the file's values pass the same checks as the command line's
-                    opts[k] = a.type(str(v))
-                except (argparse.ArgumentTypeError, ValueError) as e:
-                    raise ValueError(f"{args.config}: [train] {k} = {v!r}: {e}") from None
+        for k, v in list(opts.items()):  # the command line's checks, and the option's TOML type
+            opts[k] = config_value(f"{args.config}: [train] {written[k]}", v, actions[k])
+        # the other tables are checked here too, before anything runs or any store is touched
+        try:
+            store_config(cfg.get("store"))
+            if cfg.get("schema") is not None:
+                Schema.from_dict(cfg["schema"])
+        except (TypeError, ValueError) as e:
+            where = "" if str(e).startswith(("[store]", "unknown")) else "[schema] "
+            raise ValueError(f"{args.config}: {where}{e}") from None
+        for f, o in (cfg.get("fields") or {}).items():  # (the field names are checked against the data's)
+            for name in ("table-compression", "row-dtype"):
+                if name in o and not isinstance(o[name], str):
+                    raise ValueError(f"{args.config}: [fields.{f}] {name} = {clip(o[name])}: must be a string, "
+                                     f"not {type(o[name]).__name__}")
+            try:
+                if "table-compression" in o:
+                    CompressionConfig.parse(o["table-compression"])
+                if o.get("row-dtype", "float32") not in [d.value for d in RowDtype]:
+                    raise ValueError(f"row_dtype must be one of {[d.value for d in RowDtype]}, got {clip(o['row-dtype'])}")
+            except ValueError as e:
+                raise ValueError(f"{args.config}: [fields.{f}]: {e}") from None
         train.set_defaults(**opts, schema=cfg.get("schema"), store_config=cfg.get("store"), fields=cfg.get("fields"))
         args = parser.parse_args(argv)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``damo-hybrid`` with ``argv`` (default: the process's); returns the exit status: 0 done,
+    1 a check it ran failed, 2 bad input or a refusal, 3 the system refused, 70 a bug, 130/143
+    interrupted, 141 the reader of its output went away (:mod:`damo_hybrid.cli.failure`)."""
     with sigterm_as_interrupt() as late:
         rc = _main(argv)
     return late.exit_code(rc)
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    """The one error boundary: every exception becomes an exit status and one line on stderr
+    (:func:`damo_hybrid.cli.failure.explain`); a traceback only for a bug (or with ``-v``)."""
+    import traceback
+
+    from . import failure
+
+    args = None
     try:
         args = _parse(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"damo-hybrid: error: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.cmd == "bench":
-            check_writable("--json", args.json)
-            from .bench import run_bench
-
-            if (rc := run_bench(args)) is not None:
-                return rc
-            from ..bench.store import run_store_bench
-
-            return run_store_bench(args, log=print)
-        return int(args.fn(args))
-    except (DamoHybridError, FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
-        print(f"damo-hybrid {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        rc = _run(args)
+        sys.stdout.flush()  # a reader gone (`| head`) shows here, inside the boundary, not at exit
+        return rc
+    except SystemExit:  # --help and --version print, then exit: their output may meet a closed pipe too
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return failure.reader_gone()
+        raise
     except KeyboardInterrupt as e:
         if isinstance(e, Terminated):
             print("terminated (SIGTERM): stopped, and flushed what was trained", file=sys.stderr)
-            return 143
+            return failure.SIGTERM
         print("interrupted", file=sys.stderr)
-        return 130
+        return failure.SIGINT
+    except Exception as e:  # noqa: BLE001 - the boundary: every failure becomes a status and a line
+        if failure.broken_pipe(e):
+            return failure.reader_gone()
+        cmd = getattr(args, "cmd", None)
+        f = failure.explain(e, cmd, failure.path_in(args))
+        if f.bug or getattr(args, "verbose", False):
+            traceback.print_exception(e)
+        print(f"damo-hybrid{' ' + cmd if cmd else ''}: error: {f.line}", file=sys.stderr)
+        return f.status
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command ``args`` names; its exit status."""
+    if args.cmd in ("train", "demo"):
+        from .bounds import check_memory
+
+        check_memory(args)  # before anything is allocated
+    if args.cmd == "bench":
+        check_writable("--json", args.json)
+        from .bench import run_bench
+
+        if (rc := run_bench(args)) is not None:
+            return rc
+        from ..bench.store import run_store_bench
+
+        return run_store_bench(args, log=print)
+    return int(args.fn(args))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import numpy as np
 from ..data.files import expand_paths
 from ..data.libfm import LibfmStream
 from ..data.parquet_stream import ParquetStream
-from ..data.readers import FORMATS, Schema
+from ..data.schema import FORMATS, Schema
 from ..data.source import StreamSource
 from ..data.stream import DelimitedStream, Holdout
 
@@ -44,9 +44,9 @@ def stream_data(args: argparse.Namespace, rank: int = 0, world: int = 1) -> tupl
     share = (rank + 1) * args.batch_size // world - rank * args.batch_size // world  # this rank's rows of a batch
     group = None
 
-    def kind(path: Any, **kw: Any) -> Any:
+    def kind(path: Any, whole: bool = False, **kw: Any) -> Any:
         size = args.batch_size
-        if own_part(args, path, world):
+        if not whole and own_part(args, path, world):
             kw["part"], size = (rank, world), share
         if args.format == "libfm":  # its schema comes from the file's first line
             return LibfmStream(path, size, schema.on_error if schema else "raise", **kw)
@@ -65,15 +65,40 @@ def stream_data(args: argparse.Namespace, rank: int = 0, world: int = 1) -> tupl
             group = dist.new_group(backend="gloo")
         return RankStream(src, group)
 
-    data = source(args.data, kind(args.data, holdout=split, shuffle_buffer=args.shuffle_buffer, seed=args.seed),
-                  args.epochs if until_end else None)
-    if until_end:
-        args.steps = NO_END
-    held_out = None
+    def rows_in(path: Any, stream: Any, holdout: Holdout | None) -> Any:
+        """None where the stream holds a row, else what to say of it: a run that would train or
+        score nothing is refused before any work (a rank asks of the whole input, as every rank does)."""
+        if own_part(args, path, world):
+            stream = kind(path, whole=True, holdout=holdout)
+        if stream.holds_rows():
+            return None
+        n = len(stream.paths)
+        return (f" ({stream.skipped:,} malformed lines skipped)" if stream.skipped
+                else f" ({n} files: empty, or only headers)" if n > 1 else " (empty, or only a header)")
+
+    train_stream = kind(args.data, holdout=split, shuffle_buffer=args.shuffle_buffer, seed=args.seed)
+    held_stream = src = held = None
     if args.eval_data or split is not None:
         src = args.eval_data or args.data  # --eval-fraction: the other side of the same split
         held = Holdout(split.fraction, True, split.seed) if split is not None else None
-        held_out = source(src, kind(src, holdout=held), 1)
+        held_stream = kind(src, holdout=held)
+    no_train = rows_in(args.data, train_stream, split)
+    no_eval = rows_in(src, held_stream, held) if held_stream is not None else None
+    if no_train is not None and (split is None or no_eval is not None):
+        raise ValueError(f"--data {args.data} holds no rows{no_train}: nothing to train on")
+    if no_train is not None:
+        raise ValueError(f"--eval-fraction {args.eval_fraction} leaves no rows of {args.data} to train on: hold out less")
+    if no_eval is not None and split is not None:
+        raise ValueError(f"--eval-fraction {args.eval_fraction} holds out no rows of {args.data}: hold out more, "
+                         "or give --eval-data")
+    if no_eval is not None:
+        raise ValueError(f"--eval-data {args.eval_data} holds no rows{no_eval}: nothing to evaluate on")
+    data = source(args.data, train_stream, args.epochs if until_end else None)
+    if until_end:
+        args.steps = NO_END
+    held_out = None
+    if held_stream is not None:
+        held_out = source(src, held_stream, 1)
         args.eval_batches = args.eval_batches or NO_END
     else:
         args.eval_batches = 0
@@ -82,7 +107,8 @@ def stream_data(args: argparse.Namespace, rank: int = 0, world: int = 1) -> tupl
 
 def file_data(args: argparse.Namespace) -> tuple[Any, Any]:
     """The training file and held-out data: ``--eval-data``, or an ``--eval-fraction`` split."""
-    from ..data.readers import Schema, read_dataset
+    from ..data.readers import read_dataset
+    from ..data.schema import Schema
 
     if args.shuffle_buffer:
         raise ValueError("--shuffle-buffer shuffles a stream: add --stream")

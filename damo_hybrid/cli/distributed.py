@@ -54,23 +54,31 @@ class Ranks:
         return mine
 
     def clear_other_worlds(self, root: Path) -> None:
-        """Before this run restores its checkpoint into ``root`` (the ``--store``): rank 0 deletes what
-        the checkpoint supersedes there, a one-process store and the rank stores of a run on another
-        number of ranks, so that the run's stores read as one afterwards; every rank waits for it."""
+        """Once every rank has built its copy of the checkpoint beside its store in ``root`` (the
+        ``--store``): rank 0 deletes what the checkpoint supersedes there, a one-process store and
+        the rank stores of a run on another number of ranks, so that the run's stores read as one
+        afterwards; every rank waits for the copies before, and for rank 0 after."""
         import torch.distributed as dist
 
+        from ..dist.exchange import lost_rank_as_error
+
+        with lost_rank_as_error("restore's barrier"):
+            dist.barrier()  # nothing is deleted before every rank's new state is in place
         if self.rank == 0 and root.is_dir():
-            if (root / "meta.json").exists():  # a one-process store: its rank directories go where it was
+            if (root / "meta.json").exists():  # a one-process store: its files go, the ranks' copies stay
                 aside = root.with_name(f".{root.name}.one-process")
                 shutil.rmtree(aside, ignore_errors=True)
-                root.rename(aside)
-                root.mkdir()
+                aside.mkdir()
+                for p in sorted(root.iterdir(), key=lambda p: p.name != "meta.json"):  # no longer a store first
+                    if not (_RANK_DIR.match(p.name) or p.name.startswith(".rank-")):
+                        p.rename(aside / p.name)
                 shutil.rmtree(aside)
             for p in root.iterdir():
                 m = _RANK_DIR.match(p.name)
                 if m and int(m.group(2)) != self.world:
                     shutil.rmtree(p)
-        dist.barrier()
+        with lost_rank_as_error("restore's barrier"):
+            dist.barrier()
 
 
 def check_store_root(store_dir: Path, ranks: Ranks | None) -> None:
@@ -107,8 +115,8 @@ def launch_local_ranks(args: argparse.Namespace) -> int:
             skip = "=" not in a
         else:
             argv.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
-           "-m", "damo_hybrid.cli", *argv]
+    cmd = [sys.executable, "-m", "damo_hybrid.cli.torchrun", "--standalone", "--nproc-per-node", str(args.nproc),
+           "-m", "damo_hybrid.cli", *argv]  # torchrun, with one line for a rank's failure (cli.torchrun)
     # each rank runs once, whatever --nproc a config file gives it
     proc = subprocess.Popen(cmd, env={**os.environ, LAUNCHED: str(args.nproc)})
     try:

@@ -1,31 +1,35 @@
 """``damo-hybrid export --onnx DIR``: a trained built-in model, from its latest training checkpoint, for serving.
 
 A sharded run's checkpoint is exported whole: its ranks' rows are merged into one temporary
-store (:func:`~damo_hybrid.dist.checkpoint.restore_shard` onto one rank) beside ``DIR``, which is
-removed afterwards; the output is the same as one process's.
+store (:func:`~damo_hybrid.dist.checkpoint.restore_shard` onto one rank) in a hidden folder beside
+``DIR``, which is removed afterwards (or by the next export, after a kill); the output is the same
+as one process's. ``DIR`` is replaced whole (:func:`~damo_hybrid.serving.onnx.export_onnx`): an
+interrupted export leaves the previous one, and a folder that is not an export is refused before
+any work.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from ..errors import DamoHybridError
+from ..storage.files import check_replaceable, scratch_dir
 from ..store import EmbeddingStore
 
 
 def export_onnx_from_checkpoint(args: argparse.Namespace) -> int:
     from ..dist.checkpoint import is_sharded, newest_checkpoint, restore_shard
     from ..nn.models import MODELS
-    from ..serving.onnx import export_onnx
+    from ..serving.onnx import EXPORT_MARKERS, export_onnx
 
+    check_replaceable(Path(args.onnx), EXPORT_MARKERS, "ONNX export")  # before any work, not after
     store_dir = Path(args.store)
     root = Path(args.checkpoint_dir) if args.checkpoint_dir else store_dir.with_name(store_dir.name + ".ckpt")
-    found = newest_checkpoint(root, log=print)
+    found = newest_checkpoint(root, log=print, move_damaged=False)  # export only reads: --resume sets it aside
     if found is None:
         raise DamoHybridError(f"no complete training checkpoint under {root}: train with --checkpoint-every N "
                               "(or give --checkpoint-dir)")
@@ -38,9 +42,7 @@ def export_onnx_from_checkpoint(args: argparse.Namespace) -> int:
                               "version, or by a custom model): export from Python with damo_hybrid.serving.export_onnx")
     with ExitStack() as stack:
         if is_sharded(ck):  # every rank's rows merged into one store beside the output, removed after
-            out_dir = Path(args.onnx).resolve()
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".merge-", dir=out_dir.parent)))
+            tmp = stack.enter_context(scratch_dir(Path(args.onnx).resolve()))
             store = stack.enter_context(restore_shard(ck, tmp / "store", 0, 1))
         else:
             store = stack.enter_context(EmbeddingStore(ck / "store", read_only=True))

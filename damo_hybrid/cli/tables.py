@@ -7,13 +7,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from ..config import (
-    AdmissionConfig,
-    InitializerConfig,
-    OptimizerConfig,
-    TableConfig,
-    reject_unknown,
-)
+from ..checks import clip, reject_unknown
+from ..config import AdmissionConfig, InitializerConfig, OptimizerConfig, TableConfig
 from ..keys.compression import CompressionConfig
 from ..nn.models import model_tables
 from ..store import EmbeddingStore
@@ -37,24 +32,31 @@ def field_tables_of(args: argparse.Namespace, opt: OptimizerConfig, fields: list
     which: ``(tables, field -> table)``, each such field in a table ``emb.NAME``.
 
     Raises:
-        ValueError: an unknown field or option, or a bad value.
+        ValueError: an unknown field or option, or a bad value: one line naming the config file
+            and the key, as ``[train]`` errors do.
     """
     given = getattr(args, "fields", None) or {}
+    where = f"{args.config}: " if getattr(args, "config", None) else ""  # [fields] come from --config
     unknown = sorted(set(given) - set(fields))
     if unknown:
-        raise ValueError(f"[fields] names fields {unknown} the data does not have; its fields: {fields}")
+        raise ValueError(f"{where}[fields] names fields {clip(unknown, 80)} the data does not have; its fields: "
+                         f"{clip(fields, 120)}")
     tables: list[TableConfig] = []
     out: dict[str, str] = {}
     for f, o in given.items():
         if not isinstance(o, dict):
-            raise ValueError(f"[fields.{f}] must be a table of options ({', '.join(FIELD_OPTIONS)})")
-        reject_unknown(f"[fields.{f}] options", o, FIELD_OPTIONS)
+            raise ValueError(f"{where}[fields] {f} = {clip(o)}: must be a table [fields.{f}] of options "
+                             f"({', '.join(FIELD_OPTIONS)})")
+        try:
+            reject_unknown(f"[fields.{f}] options", o, FIELD_OPTIONS)
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
         try:
             comp = CompressionConfig.parse(o["table-compression"]) if "table-compression" in o else args.table_compression
             [t] = model_tables(args.model, args.dim, opt, _init(comp, args.seed), name=f"emb.{f}", compression=comp)
             t = dataclasses.replace(t, row_dtype=o.get("row-dtype", args.row_dtype))
         except (TypeError, ValueError) as e:
-            raise ValueError(f"[fields.{f}]: {e}") from None
+            raise ValueError(f"{where}[fields.{f}]: {e}") from None
         if args.min_count > 1:
             t = dataclasses.replace(t, admission=AdmissionConfig(min_count=args.min_count))
         tables.append(t)

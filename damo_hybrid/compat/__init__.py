@@ -30,11 +30,13 @@ Differences from the seed, all deliberate:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..checks import clip
 from ..config import (
     InitializerConfig,
     InitializerKind,
@@ -50,6 +52,7 @@ from ..keys.hashing import as_keys
 from ..rows.admission import CountingBloomFilter
 from ..rows.initializers import RowInitializer
 from ..rows.optimizers import RowOptimizer
+from ..storage.files import recover_dir
 from ..store import EmbeddingStore
 from .damo import Damo, replace_store
 from .seed_format import dump_seed_format
@@ -96,13 +99,37 @@ def _params(p: Parameters | dict[str, Any] | None, what: str) -> dict[str, Any]:
 
 
 def _take(d: dict[str, Any], allowed: dict[str, Any], what: str) -> dict[str, Any]:
+    """The parameters ``allowed`` names (name -> default) from ``d``, each of its default's type.
+
+    The config dataclasses' rules, never a conversion: a number parameter (a float default, or
+    required) takes an int or a float, not text or a bool; an int parameter only an int (not
+    7.5, not True); a switch only a bool; a path only text. numpy scalars count as their Python
+    type.
+
+    Raises:
+        ValueError: an unknown or missing parameter, or a value of another type (one line naming
+            the parameter and the value).
+    """
     reject_unknown(f"{what} parameters", set(d) - {"name"}, allowed)
     out = {}
     for k, default in allowed.items():
         v = d.get(k, default)
         if v is _REQUIRED:
             raise ValueError(f"{what} parameter {k!r} is required")
-        out[k] = float(v) if isinstance(default, float) or default is _REQUIRED else v
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(default, bool):
+            ok, want = isinstance(v, bool), "a bool (True or False)"
+        elif isinstance(default, int):
+            ok, want = isinstance(v, int) and not isinstance(v, bool), "an int"
+        elif isinstance(default, str):
+            ok, want = isinstance(v, (str, os.PathLike)), "a path (text)"
+        else:  # a float default, or required: a number
+            ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number (int or float)"
+            v = float(v) if ok else v
+        if not ok:
+            raise ValueError(f"{what} parameter {k!r} must be {want}, got {clip(v)} ({type(v).__name__})")
+        out[k] = v
     return out
 
 
@@ -126,7 +153,7 @@ def initializer_config(params: Parameters | dict[str, Any]) -> InitializerConfig
     kind, allowed = _INIT[name]
     v = _take(d, {**allowed, "seed": 0}, f"{name} initializer")
     return InitializerConfig(kind=kind, low=v.get("min", -0.01), high=v.get("max", 0.01),
-                             mean=v.get("mean", 0.0), std=v.get("stddev", 0.01), seed=int(v["seed"]))
+                             mean=v.get("mean", 0.0), std=v.get("stddev", 0.01), seed=v["seed"])
 
 
 _SCHED = {
@@ -243,8 +270,8 @@ class PyOptimizer:
         opt = RowOptimizer(self.config, dim)
         _f32_vector(w, "w", dim + opt.width)
         _writable(w, "w")
-        if not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {clip(step)}")
         if not np.isfinite(g).all():
             raise ValueError("g holds NaN or Inf; nothing was updated")
         ww = w[:dim].reshape(1, dim).copy()
@@ -271,12 +298,10 @@ class PyFilter:
         d = _params(params, "filter params")
         v = _take(d, {"capacity": 1 << 20, "fpr": 1e-3, "count": 15, "path": self.DEFAULT_PATH, "reload": True},
                   "filter")
-        self.min_count = int(v["count"])
+        self.min_count = v["count"]
         if self.min_count < 1:
             raise ValueError(f"count must be >= 1, got {self.min_count}")
-        if not isinstance(v["reload"], bool):
-            raise TypeError(f"reload must be a bool, got {v['reload']!r}")
-        f = CountingBloomFilter(int(v["capacity"]), float(v["fpr"]))
+        f = CountingBloomFilter(v["capacity"], v["fpr"])
         self.path = Path(str(v["path"]))
         if v["reload"] and self.path.is_file():
             size = self.path.stat().st_size
@@ -305,8 +330,8 @@ class PyFilter:
         raise TypeError(f"key must be an int or a uint64 array, got {type(key).__name__}")
 
     def add(self, key: Any, n: int = 1) -> None:
-        if not isinstance(n, (int, np.integer)) or n < 0:
-            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {clip(n)}")
         self._f.add(np.unique(self._keys(key)), int(n))
 
     def check(self, key: Any) -> bool | np.ndarray:
@@ -322,24 +347,25 @@ class PyStorage:
     ``ConfigConflictError``, so two embeddings on one group cannot silently disagree."""
 
     def __init__(self, dir: str, ttl: int = 0, *, allow_config_change: bool = False) -> None:
-        if not isinstance(ttl, (int, np.integer)) or ttl < 0:
-            raise ValueError(f"ttl must be an int >= 0 (seconds; 0 = no TTL), got {ttl!r}")
+        if isinstance(ttl, (bool, np.bool_)) or not isinstance(ttl, (int, np.integer)) or ttl < 0:
+            raise ValueError(f"ttl must be an int >= 0 (seconds; 0 = no TTL), got {clip(ttl)}")
         self.dir = Path(dir)
         self._cfg = StoreConfig(ttl_seconds=int(ttl) if ttl else None, allow_config_change=allow_config_change)
+        recover_dir(self.dir)  # a load_from_checkpoint killed inside its swap left the old store aside
         self.store = EmbeddingStore(self.dir, config=self._cfg)
 
     def dump(self, path: str, cond: Parameters | dict[str, Any] | None = None) -> None:
         """Write rows in the seed's binary format; ``cond`` may hold
         ``expire_days``, ``min_count`` and ``group``."""
         v = _take(_params(cond, "dump condition"), {"expire_days": 0.0, "min_count": 0, "group": -1}, "dump")
-        group = int(v["group"])
+        group = v["group"]
         if group >= 256:
             raise ValueError(f"group must be in [0, 256), got {group}")
         name = f"group_{group}"
         # a group without a table dumps nothing: an empty, valid file
         tables = None if group < 0 else ([name] if name in self.store.tables else [])
-        dump_seed_format(self.store, path, tables=tables, min_count=int(v["min_count"]),
-                         expire_days=float(v["expire_days"]) or None)
+        dump_seed_format(self.store, path, tables=tables, min_count=v["min_count"],
+                         expire_days=v["expire_days"] or None)
 
     def checkpoint(self, path: str) -> None:
         self.store.checkpoint(path)
@@ -355,7 +381,8 @@ class PyStorage:
         self.close()
 
     def load_from_checkpoint(self, path: str) -> None:
-        """Replace this storage's contents with a checkpoint's."""
+        """Replace this storage's contents with a checkpoint's (the copy is swapped in whole: an
+        interrupted restore leaves the old store or the new one, never a mix or an empty one)."""
         replace_store(self, Path(path))
 
 
@@ -369,10 +396,10 @@ class PyEmbedding:
             raise TypeError(f"optimizer must be a PyOptimizer, got {type(optimizer).__name__}")
         if not isinstance(initializer, PyInitializer):
             raise TypeError(f"initializer must be a PyInitializer, got {type(initializer).__name__}")
-        if not isinstance(dim, (int, np.integer)) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if not isinstance(group, (int, np.integer)) or not 0 <= group < 256:
-            raise ValueError(f"group must be an int in [0, 256), got {group!r}")
+        if isinstance(dim, (bool, np.bool_)) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {clip(dim)}")
+        if isinstance(group, (bool, np.bool_)) or not isinstance(group, (int, np.integer)) or not 0 <= group < 256:
+            raise ValueError(f"group must be an int in [0, 256), got {clip(group)}")
         self.storage, self.dim, self.group = storage, int(dim), int(group)
         self.table = f"group_{self.group}"
         storage.store.add_table(TableConfig(self.table, self.dim, initializer=initializer.config,

@@ -22,26 +22,28 @@ Deliberate differences (also in ``docs/migration.md``):
 - ``pull`` of a key never pushed returns its initial row without storing it (the seed stores
   it): rows are a pure function of (seed, group, key), so the values are the same;
 - ``checkpoint(path)`` writes one file in damo_hybrid's format (a tar of an atomic store
-  checkpoint: weights, optimizer state and step counters); ``load`` reads those, not the seed's
-  raw RocksDB records;
+  checkpoint: weights, optimizer state and step counters, and last a ``MANIFEST.json`` of their
+  sizes and SHA-256); ``load`` reads those, not the seed's raw RocksDB records, checks the
+  manifest, and swaps the restored store in whole (an interrupted ``load`` leaves the old store or
+  the new one, which the next open finds);
 - the config may be given as a dict as well as a file path, and :meth:`Damo.close` (or ``with``)
   releases the store.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
 import shutil
 import tarfile
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..checks import clip
 from ..config import (
     InitializerConfig,
     OptimizerConfig,
@@ -51,7 +53,9 @@ from ..config import (
     reject_unknown,
 )
 from ..errors import DamoHybridError, UnknownTableError
-from ..storage.files import atomic_file, fsync_dir
+from ..storage.checkpoint import copy_checkpoint
+from ..storage.files import MANIFEST, DamagedOutputError, atomic_dir, atomic_file, recover_dir, scratch_dir, \
+    verify_manifest, write_manifest
 from ..storage.meta import read_meta
 from ..store import EmbeddingStore
 from .seed_format import dump_seed_format
@@ -63,7 +67,7 @@ _V12_INIT = ("zeros", "uniform", "random", "xavier")
 
 def damo_initializer(params: dict[str, Any], dim: int) -> InitializerConfig:
     """A seed 1.2 initializer dict (or a 1.0 one) -> :class:`InitializerConfig`."""
-    from . import initializer_config  # the 1.0 names
+    from . import _take, initializer_config  # the 1.0 names; the parameters' type checks
 
     name = params.get("name", "zeros")
     if name not in _V12_INIT:
@@ -72,11 +76,10 @@ def damo_initializer(params: dict[str, Any], dim: int) -> InitializerConfig:
         reject_unknown("zeros initializer parameters", set(params) - {"name"}, ())
         return InitializerConfig.zeros()
     if name == "random":
-        reject_unknown("random initializer parameters", set(params) - {"name"}, ("mean", "stddev"))
-        std = float(params.get("stddev", 1.0))
-        if not std > 0:
-            raise ValueError(f"random initializer: stddev must be > 0, got {std}")
-        return InitializerConfig.normal(mean=float(params.get("mean", 0.0)), std=std)
+        v = _take(params, {"mean": 0.0, "stddev": 1.0}, "random initializer")
+        if not v["stddev"] > 0:
+            raise ValueError(f"random initializer: stddev must be > 0, got {v['stddev']}")
+        return InitializerConfig.normal(mean=v["mean"], std=v["stddev"])
     reject_unknown(f"{name} initializer parameters", set(params) - {"name"}, ())
     b = math.sqrt((1.0 if name == "uniform" else 6.0) / dim)
     return InitializerConfig.uniform(-b, b)
@@ -84,14 +87,12 @@ def damo_initializer(params: dict[str, Any], dim: int) -> InitializerConfig:
 
 def damo_optimizer(params: dict[str, Any]) -> OptimizerConfig:
     """A seed 1.2 optimizer dict (``adamw``, or a 1.0 name) -> :class:`OptimizerConfig`."""
-    from . import optimizer_config  # the 1.0 names
+    from . import _take, optimizer_config  # the 1.0 names; the parameters' type checks
 
     name = params.get("name", "adamw")
     if name != "adamw":
         return optimizer_config(params)
-    reject_unknown("adamw optimizer parameters", set(params) - {"name"}, ("gamma", "beta1", "beta2", "lambda", "epsilon"))
-    v = {"gamma": 0.001, "beta1": 0.9, "beta2": 0.999, "lambda": 0.01, "epsilon": 1e-8}
-    v.update({k: float(params[k]) for k in v if k in params})
+    v = _take(params, {"gamma": 0.001, "beta1": 0.9, "beta2": 0.999, "lambda": 0.01, "epsilon": 1e-8}, "adamw optimizer")
     return OptimizerConfig(kind=OptimizerKind.ADAMW, lr=v["gamma"], beta1=v["beta1"], beta2=v["beta2"],
                            weight_decay=v["lambda"], eps=v["epsilon"])
 
@@ -120,25 +121,34 @@ class Damo:
                     cfg = json.load(f)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"config file {config_file} is not valid JSON: {e}") from e
+        if not isinstance(cfg, dict):
+            raise ValueError(f"a Damo config must be a JSON object, got {clip(cfg)}")
         reject_unknown("Damo config fields", set(cfg), ("dir", "ttl", "embeddings"))
         if "dir" not in cfg or "embeddings" not in cfg:
             raise ValueError("a Damo config needs 'dir' and 'embeddings'")
+        if not isinstance(cfg["dir"], (str, os.PathLike)):
+            raise ValueError(f"dir must be a path (text), got {clip(cfg['dir'])}")
+        if not isinstance(cfg["embeddings"], list):
+            raise ValueError(f"embeddings must be a list of objects, got {clip(cfg['embeddings'])}")
         ttl = cfg.get("ttl", 0)
         if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0:
-            raise ValueError(f"ttl must be an int >= 0 (seconds; 0: no expiry), got {ttl!r}")
+            raise ValueError(f"ttl must be an int >= 0 (seconds; 0: no expiry), got {clip(ttl)}")
         self.dims: dict[int, int] = {}
         tables = []
         for i, e in enumerate(cfg["embeddings"]):
             if not isinstance(e, dict):
-                raise ValueError(f"embeddings[{i}] must be an object, got {e!r}")
+                raise ValueError(f"embeddings[{i}] must be an object, got {clip(e)}")
             reject_unknown(f"embeddings[{i}] fields", set(e), ("dim", "group", "initializer", "optimizer"))
             dim, group = e.get("dim"), e.get("group")
             if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-                raise ValueError(f"embeddings[{i}].dim must be an int >= 1, got {dim!r}")
+                raise ValueError(f"embeddings[{i}].dim must be an int >= 1, got {clip(dim)}")
             if not isinstance(group, int) or isinstance(group, bool) or not 0 <= group < 256:
-                raise ValueError(f"embeddings[{i}].group must be an int in [0, 256), got {group!r}")
+                raise ValueError(f"embeddings[{i}].group must be an int in [0, 256), got {clip(group)}")
             if group in self.dims:
                 raise ValueError(f"group {group} appears twice in embeddings")
+            for part in ("initializer", "optimizer"):
+                if not isinstance(e.get(part) or {}, dict):
+                    raise ValueError(f"embeddings[{i}].{part} must be an object, got {clip(e[part])}")
             self.dims[group] = dim
             tables.append(TableConfig(_table(group), dim, initializer=damo_initializer(dict(e.get("initializer") or {}), dim),
                                       optimizer=damo_optimizer(dict(e.get("optimizer") or {}))))
@@ -146,11 +156,13 @@ class Damo:
         self.ttl = ttl
         self._cfg = StoreConfig(ttl_seconds=ttl or None)
         self._tables = tables
+        self._temporary = False
+        recover_dir(self.dir)  # a load() killed inside its swap left the old store aside
         self.store = EmbeddingStore(self.dir, tables, self._cfg)
 
     # ------------------------------------------------------------------ rows
     def _group(self, group: int) -> int:
-        if not isinstance(group, (int, np.integer)) or int(group) not in self.dims:
+        if isinstance(group, (bool, np.bool_)) or not isinstance(group, (int, np.integer)) or int(group) not in self.dims:
             raise UnknownTableError(f"unknown group {group!r}; this Damo has groups {sorted(self.dims)}")
         return int(group)
 
@@ -215,19 +227,24 @@ class Damo:
 
     def checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Write every row (weights, optimizer state) and step counter to one file, atomically:
-        a crash leaves the previous file (or none), never a partial one."""
+        a crash leaves the previous file (or none), never a partial one. Its last member,
+        ``MANIFEST.json``, holds the size and SHA-256 of every other, which :meth:`load` checks."""
         path = Path(path)
-        with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
-            ck = self.store.checkpoint(Path(tmp) / "checkpoint")
+        with scratch_dir(path) as tmp:
+            ck = self.store.checkpoint(tmp / "checkpoint")
+            write_manifest(tmp, "Damo checkpoint")
             with atomic_file(path) as f, tarfile.open(fileobj=f, mode="w") as tar:
                 tar.add(ck, arcname="checkpoint")
+                tar.add(tmp / MANIFEST, arcname=MANIFEST)
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Replace every row with those of a file :meth:`checkpoint` wrote.
 
         Raises:
             FileNotFoundError: no such file.
-            DamoHybridError: not a checkpoint of this kind (a seed checkpoint file, say); nothing changed.
+            DamoHybridError: not a checkpoint of this kind (a seed checkpoint file, say), or
+                (:class:`~damo_hybrid.storage.files.DamagedOutputError`) one whose members are not
+                those its manifest lists; nothing changed.
         """
         path = Path(path)
         if not path.is_file():
@@ -235,23 +252,40 @@ class Damo:
         if not tarfile.is_tarfile(path):
             raise DamoHybridError(f"{path} is not a damo_hybrid checkpoint file (the seed's own checkpoint "
                                   "files hold its raw RocksDB records and are not read here)")
-        with tempfile.TemporaryDirectory(dir=self.dir.parent) as tmp:
-            with tarfile.open(path) as tar:
-                tar.extractall(tmp, filter="data")
-            ck = Path(tmp) / "checkpoint"
+        with scratch_dir(self.dir) as tmp:
+            try:
+                with tarfile.open(path) as tar:
+                    tar.extractall(tmp, filter="data")
+            except (tarfile.TarError, EOFError, OSError) as e:
+                raise DamagedOutputError(f"{path} is damaged ({str(e)[:80]}): write it again with checkpoint()") from None
+            verify_manifest(tmp, "Damo checkpoint", fix="write it again with checkpoint()", shown=str(path))
+            ck = tmp / "checkpoint"
             meta = read_meta(ck)
             if meta is None:
                 raise DamoHybridError(f"{path} holds no store checkpoint")
             for name, entry in meta["tables"].items():
-                dim = entry["config"]["dim"]
-                if name.startswith("group_") and self.dims.get(int(name[6:]), dim) != dim:
+                dim = entry["config"].get("dim")
+                if not isinstance(dim, int) or isinstance(dim, bool):
+                    raise DamagedOutputError(f"{path} (member checkpoint/meta.json) gives table {name[:40]!r} the dim "
+                                             f"{clip(dim)}, not an int: the checkpoint is damaged; write it again "
+                                             "with checkpoint()")
+                if name.startswith("group_") and name[6:].isdigit() and self.dims.get(int(name[6:]), dim) != dim:
                     raise DamoHybridError(f"checkpoint {path} has {name} of dim {dim}, this Damo's is "
                                           f"{self.dims[int(name[6:])]}; nothing changed")
             replace_store(self, ck)
 
     def close(self) -> None:
-        """Flush and release the store; closing twice is a no-op."""
+        """Flush and release the store; closing twice is a no-op. A temporary store
+        (:func:`~damo_hybrid.compat.torch.load_model`'s default workdir) is deleted."""
         self.store.close()
+        if self._temporary:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _delete_when_closed(self) -> None:
+        """Make this Damo's directory temporary: deleted by :meth:`close`, at the latest when the
+        process exits."""
+        self._temporary = True
+        atexit.register(self.close)
 
     def __enter__(self) -> Damo:
         return self
@@ -262,16 +296,14 @@ class Damo:
 
 def replace_store(owner: Any, checkpoint: Path) -> None:
     """Swap ``owner.store`` (at ``owner.dir``, opened with ``owner._cfg``) for a copy of a
-    checkpoint directory; if the copy cannot be opened, the old store comes back unchanged."""
+    checkpoint directory. The copy is built and opened once beside ``owner.dir``, then swapped in
+    whole (:func:`~damo_hybrid.storage.files.atomic_dir`): killed at any point, ``owner.dir``
+    holds the old store or the new one (the next open puts an old one set aside back). If the
+    copy cannot be made or opened, the old store comes back unchanged."""
     owner.store.close()
-    aside = owner.dir.with_name(f".{owner.dir.name}.replaced-{uuid.uuid4().hex}")
-    os.rename(owner.dir, aside)
     try:
-        owner.store = EmbeddingStore.from_checkpoint(checkpoint, owner.dir, config=owner._cfg)
-    except BaseException:
-        shutil.rmtree(owner.dir, ignore_errors=True)
-        os.rename(aside, owner.dir)
+        with atomic_dir(owner.dir, what="store", manifest=False) as build:  # a store changes after: no manifest
+            copy_checkpoint(checkpoint, build)
+            EmbeddingStore(build, config=owner._cfg).close()  # a store this owner can open
+    finally:
         owner.store = EmbeddingStore(owner.dir, config=owner._cfg)
-        raise
-    fsync_dir(owner.dir.parent)
-    shutil.rmtree(aside, ignore_errors=True)

@@ -7,7 +7,7 @@ load_model`` runs with ``from damo_hybrid.compat.torch import ...``::
     damo_embedding_init(model, "workdir", 86400)
     loss = criterion(model(ids), y); loss.backward(); dense_opt.step()   # rows step in backward
     save_model(model, "out")                   # out/save_model/: model.pt, the rows, sparse_config.json
-    model = load_model("out")                  # dense weights and rows back (rows in a new workdir)
+    model = load_model("out")                  # dense weights and rows back (rows in a temporary workdir)
 
 :class:`Embedding` maps int64 ids (B, F) to float32 (B, F, dim): the batch's ids are
 de-duplicated once (``torch.unique``), their rows pulled in one call, and in backward each unique
@@ -23,6 +23,11 @@ Gradient scale: the seed divides each sparse gradient by the batch size in backw
 mean the loss already took. That is not copied here: the rows get the true gradient of the loss,
 as torch's own embeddings do. For AdamW (the seed's only 1.2 optimizer) the update barely changes,
 since Adam is invariant to a constant gradient scale up to ``epsilon``.
+
+Saves are crash-safe: ``save_model`` builds ``save_model/`` (and ``inference/``) in a hidden
+sibling, writes a ``MANIFEST.json`` of every file's size and SHA-256 last, and swaps it in whole
+(:func:`~damo_hybrid.storage.files.atomic_dir`); ``load_model`` checks the manifest and refuses a
+save whose files are not those of one ``save_model`` call (or that lacks its rows) with one line.
 """
 
 from __future__ import annotations
@@ -36,12 +41,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checks import clip
 from ..errors import DamoHybridError
+from ..storage.files import DamagedOutputError, atomic_dir, read_whole, remove_leftovers, verify_manifest
 from .damo import Damo
 
 __all__ = ["Embedding", "damo_embedding_init", "save_model", "load_model", "REGISTRY"]
 
 _SAVE_DIR = "save_model"
+_SAVE_MARKERS = ("model.pt", "sparse_config.json")  # an existing save_model/ holding one is a save
+_SAVE_FIX = "save it again with save_model()"
+_WORKDIR = "damo_workdir-{pid}-"  # load_model's temporary workdirs; a dead process's are removed
 
 
 class _Registry:
@@ -98,10 +108,10 @@ class Embedding(torch.nn.Module):
     def __init__(self, dim: int, group: int, initializer: dict | None = None, optimizer: dict | None = None,
                  **kwargs: Any) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be an int >= 1, got {dim!r}")
-        if not isinstance(group, int) or not 0 <= group < 256:
-            raise ValueError(f"group must be an int in [0, 256), got {group!r}")
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f"dim must be an int >= 1, got {clip(dim)}")
+        if not isinstance(group, int) or isinstance(group, bool) or not 0 <= group < 256:
+            raise ValueError(f"group must be an int in [0, 256), got {clip(group)}")
         self.dim, self.group = dim, group
         self.initializer = dict(initializer or {})
         self.optimizer = dict(optimizer or {})
@@ -152,7 +162,8 @@ def _embeddings(model: torch.nn.Module) -> list[Embedding]:
 
 
 def _config(embs: list[Embedding], workdir: str | os.PathLike[str], ttl: int) -> dict[str, Any]:
-    return {"dir": str(Path(workdir).resolve()), "ttl": int(ttl),
+    # the ttl as given (a numpy int as an int): Damo refuses one that is not an int, never truncates it
+    return {"dir": str(Path(workdir).resolve()), "ttl": ttl.item() if isinstance(ttl, np.generic) else ttl,
             "embeddings": [{"dim": e.dim, "group": e.group, "initializer": e.initializer, "optimizer": e.optimizer}
                            for e in embs]}
 
@@ -187,12 +198,17 @@ def damo_embedding_init(model: torch.nn.Module | None, workdir: str | os.PathLik
 
 
 def save_model(model: torch.nn.Module, output_dir: str | os.PathLike[str], training: bool = True, **kwargs: Any) -> None:
-    """Save a model as the seed does, into ``output_dir/save_model/`` (replaced atomically).
+    """Save a model as the seed does, into ``output_dir/save_model/``, replaced whole: built in a
+    hidden sibling and swapped in when complete, so an interrupted save leaves the previous one.
 
     ``training=True`` writes ``model.pt`` (the whole module, embeddings unbound), ``state.pth``
     (its state dict), ``sparse_config.json`` (the store's ttl and each embedding's dim, group,
-    initializer and optimizer) and ``checkpoint`` (every row with its optimizer state). ``training=False`` is the
-    inference export (ONNX); it is not built yet and raises ``NotImplementedError``.
+    initializer and optimizer), ``checkpoint`` (every row with its optimizer state) and, last,
+    ``MANIFEST.json`` (each file's size and SHA-256). ``training=False`` is the inference export
+    (ONNX, ``output_dir/inference/``; see :func:`_save_inference`).
+
+    Raises:
+        ValueError: ``output_dir/save_model`` holds something else than a save (nothing is written).
     """
     if not training:
         _save_inference(model, Path(output_dir), **kwargs)
@@ -203,12 +219,7 @@ def save_model(model: torch.nn.Module, output_dir: str | os.PathLike[str], train
     damos = {id(e._bound()): e.damo for e in embs}
     if len(damos) > 1:
         raise ValueError("the model's embeddings are bound to more than one store; bind them with one damo_embedding_init")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    final = out / _SAVE_DIR
-    with tempfile.TemporaryDirectory(dir=out, prefix=".save_model-") as tmp:
-        work = Path(tmp) / _SAVE_DIR
-        work.mkdir()
+    with atomic_dir(Path(output_dir) / _SAVE_DIR, markers=_SAVE_MARKERS, what="saved model") as work:
         for d in damos.values():
             assert d is not None
             d.checkpoint(work / "checkpoint")
@@ -218,10 +229,6 @@ def save_model(model: torch.nn.Module, output_dir: str | os.PathLike[str], train
         cfg = _config(embs, ".", ttl)
         del cfg["dir"]
         (work / "sparse_config.json").write_text(json.dumps(cfg, indent=2))
-        old = Path(tmp) / "old"
-        if final.exists():
-            os.rename(final, old)
-        os.rename(work, final)
 
 
 def load_model(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[str] | None = None,
@@ -230,26 +237,93 @@ def load_model(model_dir: str | os.PathLike[str], workdir: str | os.PathLike[str
 
     Args:
         model_dir: the ``output_dir`` given to :func:`save_model`.
-        workdir: where the restored rows live (a new directory; default: a new temporary one
-            under ``model_dir``). Training may go on from there.
+        workdir: where the restored rows live (a new directory); training may go on from there.
+            Default: a temporary one in the temporary folder (``tempfile.gettempdir()``:
+            ``TMPDIR``, else ``/tmp``), ``damo_workdir-<pid>-...``, deleted when its store closes
+            (``REGISTRY.reset()``) or the process exits; give one to keep the rows. The model
+            folder is only read (it may be on read-only media).
         ttl: as :func:`damo_embedding_init`; default: the saved store's.
     Raises:
         FileNotFoundError: ``model_dir`` holds no saved model.
+        DamagedOutputError: the save's files are not those of one :func:`save_model` call (one
+            missing, such as the rows file, cut short, or from another save); nothing is opened.
     """
-    src = Path(model_dir) / _SAVE_DIR
-    if not (src / "model.pt").is_file():
-        raise FileNotFoundError(f"no saved model in {model_dir} (expected {src / 'model.pt'})")
-    model = torch.load(src / "model.pt", map_location="cpu", weights_only=False)
-    model.load_state_dict(torch.load(src / "state.pth", map_location="cpu", weights_only=True))
-    if workdir is None:
-        workdir = tempfile.mkdtemp(prefix="damo_workdir-", dir=model_dir)
-        os.rmdir(workdir)
-    if ttl is None:
-        ttl = int(json.loads((src / "sparse_config.json").read_text()).get("ttl", 0))
-    d = damo_embedding_init(model, workdir, ttl)
-    if (src / "checkpoint").is_file():
-        d.load(src / "checkpoint")
-    return model
+    root = Path(model_dir)
+    opened: list[Damo] = []
+
+    def load(src: Path) -> torch.nn.Module:
+        if not (src / "model.pt").is_file():
+            raise FileNotFoundError(f"no saved model in {model_dir} (expected {src / 'model.pt'})")
+        cfg = _saved_config(src)
+        need = ["model.pt", "state.pth", "sparse_config.json", *(["checkpoint"] if cfg.get("embeddings") else [])]
+        verify_manifest(src, "saved model", required=need, fix=_SAVE_FIX)  # None (a warning): an older save
+        missing = [n for n in need if not (src / n).is_file()]
+        if missing:  # an older save without a manifest: its rows file, at least, must be there
+            why = f" (its {len(cfg['embeddings'])} embedding groups need their rows)" if missing[0] == "checkpoint" else ""
+            raise DamagedOutputError(f"{src / missing[0]} is missing: the saved model is incomplete{why}; {_SAVE_FIX}")
+        model = torch.load(src / "model.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(torch.load(src / "state.pth", map_location="cpu", weights_only=True))
+        d = damo_embedding_init(model, workdir if workdir is not None else _temporary_workdir(opened),
+                                cfg.get("ttl", 0) if ttl is None else ttl)
+        if workdir is None and d not in opened:
+            d._delete_when_closed()
+            opened.append(d)
+        if (src / "checkpoint").is_file():
+            d.load(src / "checkpoint")
+        return model
+
+    try:
+        return read_whole(root / _SAVE_DIR, load, "saved model")
+    except BaseException:
+        for d in opened:  # a temporary workdir is not left behind by a failed load
+            d.close()
+        raise
+
+
+def _saved_config(src: Path) -> dict[str, Any]:
+    p = src / "sparse_config.json"
+    try:
+        cfg = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise DamagedOutputError(f"{p} is missing: the saved model is incomplete; {_SAVE_FIX}") from None
+    except (OSError, ValueError) as e:
+        raise DamagedOutputError(f"{p} is unreadable ({str(e)[:80]}); {_SAVE_FIX}") from None
+    if not isinstance(cfg, dict):
+        raise DamagedOutputError(f"{p} is not a JSON object; {_SAVE_FIX}")
+
+    def whole(v: Any, lo: int, hi: int | None = None) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v < hi)
+
+    def damaged(what: str, v: Any, want: str) -> DamagedOutputError:
+        return DamagedOutputError(f"{p} gives {what} {clip(v)}, not {want}: the saved model is damaged; {_SAVE_FIX}")
+
+    if not whole(cfg.get("ttl", 0), 0):
+        raise damaged("ttl", cfg["ttl"], "an int >= 0")
+    embs = cfg.get("embeddings", [])
+    if not isinstance(embs, list) or not all(isinstance(e, dict) for e in embs):
+        raise damaged("embeddings", embs, "a list of objects")
+    for i, e in enumerate(embs):
+        if not whole(e.get("dim"), 1):
+            raise damaged(f"embeddings[{i}].dim", e.get("dim"), "an int >= 1")
+        if not whole(e.get("group"), 0, 256):
+            raise damaged(f"embeddings[{i}].group", e.get("group"), "an int in [0, 256)")
+        for part in ("initializer", "optimizer"):
+            if not isinstance(e.get(part) or {}, dict):
+                raise damaged(f"embeddings[{i}].{part}", e[part], "an object")
+    return cfg
+
+
+def _temporary_workdir(opened: list[Damo]) -> str:
+    """A new workdir name in the temporary folder for :func:`load_model` (the one it opened
+    already, on a second read), never in the model's folder, which a reader must not write (it may
+    be read-only); those of processes that are gone are removed first."""
+    if opened:
+        return str(opened[0].dir)
+    tmp = tempfile.gettempdir()
+    remove_leftovers(Path(tmp), r"damo_workdir-(\d+)-\w+")
+    wd = tempfile.mkdtemp(prefix=_WORKDIR.format(pid=os.getpid()), dir=tmp)
+    os.rmdir(wd)  # the store creates it
+    return wd
 
 
 def _save_inference(model: torch.nn.Module, output_dir: Path, dummy_input: torch.Tensor | None = None,
@@ -259,7 +333,8 @@ def _save_inference(model: torch.nn.Module, output_dir: Path, dummy_input: torch
     :class:`Embedding` replaced by a plain ``nn.Embedding`` over its group's stored rows (row 0
     zeros, the row of an unknown key), and ``output_dir/inference/mapper.json``,
     ``{group: {key: row}}``. Only ``dummy_input``'s shape and dtype are used: the graph is traced
-    on row 0, since the seed's examples pass raw ids that are not rows."""
+    on row 0, since the seed's examples pass raw ids that are not rows. The folder is replaced
+    whole, with a ``MANIFEST.json`` (:func:`~damo_hybrid.storage.files.atomic_dir`)."""
     from ..serving.onnx import onnx_export
 
     if dummy_input is None:
@@ -282,10 +357,9 @@ def _save_inference(model: torch.nn.Module, output_dir: Path, dummy_input: torch
         table = torch.nn.Embedding.from_pretrained(torch.from_numpy(w), freeze=True, padding_idx=0)
         parent, _, attr = name.rpartition(".")
         setattr(copy.get_submodule(parent) if parent else copy, attr, table)
-    out = output_dir / "inference"
-    out.mkdir(parents=True, exist_ok=True)
     copy.eval()
-    with torch.no_grad():
-        onnx_export(copy, (torch.zeros_like(dummy_input),), out / "model.onnx", input_names=input_names,
-                    output_names=output_names, dynamic_axes=dynamic_axes, opset_version=opset_version)
-    (out / "mapper.json").write_text(json.dumps(mapper))
+    with atomic_dir(output_dir / "inference", markers=("mapper.json", "model.onnx"), what="inference export") as out:
+        with torch.no_grad():
+            onnx_export(copy, (torch.zeros_like(dummy_input),), out / "model.onnx", input_names=input_names,
+                        output_names=output_names, dynamic_axes=dynamic_axes, opset_version=opset_version)
+        (out / "mapper.json").write_text(json.dumps(mapper))

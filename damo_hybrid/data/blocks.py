@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..keys.hashing import hash_feature, mix64
-from .readers import DenseMode, Schema, _buckets
+from .schema import DenseMode, Schema
 from .synthetic import Batch
+from .tabular import _buckets
 
 __all__ = ["Block", "Holdout", "Position", "finish_block", "strip_header", "to_batch"]
 

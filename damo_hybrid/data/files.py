@@ -1,20 +1,27 @@
-"""Reading input files: path expansion, and a generator run ahead by a thread of its own (reading,
-gunzip and parsing release the GIL, so the next block is ready when the consumer asks)."""
+"""Reading input files: path expansion, a text file's lines (gzip or not), the messages for a file
+that cannot be read (gzip under another name, truncated, not UTF-8), byte ranges cut at line
+starts, and a generator run ahead by a thread of its own (reading, gunzip and parsing release the
+GIL, so the next block is ready when the consumer asks)."""
 
 from __future__ import annotations
 
 import glob
+import gzip
 import io
 import os
 import queue
 import threading
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["expand_paths", "ahead", "skip_bytes", "line_start", "byte_part"]
+__all__ = ["expand_paths", "text_lines", "check_not_gzip", "unreadable", "not_text", "cause", "ahead", "skip_bytes",
+           "line_start", "byte_part"]
 
 T = TypeVar("T")
+
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def expand_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -136,3 +143,72 @@ def byte_part(paths: Sequence[Path], rank: int, world: int) -> list[tuple[int, i
                 out.append((i, a, b))
         base += n
     return out
+
+
+# ------------------------------------------------------------------ text lines and their errors
+def cause(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, its middle cut out past ``limit`` characters
+    (a library's message may hold a whole schema, or the bytes it choked on)."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else type(e).__name__
+    if len(text) <= limit:
+        return text
+    return text[:limit * 2 // 3] + " ... " + text[-(limit // 3):]
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its newline) of a text file, gzip or not."""
+    gz = path.suffix == ".gz"
+    if not gz:
+        check_not_gzip(path)
+    opener = gzip.open if gz else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as raw:
+            text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="\n")  # -sig: a leading BOM is not data
+            for lineno, line in enumerate(text, 1):
+                yield lineno, line.rstrip("\r\n")
+    except UnicodeDecodeError as e:  # the decoder reads ahead: find the line and byte again
+        line, at = _first_undecodable(path)
+        raise ValueError(not_text(path, line, at, gz)) from e
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(unreadable(path, lineno + 1, e)) from e
+
+
+def check_not_gzip(path: Path) -> None:
+    """Refuse gzip data under a name without ``.gz`` (it would be read as text and fail as binary)."""
+    with open(path, "rb") as f:
+        if f.read(2) == _GZIP_MAGIC:
+            raise ValueError(f"{path}: holds gzip-compressed data but its name does not end in .gz: "
+                             f"rename it to {path.name}.gz")
+
+
+def unreadable(path: Path, line: int, e: BaseException) -> str:
+    """The message for a gzip file that cannot be read at ``line`` (not gzip at all, truncated, corrupt)."""
+    if isinstance(e, gzip.BadGzipFile) and line == 1:
+        return (f"{path}: not gzip data although its name ends in .gz ({cause(e, 60)}): "
+                "rename it without .gz if it is plain text")
+    return f"{path}:{line}: unreadable after {line - 1} lines (truncated or corrupt file?): {cause(e, 80)}"
+
+
+def not_text(path: Path, line: int, at: int, gz: bool) -> str:
+    """The message for bytes that are not UTF-8 at byte ``at`` (of the decompressed text when ``gz``)."""
+    return (f"{path}:{line}: byte {at}{' of the decompressed text' if gz else ''}: not UTF-8 text "
+            "(a binary or compressed file?)")
+
+
+def _first_undecodable(path: Path) -> tuple[int, int]:
+    """(line number, byte offset) of the first byte of a file that is not UTF-8 (the error path only)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    at, lineno = 0, 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    return lineno, at + e.start
+                at += len(raw)
+    except (EOFError, gzip.BadGzipFile, zlib.error):  # a truncated end: the bad byte is in its last line
+        return lineno + 1, at
+    return max(lineno, 1), at

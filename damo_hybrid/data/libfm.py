@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from .readers import OnError, Schema, TabularData, _assemble, _floats, _lines, _Rows
-from .stream import DelimitedStream, expand_paths
+from .files import expand_paths, text_lines
+from .schema import OnError, Schema
+from .stream import DelimitedStream
+from .tabular import TabularData, _assemble, _floats, _Rows
 
 __all__ = ["libfm_lines", "libfm_columns", "libfm_schema", "LibfmStream"]
 
@@ -71,15 +73,18 @@ def libfm_schema(width: int, policy: OnError = OnError.RAISE) -> Schema:
                   on_error=policy)
 
 
-def _width(path: Path) -> int:
-    """The features per line of a libFM file (its first non-empty line's)."""
-    for _, line in _lines(path):
-        parts = line.split()
-        if parts:
-            if len(parts) < 2:
-                raise ValueError(f"{path}: the first line holds no features (label idx:val ...)")
-            return len(parts) - 1
-    raise ValueError(f"{path} holds no rows")
+def _width(path: Path | list[Path]) -> int:
+    """The features per line of libFM files (the first non-empty line's, in the first file that has one)."""
+    paths = path if isinstance(path, list) else [path]
+    for p in paths:
+        for _, line in text_lines(p):
+            parts = line.split()
+            if parts:
+                if len(parts) < 2:
+                    raise ValueError(f"{p}: the first line holds no features (label idx:val ...)")
+                return len(parts) - 1
+    raise ValueError(f"{paths[0]} holds no rows" if len(paths) == 1 else
+                     f"none of the {len(paths)} files {paths[0]}, ... holds a row")
 
 
 class LibfmStream(DelimitedStream):
@@ -89,7 +94,7 @@ class LibfmStream(DelimitedStream):
 
     def __init__(self, paths: str | Sequence[str], batch_size: int = 4096, on_error: OnError | str = OnError.RAISE,
                  **kw: Any) -> None:
-        self.width = _width(expand_paths(paths)[0])
+        self.width = _width(expand_paths(paths))
         super().__init__(paths, libfm_schema(self.width, OnError(on_error)), batch_size, **kw)
 
     def _text(self, body: bytes) -> None:
@@ -122,7 +127,7 @@ class LibfmStream(DelimitedStream):
             return t
         try:
             label = t.column("label")  # type: ignore[attr-defined]
-            if label.null_count:
+            if label.null_count or not pc.all(pc.is_finite(label)).as_py():  # "nan", "inf": the line reader names them
                 return None
             cols = {"label": pc.cast(pc.greater(label, 0.0), pa.float64())}
             for c in self.schema.sparse:

@@ -4,7 +4,7 @@
 parquet row groups: the schema's columns of one row group are read, cast to the types the fast
 path takes (float64 label and dense values, strings or int64 ids) and converted by it; a row group
 it will not judge (a null label, a value that does not cast) goes through the loaded reader's
-conversion (:func:`~damo_hybrid.data.readers.parquet_table`), so keys and errors are the same as
+conversion (:func:`~damo_hybrid.data.parquet.parquet_table`), so keys and errors are the same as
 :func:`~damo_hybrid.data.readers.read_dataset`'s. A :class:`~damo_hybrid.data.stream.Position`'s
 ``offset`` is the row group's number.
 """
@@ -17,7 +17,9 @@ from dataclasses import replace
 from typing import Any
 
 from .blocks import Block, Position
-from .readers import Schema, parquet_table
+from .files import cause
+from .parquet import check_numeric_columns, parquet_error, parquet_table
+from .schema import Schema
 from .stream import DelimitedStream
 
 __all__ = ["ParquetStream"]
@@ -47,13 +49,17 @@ class ParquetStream(DelimitedStream):
             try:
                 f = pq.ParquetFile(path)
             except Exception as e:  # pyarrow raises several types for a file that is not parquet
-                raise ValueError(f"{path}: cannot read as parquet: {e}") from e
+                raise ValueError(f"{path}: cannot read as parquet: {cause(e)}") from e
+            missing = [c for c in want if c not in f.schema_arrow.names]
+            if missing:  # (pyarrow's own message lists the whole file schema over many lines)
+                raise ValueError(parquet_error(path, want, KeyError(missing)))
+            check_numeric_columns(path, f.schema_arrow, s)
             first_group = start.offset if fi == start.file else 0
             for g in range(first_group, f.num_row_groups):
                 try:
                     table = f.read_row_group(g, columns=want)
                 except Exception as e:
-                    raise ValueError(f"{path}: cannot read columns {want} of row group {g}: {e}") from e
+                    raise ValueError(f"{path}: cannot read row group {g}: {cause(e)}") from e
                 fast = _fast_input(table, s)
                 block = self._fast(*fast) if fast is not None else None
                 if block is None:
@@ -87,7 +93,7 @@ def _fast_input(table: Any, s: Schema) -> tuple[Any, Schema] | None:
     for c in s.sparse:
         col = table.column(c)
         if pat.is_integer(col.type) and col.null_count == 0:
-            cols.append(col.cast(pa.int64()))
+            cols.append(col.cast(pa.int64(), safe=False))  # a uint64 id keeps its bits, as the loaded reader's
             ints.append(c)
         elif (pat.is_string(col.type) or pat.is_large_string(col.type)) and c not in s.int_sparse:
             cols.append(pc.fill_null(col, "") if col.null_count else col)  # null: the field's "missing" key

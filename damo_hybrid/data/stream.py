@@ -1,7 +1,7 @@
 """Streaming delimited input: files of any size in flat memory, parsed a block at a time.
 
 :class:`DelimitedStream` reads one or more CSV/TSV files (Criteo, Avazu or any
-:class:`~damo_hybrid.data.readers.Schema`; ``.gz`` decompressed on the fly) in blocks of about
+:class:`~damo_hybrid.data.schema.Schema`; ``.gz`` decompressed on the fly) in blocks of about
 ``block_mb`` cut at line ends, in a thread of its own. Each block goes to the first of three
 judges that takes it whole:
 
@@ -17,7 +17,7 @@ boundaries, so memory holds a few blocks and one batch, whatever the file size.
 
 A block that the first two refuse, or whose values the schema rejects (a wrong column count, a
 label that is not 0/1, a dense value that is not a number ...), is parsed line by line by the
-reference reader (:func:`~damo_hybrid.data.readers.delimited_lines`), so errors name the same
+reference reader (:func:`~damo_hybrid.data.delimited.delimited_lines`), so errors name the same
 file and line as :func:`~damo_hybrid.data.readers.read_dataset`, and ``on_error="skip"`` drops
 the same lines.
 
@@ -41,8 +41,9 @@ import numpy as np
 
 from ..keys.hashing import hash_feature, hash_packed
 from .blocks import Block, Holdout, Position, finish_block, strip_header, to_batch
-from .files import ahead, byte_part, expand_paths, skip_bytes
-from .readers import DenseMode, Schema, delimited_lines
+from .delimited import delimited_lines
+from .files import ahead, byte_part, check_not_gzip, expand_paths, not_text, skip_bytes, unreadable
+from .schema import DenseMode, Schema
 from .synthetic import Batch
 
 __all__ = ["DelimitedStream", "Position", "Holdout", "expand_paths"]
@@ -113,13 +114,28 @@ class DelimitedStream:
                              f"give at least {world} files (a glob or a directory)")
         pieces = byte_part(self.paths, rank, world)
         if not pieces:
-            raise ValueError(f"the input ({', '.join(map(str, self.paths))}) has too few lines to give each of "
+            raise ValueError(f"the input ({self.paths[0]}{f' and {len(self.paths) - 1} more' if len(self.paths) > 1 else ''}) "
+                             f"has too few lines to give each of "
                              f"{world} ranks some: use fewer ranks or more data")
         self.paths = [self.paths[i] for i, _, _ in pieces]
         self.file_ids = [self.file_ids[i] for i, _, _ in pieces]
         self.ranges = [(a, b) for _, a, b in pieces]
 
     splits_by_bytes = True  # a file can be cut at any line start (see part)
+
+    def holds_rows(self) -> bool:
+        """Whether the stream yields at least one row (after its held-out split and malformed lines
+        skipped): read up to its first block that has one. A run checks this before any work, so that
+        an empty input is an error rather than a run of 0 steps. Raises what reading it raises."""
+        skipped = self.skipped
+        blocks = self._blocks(Position())
+        try:
+            found = any(len(block) for block, _ in blocks)
+        finally:
+            blocks.close()  # type: ignore[attr-defined]
+        if found:  # (else ``skipped`` tells how many malformed lines it dropped)
+            self.skipped = skipped  # the lines it skipped are counted again when the run reads them
+        return found
 
     # ------------------------------------------------------------ batches
     def batches(self, start: Position = Position()) -> Iterator[tuple[Batch, Position]]:
@@ -188,7 +204,7 @@ class DelimitedStream:
         if start.file < len(self.paths) and start.offset < self.ranges[start.file][0]:  # the top of a part
             start = replace(start, offset=self.ranges[start.file][0], line=1, row=0, rows=0)
         for fi, off, ln, raw, nlines, table in ahead(self._tables(start), depth=2):
-            block = self._convert_table(fi, raw, ln, off == 0, table)
+            block = self._convert_table(fi, raw, ln, off == 0, table, off)
             block, skip, first, rows = self._frame(start, fi, off, block, rows)
 
             def after(used: int, fi: int = fi, off: int = off, ln: int = ln, n: int = len(block) + skip,
@@ -237,7 +253,10 @@ class DelimitedStream:
         """``(byte offset, first line number, bytes ending at a line end, newlines in them)``,
         up to byte ``end`` (a line start; None: the end of the file). Line numbers count from the
         part's first line, which :meth:`_line_base` places in the file."""
-        opener = gzip.open if path.suffix == ".gz" else open
+        gz = path.suffix == ".gz"
+        if not gz and offset == 0:
+            check_not_gzip(path)
+        opener = gzip.open if gz else open
         try:
             with opener(path, "rb") as f:
                 if offset:
@@ -266,7 +285,7 @@ class DelimitedStream:
                     offset += len(raw)
                     line += n
         except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-            raise ValueError(f"{path}:{line}: unreadable after {line - 1} lines (truncated or corrupt file?): {e}") from e
+            raise ValueError(unreadable(path, line, e)) from e  # (a .gz is never cut into parts: line is the file's)
 
     # ------------------------------------------------------------ parsing
     def _arrow_options(self) -> tuple[object, object, object] | None:
@@ -308,12 +327,17 @@ class DelimitedStream:
             self._bases[fi] = got
         return got
 
-    def _convert_table(self, fi: int, raw: bytes, line: int, file_start: bool, table: object) -> Block:
+    def _convert_table(self, fi: int, raw: bytes, line: int, file_start: bool, table: object,
+                       offset: int = 0) -> Block:
         path = self.paths[fi]
         block = table if isinstance(table, Block) else self._fast(table) if table is not None else None
         if block is None:  # a value the fast path will not judge: the reference line reader decides
             line += self._line_base(fi)
-            text = raw.decode("utf-8-sig" if file_start else "utf-8")
+            try:
+                text = raw.decode("utf-8-sig" if file_start else "utf-8")
+            except UnicodeDecodeError as e:  # its message would quote the whole block
+                raise ValueError(not_text(path, line + raw.count(b"\n", 0, e.start), offset + e.start,
+                                          path.suffix == ".gz")) from e
             lines = text.split("\n")
             if lines and lines[-1] == "":
                 lines.pop()
@@ -349,13 +373,14 @@ class DelimitedStream:
             return Block({f: np.zeros(0, np.uint64) for f in self.sparse_fields},
                           np.zeros((0, len(self.dense_fields)), np.float32), np.zeros(0, np.float32))
         label = _floats(t.column(s.label))
-        if label is None or np.isnan(label).any():
+        if label is None or not np.isfinite(label).all():
             return None
         dense = np.zeros((t.num_rows, len(s.dense)), np.float64)  # type: ignore[attr-defined]
         for j, c in enumerate(s.dense):
             col = t.column(c)
             v = _floats(col, missing=np.nan)
-            if v is None or (np.isnan(v) & ~_nulls(col)).any():  # a "nan" text is a bad value, not a missing one
+            # a "nan" or "inf" text is a bad value, not a missing one: the line reader names it
+            if v is None or (~np.isfinite(v) & ~_nulls(col)).any():
                 return None
             dense[:, j] = v
         sparse: dict[str, np.ndarray] = {}

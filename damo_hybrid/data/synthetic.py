@@ -83,6 +83,10 @@ class SyntheticCriteo:
         self.dense_fields = [f"I{i + 1}" for i in range(n_dense)]
         self.vocab = np.geomspace(vocab_min, vocab_max, max(n_sparse, 1)).astype(np.int64)[:n_sparse]
         self._dense_w = np.random.default_rng([seed, 7]).normal(0, 0.3, n_dense)
+        from ..resources import check_fits  # one batch: its keys, dense values and their float64 temporaries
+
+        check_fits([(f"one batch of batch_size {batch_size:,}", batch_size * (24 * n_sparse + 20 * n_dense + 40))],
+                   "lower batch_size (CLI: --batch-size)", "synthetic data")
 
     def batch(self, index: int) -> Batch:
         """Batch number ``index`` (deterministic)."""

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..keys.hashing import _field_salt, mix64
 from ..keys.kernels import FNV_OFFSET, FNV_PRIME, mix
-from .readers import Schema
+from .schema import Schema
 
 __all__ = ["TextPlan", "plan_text", "parse_text"]
 

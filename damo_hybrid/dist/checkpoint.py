@@ -5,9 +5,10 @@ Layout of ``root/step-NNNNNNNNN/``:
 
 - ``shard-RRRRR-of-WWWWW/``: rank ``R``'s store checkpoint (rows, metadata, admission counters);
 - ``trainer.pt``: the dense model, optimizer and data position (rank 0 writes it);
-- ``COMPLETE.json``: ``{"world", "sharding_version", "step"}``, written by rank 0 only after
-  every rank's part is complete (a barrier), so a checkpoint any rank left incomplete is never
-  used.
+- ``COMPLETE.json``: ``{"world", "sharding_version", "step", "manifest"}``, written by rank 0
+  only after every rank's part is complete (a barrier), so a checkpoint any rank left incomplete
+  is never used; its manifest (:func:`~damo_hybrid.pipeline.checkpoint.manifest`) lets a reader
+  refuse a part damaged or replaced afterwards.
 
 Restore (:func:`restore_shard`) onto ``W'`` ranks: with ``W' == W`` each rank copies its own
 shard (exact, admission counters included); with another ``W'`` each new rank reads every old
@@ -36,13 +37,21 @@ import torch.distributed as dist
 
 from ..config import StoreConfig
 from ..errors import DamoHybridError
-from ..pipeline.checkpoint import complete_checkpoints, load_trainer_state, step_dirs
+from ..pipeline.checkpoint import (
+    complete_checkpoints,
+    load_trainer_state,
+    manifest,
+    read_marker,
+    step_dirs,
+    verify_checkpoint,
+)
 from ..storage.files import atomic_file
 from ..store import EmbeddingStore
+from .exchange import lost_rank_as_error
 from .sharding import SHARDING_VERSION, claim_shard, shard_of
 
 __all__ = ["save_sharded_checkpoint", "latest_sharded_checkpoint", "prune_sharded_checkpoints", "restore_shard",
-           "newest_checkpoint", "any_checkpoint", "is_sharded", "COMPLETE"]
+           "newest_checkpoint", "any_checkpoint", "is_sharded", "COMPLETE", "candidates", "set_aside"]
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +86,14 @@ def save_sharded_checkpoint(root: str | Path, step: int, store: EmbeddingStore, 
     if rank == 0 and state is not None:
         with atomic_file(ck / "trainer.pt") as f:
             torch.save(state, f)
-    dist.barrier(group)  # every rank's shard is complete
+    with lost_rank_as_error("checkpoint's barrier"):
+        dist.barrier(group)  # every rank's shard is complete
     if rank == 0:
-        with atomic_file(ck / COMPLETE) as f:
-            f.write(json.dumps({"world": world, "sharding_version": SHARDING_VERSION, "step": step}).encode())
-    dist.barrier(group)
+        marker = {"world": world, "sharding_version": SHARDING_VERSION, "step": step, "manifest": manifest(ck)}
+        with atomic_file(ck / COMPLETE) as f:  # last
+            f.write(json.dumps(marker).encode())
+    with lost_rank_as_error("checkpoint's barrier"):
+        dist.barrier(group)
     return ck
 
 
@@ -108,7 +120,7 @@ def latest_sharded_checkpoint(root: str | Path) -> tuple[Path, dict[str, Any]] |
     found = [p for p in step_dirs(root) if (p / COMPLETE).is_file()]
     if not found:
         return None
-    return found[-1], json.loads((found[-1] / COMPLETE).read_text())
+    return found[-1], read_marker(found[-1], COMPLETE)
 
 
 def is_sharded(ck: str | Path) -> bool:
@@ -122,34 +134,47 @@ def any_checkpoint(root: str | Path) -> bool:
 
 
 def newest_checkpoint(root: str | Path, log: Any = None, move_damaged: bool = True) -> tuple[Path, dict[str, Any]] | None:
-    """The complete checkpoint of either kind with the highest step under ``root`` whose trainer
-    state loads, and that state; None when there is none.
+    """The complete checkpoint of either kind with the highest step under ``root`` that matches its
+    manifest and whose trainer state loads, and that state; None when there is none.
 
     A damaged one is reported through ``log`` (a ``str -> None`` callable) and passed over; with
     ``move_damaged`` (one process, or rank 0 of a run whose other ranks do not look) it is renamed
     ``step-<N>.damaged-<id>``, kept for inspection out of the way of the run that redoes its steps.
     """
-    root = Path(root)
-    found = [(int(p.name.split("-")[1]), p) for p in complete_checkpoints(root)]
-    found += [(int(json.loads((p / COMPLETE).read_text())["step"]), p) for p in step_dirs(root) if is_sharded(p)]
-    for _, ck in sorted(found, key=lambda c: c[0], reverse=True):
+    for ck in candidates(root):
         try:
+            name = COMPLETE if is_sharded(ck) else "TRAINING.json"
+            verify_checkpoint(ck, read_marker(ck, name), name)
             return ck, load_trainer_state(ck)
         except DamoHybridError as e:
-            note = "falling back to an older one"
-            if move_damaged:
-                aside = ck.with_name(f"{ck.name}.damaged-{uuid.uuid4().hex[:8]}")
-                os.rename(ck, aside)
-                note = f"moved it to {aside.name} and {note}"
-            if log is not None:
-                log(f"skipping checkpoint {ck}: {e}; {note}")
+            set_aside(ck, e, log, move_damaged)
     return None
+
+
+def candidates(root: str | Path) -> list[Path]:
+    """The complete checkpoints of either kind under ``root``, newest (highest step) first."""
+    root = Path(root)
+    found = [(int(p.name.split("-")[1]), p) for p in complete_checkpoints(root)]
+    found += [(int(p.name.split("-")[1]), p) for p in step_dirs(root) if is_sharded(p)]
+    return [ck for _, ck in sorted(found, key=lambda c: c[0], reverse=True)]
+
+
+def set_aside(ck: Path, why: Exception, log: Any = None, move: bool = True) -> None:
+    """Report checkpoint ``ck`` as unusable through ``log`` and, with ``move``, rename it
+    ``step-<N>.damaged-<id>``: kept for inspection, out of the way of the run that redoes its steps."""
+    note = "falling back to an older one"
+    if move:
+        aside = ck.with_name(f"{ck.name}.damaged-{uuid.uuid4().hex[:8]}")
+        os.rename(ck, aside)
+        note = f"moved it to {aside.name} and {note}"
+    if log is not None:
+        log(f"skipping checkpoint {ck}: {why}; {note}")
 
 
 def _parts(ck: Path) -> list[Path]:
     """The store checkpoints of every rank of complete checkpoint ``ck``, of either kind, in rank order."""
     if is_sharded(ck):
-        marker = json.loads((ck / COMPLETE).read_text())
+        marker = read_marker(ck, COMPLETE)
         if marker.get("sharding_version") != SHARDING_VERSION:
             raise DamoHybridError(f"{ck} was sharded by rule {marker.get('sharding_version')}, this version uses "
                                   f"{SHARDING_VERSION}")

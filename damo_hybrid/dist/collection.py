@@ -16,8 +16,9 @@ A step of :class:`ShardedEmbeddingCollection`, with ``W`` ranks:
    each key once.
 
 The ``1 / W`` matches data-parallel training of the dense layers (gradients averaged over
-ranks): each rank's loss is the mean over its part of the global batch, so a run on ``W`` ranks
-equals one process on the global batch up to the order of float additions.
+ranks): the Trainer weights each rank's mean loss by ``W n_r / N`` (its ``n_r`` of the global
+batch's ``N`` rows), so a run on ``W`` ranks equals one process on the global batch up to the
+order of float additions, however unevenly the batch is split.
 
 Rows are read at step time (2.), after every owner applied the previous step (3.), so a key
 shared by steps ``t`` and ``t + 1`` on any ranks sees ``t``'s update in ``t + 1``. Stage 1 may run

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.source import EndOfData, StreamSource, restart_epoch
+from .exchange import lost_rank_as_error
 
 __all__ = ["RankStream"]
 
@@ -62,7 +63,8 @@ class RankStream:
         except EndOfData:
             b, has = None, 0
         flag = torch.tensor([has], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        with lost_rank_as_error("end-of-data check"):
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         if not int(flag[0]):
             raise EndOfData(f"batch {i}: the files of rank {self.rank if not has else 'another'} are done")
         return b
@@ -70,7 +72,8 @@ class RankStream:
     def state(self, i: int) -> dict[str, Any]:
         """Every rank's position at batch ``i`` (a collective: every rank calls it)."""
         parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, self.source.state(i), group=self.group)
+        with lost_rank_as_error("gathering of the input positions"):
+            dist.all_gather_object(parts, self.source.state(i), group=self.group)
         return {"world": self.world, "ranks": parts}
 
     def load_state(self, d: dict[str, Any]) -> None:

@@ -10,7 +10,10 @@ either backend.
 
 from __future__ import annotations
 
+import contextlib
+import re
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 
 import numpy as np
@@ -19,7 +22,7 @@ import torch.distributed as dist
 
 from ..errors import ExchangeError
 
-__all__ = ["Exchange", "as_exchange_error", "exchange_device"]
+__all__ = ["Exchange", "as_exchange_error", "exchange_device", "lost_rank_as_error"]
 
 # how gloo and NCCL word a lost peer or a timeout (they raise plain RuntimeErrors); an error of
 # the model's own code that merely mentions a timeout or a socket is not one of them
@@ -46,10 +49,35 @@ def as_exchange_error(e: RuntimeError, what: str, timeout: timedelta | None = No
         return e
     rank = f"rank {dist.get_rank()} of {dist.get_world_size()}" if dist.is_initialized() else "this rank"
     wait = f" within {timeout.total_seconds():g} s" if timeout is not None else ""
-    first = text.splitlines()[0] if text else type(e).__name__
-    return ExchangeError(f"{rank}: the {what} with the other ranks failed ({first[:200]}): a rank stopped or "
-                         f"did not answer{wait}. This step was not stored here; restart every rank from the last "
-                         "checkpoint")
+    return ExchangeError(f"{rank}: the {what} with the other ranks failed ({_cause(text, type(e).__name__)}): a "
+                         f"rank stopped or did not answer{wait}; this step was not stored: run the same command "
+                         "with --resume")
+
+
+@contextlib.contextmanager
+def lost_rank_as_error(what: str) -> Iterator[None]:
+    """Run a collective (a barrier, an all-reduce) whose failure for a lost or silent rank is an
+    :class:`~damo_hybrid.errors.ExchangeError` naming ``what``, as every exchange's is."""
+    try:
+        yield
+    except RuntimeError as e:
+        err = as_exchange_error(e, what, sure=True)
+        if err is e:
+            raise
+        raise err from e
+
+
+# where gloo and NCCL say which source line raised: "[/path/to/gloo/transport/tcp/pair.cc:534] "
+_SOURCE_LINE = re.compile(r"\[[^\]\s]*\.(?:cc|cpp|cu|h|hpp|py):\d+\]\s*")
+_CAUSE_CHARS = 100
+
+
+def _cause(text: str, fallback: str) -> str:
+    """The first line of a backend's error, without build paths, cut at a word (at most 100 characters)."""
+    first = _SOURCE_LINE.sub("", text.splitlines()[0] if text else "").strip() or fallback
+    if len(first) > _CAUSE_CHARS:
+        first = first[:_CAUSE_CHARS].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+    return first
 
 
 class Exchange:

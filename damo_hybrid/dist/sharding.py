@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigConflictError
+from ..errors import ConfigConflictError, DamoHybridError
 from ..keys.hashing import mix64
 from ..storage.files import atomic_file
 
@@ -40,6 +40,18 @@ def split_by_owner(keys: np.ndarray, world: int) -> tuple[np.ndarray, np.ndarray
     return np.argsort(owner, kind="stable"), np.bincount(owner, minlength=world).astype(np.int64)
 
 
+def _read_claim(p: Path) -> dict:
+    """The parsed shard record ``p``; a damaged one is a one-line error naming it."""
+    try:
+        have = json.loads(p.read_text())
+    except ValueError as e:
+        raise DamoHybridError(f"shard record {p} is damaged (not valid JSON: {str(e)[:60]}); restore the store "
+                              "from a checkpoint") from None
+    if not isinstance(have, dict):
+        raise DamoHybridError(f"shard record {p} is damaged (not a JSON object); restore the store from a checkpoint")
+    return have
+
+
 def claim_shard(root: Path | None, world: int, rank: int) -> None:
     """Record in the store at ``root`` that it holds shard ``rank`` of ``world`` under this rule
     (``shard.json``, written atomically), or check the record it has.
@@ -52,7 +64,7 @@ def claim_shard(root: Path | None, world: int, rank: int) -> None:
     want = {"sharding_version": SHARDING_VERSION, "world": world, "rank": rank}
     p = Path(root) / SHARD_FILE
     if p.exists():
-        have = json.loads(p.read_text())
+        have = _read_claim(p)
         if have != want:
             raise ConfigConflictError(
                 f"store {root} holds shard {have.get('rank')} of {have.get('world')} (sharding rule "
@@ -74,7 +86,7 @@ def refuse_lone_shard(root: Path | None) -> None:
     p = Path(root) / SHARD_FILE if root is not None else None
     if p is None or not p.exists():
         return
-    have = json.loads(p.read_text())
+    have = _read_claim(p)
     world = int(have.get("world", 1))
     if world <= 1:
         return

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 
 from ..errors import DamoHybridError
 from ..rows.codec import Rows
-from ..storage.files import atomic_file
+from ..storage.files import atomic_file, scratch_dir
 from ..store import EmbeddingStore, StoreStats
 
 __all__ = ["shard_dirs", "ShardedStoreView", "open_for_reading"]
@@ -115,7 +114,7 @@ class ShardedStoreView:
         """
         names = None if tables is None else list(tables)
         parts: list[dict[str, np.ndarray]] = []
-        with tempfile.TemporaryDirectory(prefix="damo-shards-") as d:
+        with scratch_dir(path) as d:  # beside the output: its file system, removed after a kill by the next dump
             for i, s in enumerate(self.stores):
                 p = Path(d) / f"{i}.npz"
                 s.dump(p, tables=names, min_count=min_count, expire_days=expire_days)

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import clip as _clip
 from ..checks import int_at_least
 from .hashing import mix64
 
@@ -85,7 +86,7 @@ class CompressionConfig:
             raise ValueError(f"compression rows must be in [2, 2**{PART_SHIFT}], got {self.rows}")
         kind = self.kind.value
         if self.op not in _OPS[kind]:
-            raise ValueError(f"{kind} combines its partitions by one of {list(_OPS[kind])}, got op={self.op!r}")
+            raise ValueError(f"{kind} combines its partitions by one of {list(_OPS[kind])}, got op={_clip(self.op)}")
         used = {"qr": ("m", "partitions"), "binary_code": ("bits_per_block",), "double_hash": ("min_count",),
                 "hashing": ()}[kind]
         unused = [n for n, default in (("m", 0), ("partitions", 1), ("bits_per_block", 0), ("min_count", 0))
@@ -139,30 +140,34 @@ class CompressionConfig:
         Raises:
             ValueError: an unknown kind or name, a value that is not an int, or a bad config.
         """
-        kind, _, rest = str(spec).partition(":")
+        if not isinstance(spec, str):
+            raise TypeError(f"a compression spec must be a string such as 'qr:rows=1000000,m=1000', "
+                            f"got {type(spec).__name__}")
+        kind, _, rest = spec.partition(":")
         names = {"qr": ("rows", "m", "op", "partitions"), "binary_code": ("rows", "bits_per_block", "op"),
                  "hashing": ("rows",), "double_hash": ("rows", "min_count")}
+        at = _clip(spec, 60)  # a spec quoted in an error: it may come from a file, and be huge
         if kind not in names:
-            raise ValueError(f"unknown compression {kind!r} in {spec!r}; known: {', '.join(names)}")
+            raise ValueError(f"unknown compression {_clip(kind)} in {at}; known: {', '.join(names)}")
         given: dict[str, Any] = {}
         for item in filter(None, rest.split(",")):
             name, eq, value = (x.strip() for x in item.partition("="))
             if name in given:
-                raise ValueError(f"{name}= given twice in {spec!r}")
+                raise ValueError(f"{_clip(name)}= given twice in {at}")
             if not eq or name not in names[kind]:
-                raise ValueError(f"{kind} takes {', '.join(n + '=' for n in names[kind])}; got {item!r} in {spec!r}")
+                raise ValueError(f"{kind} takes {', '.join(n + '=' for n in names[kind])}; got {_clip(item)} in {at}")
             try:
                 given[name] = value if name == "op" else int(value)
             except ValueError:
-                raise ValueError(f"{name} must be an integer, got {value!r} in {spec!r}") from None
+                raise ValueError(f"{name} must be an integer, got {_clip(value)} in {at}") from None
         if "rows" not in given:
-            raise ValueError(f"{spec!r} lacks rows= (the id space its keys are reduced to)")
+            raise ValueError(f"{at} lacks rows= (the id space its keys are reduced to)")
         if kind == "qr" and "m" not in given:
-            raise ValueError(f"{spec!r} lacks m= (the rows of the remainder partition)")
+            raise ValueError(f"{at} lacks m= (the rows of the remainder partition)")
         if kind == "binary_code" and "bits_per_block" not in given:
-            raise ValueError(f"{spec!r} lacks bits_per_block=")
+            raise ValueError(f"{at} lacks bits_per_block=")
         if kind == "double_hash" and "min_count" not in given:
-            raise ValueError(f"{spec!r} lacks min_count= (the occurrences from which a key has its own row)")
+            raise ValueError(f"{at} lacks min_count= (the occurrences from which a key has its own row)")
         return getattr(cls, kind)(**given)
 
     # ------------------------------------------------------------------ shape

@@ -148,7 +148,11 @@ def hash_feature(field: str | int, values: Any) -> np.ndarray:
     if not values:
         return np.zeros(0, dtype=np.uint64)
     first = values[0]
-    if isinstance(first, (int, np.integer)) and not isinstance(first, bool):
+    if isinstance(first, (int, np.integer)) and not isinstance(first, (bool, np.bool_)):
+        # every value an int: a float (7.5), a bool or a str among them is refused, never converted
+        odd = [t for t in set(map(type, values)) if not issubclass(t, (int, np.integer)) or issubclass(t, bool)]
+        if odd:
+            raise TypeError(f"values must all be ints when the first one is, got {odd[0].__name__}")
         ints = _ints_as_u64(values)
         return mix64(ints ^ mix64(salt ^ _TAG_INT)[0])
     if isinstance(first, str):
@@ -157,6 +161,9 @@ def hash_feature(field: str | int, values: Any) -> np.ndarray:
         except TypeError as e:
             raise TypeError("values must all be str when the first one is") from e
     elif isinstance(first, (bytes, bytearray, memoryview)):
+        odd = [t for t in set(map(type, values)) if not issubclass(t, (bytes, bytearray, memoryview))]
+        if odd:  # bytes(5) would be five NUL bytes
+            raise TypeError(f"values must all be bytes when the first one is, got {odd[0].__name__}")
         data = [bytes(x) for x in values] if not all(isinstance(x, bytes) for x in values) else values
     else:
         raise TypeError(f"values must be ints, str or bytes, got {type(first).__name__}")

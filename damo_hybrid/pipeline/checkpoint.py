@@ -4,11 +4,14 @@ A training checkpoint is a directory::
 
     store/           an EmbeddingStore checkpoint (rows, step counters, admission counts, configs)
     trainer.pt       dense model and dense optimizer state, step, samples, RNG states
-    TRAINING.json    marker, written last
+    TRAINING.json    marker, written last: the step and a manifest of every other file (its
+                     size; the SHA-256 of the small ones and of ``trainer.pt``)
 
 built in a hidden sibling directory and renamed into place, so a crash (even ``kill -9``)
 leaves either the previous checkpoints or a new complete one; a directory without the
-marker is never picked up. Checkpoints are named ``step-<N>`` under a root directory, and
+marker is never picked up, and one whose files do not match its manifest (a file truncated,
+replaced or missing after it was written, a part of another checkpoint) is refused by
+:func:`verify_checkpoint`. Checkpoints are named ``step-<N>`` under a root directory, and
 the newest complete one is found by :func:`latest_checkpoint`.
 """
 
@@ -27,14 +30,66 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DamoHybridError
-from ..storage.files import atomic_file, fsync_dir
+from ..errors import DamagedOutputError, DamoHybridError
+from ..storage.files import atomic_file, check_files, fsync_dir, list_files
 
 __all__ = ["save_training_checkpoint", "complete_checkpoints", "latest_checkpoint", "load_latest",
-           "load_trainer_state", "prune_checkpoints", "step_dirs"]
+           "load_trainer_state", "prune_checkpoints", "step_dirs", "manifest", "verify_checkpoint", "read_marker",
+           "check_model_class"]
 
 _MARKER = "TRAINING.json"
 _NAME = re.compile(r"^step-(\d+)$")
+#: files up to this size are hashed in a manifest (``trainer.pt`` always); larger ones (RocksDB's
+#: tables, which carry block checksums of their own) are checked by size
+_HASHED_BYTES = 1 << 20
+_FIX = "resume falls back to an older checkpoint"
+
+
+def manifest(ck: str | os.PathLike[str], markers: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What :func:`verify_checkpoint` checks: every file under ``ck`` but the ``markers`` and the
+    stores' key filters, with its size, and the SHA-256 of ``trainer.pt`` and of every file of at
+    most 1 MiB
+    (:func:`~damo_hybrid.storage.files.list_files`).
+
+    Returns:
+        ``{"files": {relative path: {"bytes": n[, "sha256": hex]}}}``.
+    """
+    files = list_files(Path(ck), skip=markers, hash_max_bytes=_HASHED_BYTES, hash_names=("trainer.pt",))
+    # a store's key filters are rebuilt where missing or stale (trusted only by meta.json's token)
+    return {"files": {rel: f for rel, f in files.items() if "keyfilter" not in rel.split("/")[:-1]}}
+
+
+def verify_checkpoint(ck: str | os.PathLike[str], marker: dict[str, Any], marker_name: str = _MARKER) -> None:
+    """Check that the files of checkpoint ``ck`` are those its marker's manifest lists, of the
+    sizes and contents it records. A marker without a manifest (written before manifests
+    existed) passes.
+
+    Raises:
+        DamagedOutputError: a file is missing, of another size or content; the message names it.
+    """
+    m = marker.get("manifest")
+    if m is None:
+        return
+    files = m.get("files") if isinstance(m, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        raise DamagedOutputError(f"{Path(ck) / marker_name} is damaged: its manifest is not a listing of files")
+    check_files(Path(ck), files, "checkpoint", _FIX, listed_in=marker_name)
+
+
+def read_marker(ck: str | os.PathLike[str], name: str = "TRAINING.json") -> dict[str, Any]:
+    """The parsed marker file ``name`` of checkpoint ``ck``.
+
+    Raises:
+        DamoHybridError: unreadable or not a JSON object; the message names the file.
+    """
+    p = Path(ck) / name
+    try:
+        m = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise DamoHybridError(f"checkpoint marker {p} is unreadable: {str(e)[:120]}") from None
+    if not isinstance(m, dict):
+        raise DamoHybridError(f"checkpoint marker {p} is damaged: not a JSON object")
+    return m
 
 
 def save_training_checkpoint(root: str | os.PathLike[str], step: int, store: Any, trainer_state: dict[str, Any]) -> Path:
@@ -59,8 +114,9 @@ def save_training_checkpoint(root: str | os.PathLike[str], step: int, store: Any
         store.checkpoint(tmp / "store")
         with atomic_file(tmp / "trainer.pt") as f:
             torch.save(trainer_state, f)
-        with atomic_file(tmp / _MARKER) as f:
-            f.write(json.dumps({"step": step, "created": time.time()}).encode())
+        marker = {"step": step, "created": time.time(), "manifest": manifest(tmp)}  # of all the rest
+        with atomic_file(tmp / _MARKER) as f:  # last
+            f.write(json.dumps(marker).encode())
         os.rename(tmp, dst)
         fsync_dir(root)
     except BaseException:
@@ -122,13 +178,15 @@ def load_trainer_state(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_latest(root: str | os.PathLike[str], log: Any = None) -> tuple[Path, dict[str, Any]] | None:
-    """The newest complete checkpoint whose trainer state loads, and that state.
+    """The newest complete checkpoint that matches its manifest and whose trainer state loads,
+    and that state.
 
     A damaged newer one is renamed ``step-<N>.damaged`` (kept for inspection, out of the way of
     the run that redoes its steps) and reported through ``log``, a ``str -> None`` callable.
     """
     for ck in complete_checkpoints(root):
         try:
+            verify_checkpoint(ck, read_marker(ck))
             return ck, load_trainer_state(ck)
         except DamoHybridError as e:
             aside = ck.with_name(f"{ck.name}.damaged-{uuid.uuid4().hex[:8]}")
@@ -147,3 +205,21 @@ def prune_checkpoints(root: str | os.PathLike[str], keep: int) -> None:
     for p in root.iterdir():
         if p.name.startswith(".step-") and ".partial-" in p.name:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def check_model_class(state: dict[str, Any], model_class: str, dense_mode: str = "raw",
+                      field_tables: dict[str, str] | None = None) -> None:
+    """Raise ValueError where a saved trainer state comes from another model class (or the same
+    class with its dense features embedded another way, or its fields reading other tables)."""
+    saved = state.get("model_class")
+    if saved is not None and saved != model_class:
+        raise ValueError(f"the checkpoint was written by a {saved} model and this run builds a {model_class}: "
+                         f"resume with the model that wrote it, or train the {model_class} in a new store")
+    mode = (state.get("model_spec") or {}).get("dense_mode", "raw")
+    if saved is not None and mode != dense_mode:
+        raise ValueError(f"the checkpoint's {saved} takes its dense features as --dense-mode {mode}, this run as "
+                         f"{dense_mode}: resume with --dense-mode {mode}, or train in a new store")
+    tables = (state.get("model_spec") or {}).get("field_tables") or {}
+    if saved is not None and tables != (field_tables or {}):
+        raise ValueError(f"the checkpoint's fields read tables {tables or 'emb only'}, this run's "
+                         f"{field_tables or 'emb only'}: resume with the same [fields] options, or train in a new store")

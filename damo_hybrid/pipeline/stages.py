@@ -29,6 +29,7 @@ from typing import Any, Generic, TypeVar
 
 from torch.profiler import record_function
 
+from ..data.files import cause
 from ..data.source import EndOfData
 from ..errors import PipelineError
 
@@ -184,7 +185,7 @@ class Pipeline(Generic[B, P]):
             item = self._get(self._q2)
             self.stats.worker_stall += time.perf_counter() - t0
             if isinstance(item, _Failed):
-                raise PipelineError(f"the {item.stage} stage failed: {item.exc!r}") from item.exc
+                raise PipelineError(f"the {item.stage} stage failed: {_summary(item.exc)}") from item.exc
             if isinstance(item, _Done):
                 return
             self.stats.batches += 1
@@ -208,6 +209,18 @@ class Pipeline(Generic[B, P]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _summary(e: BaseException) -> str:
+    """What a stage's exception adds to the one line the command line prints: the first line of
+    its message, at most about 200 characters in all (the whole text stays in the cause), after
+    its type unless it is a plain ``ValueError``, bad input whose message names the file and line.
+    Not ``repr``, which quotes the message again and doubles or escapes the quotes inside it."""
+    name = type(e).__name__
+    text = cause(e, 160)
+    if text == name:  # no message
+        return name
+    return text if type(e) is ValueError else f"{name}: {text}"
 
 
 def worker_threads(cores: int | None = None, prefetch: bool = True, parts: int = 1) -> int:

@@ -28,7 +28,7 @@ from ..data.synthetic import Batch
 from ..errors import NonFiniteGradientError
 from ..nn.collection import PreparedBatch
 from ..timing import CLOCK
-from .checkpoint import latest_checkpoint, prune_checkpoints, save_training_checkpoint
+from .checkpoint import check_model_class, latest_checkpoint, prune_checkpoints, save_training_checkpoint
 from .split import MIN_SPLIT, SplitDense, dense_parts, splittable
 from .stages import Pipeline, PipelineStats
 
@@ -68,24 +68,6 @@ class TrainSummary:
         return d
 
 
-def check_model_class(state: dict[str, Any], model_class: str, dense_mode: str = "raw",
-                      field_tables: dict[str, str] | None = None) -> None:
-    """Raise ValueError where a saved trainer state comes from another model class (or the same
-    class with its dense features embedded another way, or its fields reading other tables)."""
-    saved = state.get("model_class")
-    if saved is not None and saved != model_class:
-        raise ValueError(f"the checkpoint was written by a {saved} model and this run builds a {model_class}: "
-                         f"resume with the model that wrote it, or train the {model_class} in a new store")
-    mode = (state.get("model_spec") or {}).get("dense_mode", "raw")
-    if saved is not None and mode != dense_mode:
-        raise ValueError(f"the checkpoint's {saved} takes its dense features as --dense-mode {mode}, this run as "
-                         f"{dense_mode}: resume with --dense-mode {mode}, or train in a new store")
-    tables = (state.get("model_spec") or {}).get("field_tables") or {}
-    if saved is not None and tables != (field_tables or {}):
-        raise ValueError(f"the checkpoint's fields read tables {tables or 'emb only'}, this run's "
-                         f"{field_tables or 'emb only'}: resume with the same [fields] options, or train in a new store")
-
-
 def peak_rss_mb() -> float:
     """Peak resident memory of this process, MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -107,6 +89,9 @@ class Trainer:
             repeat bit for bit; an unsplit step differs by the order of float additions). A batch
             under ``MIN_SPLIT`` samples, a ``loss_fn`` other than the default mean
             ``BCEWithLogitsLoss``, or CPU autocast runs whole.
+        identity: what this run's result depends on (options and their values), saved with every
+            checkpoint as ``state()["run"]`` so that a resume can refuse another run's checkpoint
+            (the command line's ``damo_hybrid.cli.resume.check_identity``).
     Raises:
         ValueError: ``split=True`` for a model without a row-wise dense part, a sharded one, or
             one on a GPU.
@@ -114,8 +99,9 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, dense_optimizer: torch.optim.Optimizer,
                  train_batch: Callable[[int], Batch], eval_batch: Callable[[int], Batch] | None = None,
-                 split: bool | None = None) -> None:
+                 split: bool | None = None, identity: dict[str, Any] | None = None) -> None:
         self.model = model
+        self.identity = identity
         # a model whose embeddings are a module of its own (DHE, in-memory tables) has no rows to serve
         sparse = getattr(model, "sparse", None)
         self.sparse = sparse if sparse is not None else _NoRows(model)
@@ -186,7 +172,7 @@ class Trainer:
                         loss = self.loss_fn(logits, self._to_device(b.label))
                     self.opt.zero_grad(set_to_none=True)
                     with CLOCK("backward"):
-                        loss.backward()
+                        self._by_rows(loss, logits, len(b.label)).backward()
         except BaseException as e:
             self.sparse.release(prepared)  # a failed forward or backward keeps no rows pinned
             if self._train_forward is not self.model and isinstance(e, RuntimeError):
@@ -221,7 +207,25 @@ class Trainer:
             self.timeline += [("compute", t2, t3), ("apply", t3, t4)]
         self.step += 1
         self.samples += len(b.label)
-        return float(loss.detach())
+        return float(loss.detach()) if len(b.label) else 0.0
+
+    def _by_rows(self, loss: torch.Tensor, logits: torch.Tensor, n: int) -> torch.Tensor:
+        """The loss to differentiate: on ranks, this rank's mean weighted by its share of the global
+        batch's rows, so that after the ranks' gradients are averaged (DDP, and the sharded tables'
+        ``1 / W``) any slicing of the global batch, uneven or empty, equals one process on all of it."""
+        if not self._sharded:
+            return loss
+        import torch.distributed as dist
+
+        from ..dist.exchange import lost_rank_as_error
+
+        rows = torch.tensor([float(n)], dtype=torch.float64, device=self.device)
+        with lost_rank_as_error("count of the step's rows"):
+            dist.all_reduce(rows)  # every rank's count of this step: a global batch may be split unevenly
+        total = float(rows.item())
+        if n == 0 or total == 0:
+            return logits.sum() * 0.0  # no rows here: no gradient, but every collective still runs
+        return loss * (n * self.sparse.world / total)
 
     def _default_loss(self) -> bool:
         """Whether the loss is the one the split computes: mean BCE with logits, unweighted."""
@@ -244,7 +248,7 @@ class Trainer:
         """Dense model, dense optimizer, position and RNG states (sparse rows live in the store)."""
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
                 "samples": self.samples, "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-                "model_class": type(self.model).__name__,
+                "model_class": type(self.model).__name__, "run": self.identity,
                 # what rebuilds a built-in model for export (damo-hybrid export --onnx)
                 "model_spec": {"fields": list(getattr(self.model, "fields", [])),
                                "n_dense": getattr(self.model, "n_dense", None),
@@ -378,8 +382,11 @@ class Trainer:
         if self._sharded:  # every rank's slice of the held-out batches: the figures of them all
             import torch.distributed as dist
 
+            from ..dist.exchange import lost_rank_as_error
+
             parts: list = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, (y, p))
+            with lost_rank_as_error("gathering of the held-out scores"):
+                dist.all_gather_object(parts, (y, p))
             y, p = np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
         return auc(y, p), logloss(y, p)
 

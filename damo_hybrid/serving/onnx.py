@@ -10,6 +10,10 @@ export splits the lookup in two, as the seed's inference export does:
 - ``keys_<table>.npy``: the table's stored keys, sorted (uint64, 8 bytes per key: a compact
   binary map; key ``keys[i]`` is row ``i + 1``). :class:`~damo_hybrid.serving.predictor.Predictor`
   maps raw keys with one ``searchsorted`` per table.
+- ``MANIFEST.json``, written last: an id and each file's size and SHA-256. The folder is built
+  beside ``out_dir`` and swapped in whole (:func:`~damo_hybrid.storage.files.atomic_dir`), so an
+  interrupted re-export leaves the previous export in place, and the
+  :class:`~damo_hybrid.serving.predictor.Predictor` refuses files that are not one export's.
 - ``export.json``: fields, tables, widths, the number of dense features, the format version,
   and a compressed table's mapping: its ``index`` is then (B, F * P), the rows of each field's
   ``P`` partition keys (:mod:`damo_hybrid.keys.compression`), combined in the graph as in training.
@@ -38,13 +42,15 @@ import torch
 from torch import nn
 
 from ..nn.gather import combine
+from ..storage.files import atomic_dir
 
 __all__ = ["export_onnx", "IndexedRows", "GroupedRows", "onnx_export", "EXPORT_FORMAT", "EXPORT_FORMAT_COMPRESSED",
-           "EXPORT_FORMAT_FIELD_TABLES"]
+           "EXPORT_FORMAT_FIELD_TABLES", "EXPORT_MARKERS"]
 
 EXPORT_FORMAT = 1
 EXPORT_FORMAT_COMPRESSED = 2  # ``compression`` in export.json: a reader of format 1 only refuses it
 EXPORT_FORMAT_FIELD_TABLES = 3  # several tables, one index input each
+EXPORT_MARKERS = ("export.json",)  # an existing folder holding it is an export, which a new one may replace
 
 
 class IndexedRows(nn.Module):
@@ -147,25 +153,34 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike[str], opset: int = 
 
     Args:
         model: the trained model (its store open; cached updates are flushed first).
-        out_dir: the directory to write (created; files in it are replaced).
+        out_dir: the folder to write: absent, empty, or an earlier export, which is replaced whole
+            (built in a hidden sibling, swapped in when complete).
     Returns:
         ``out_dir``.
     Raises:
         ValueError: the model serves its rows from another module (nothing to export), or its
-            separate first-order table is compressed.
+            separate first-order table is compressed, or ``out_dir`` holds something else than
+            an export (nothing is written).
     """
     sparse = getattr(model, "sparse", None)
     if sparse is None:
         raise ValueError("export_onnx exports a model whose rows live in the store (built with a store)")
-    if len(getattr(model, "tables", ())) > 1:
-        return _export_field_tables(model, Path(out_dir), opset)
-    cfg = sparse.tiers[model.emb_table].table.cfg
-    if model.lin_table is not None and sparse.tiers[model.lin_table].table.cfg.compression is not None:
+    write = _export_field_tables if len(getattr(model, "tables", ())) > 1 else _export_one
+    if write is _export_one and model.lin_table is not None and \
+            sparse.tiers[model.lin_table].table.cfg.compression is not None:
         raise ValueError(f"export_onnx exports a compressed first-order table only as the embedding row's last "
                          f"column (linear_column); {model.lin_table!r} is a separate compressed table")
-    comp = cfg.compression
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out, markers=EXPORT_MARKERS, what="ONNX export") as build:
+        write(model, build, opset)
+    return out
+
+
+def _export_one(model: nn.Module, out: Path, opset: int) -> None:
+    """Formats 1 and 2: one embedding table (and a separate first-order one), into ``out``."""
+    sparse = model.sparse
+    cfg = sparse.tiers[model.emb_table].table.cfg
+    comp = cfg.compression
     store = sparse.store
     sparse.flush()
     keys, emb = _stored(store, model.emb_table)
@@ -187,7 +202,6 @@ def export_onnx(model: nn.Module, out_dir: str | os.PathLike[str], opset: int = 
             "lin_table": model.lin_table, "tables": tables,
             "compression": comp.to_dict() if comp is not None else None}
     (out / "export.json").write_text(json.dumps(meta, indent=1))
-    return out
 
 
 class _Flat(nn.Module):
@@ -221,10 +235,9 @@ def _trace(model: nn.Module, rows: nn.Module, inputs: tuple[torch.Tensor, ...], 
         model.train(was)
 
 
-def _export_field_tables(model: nn.Module, out: Path, opset: int) -> Path:
-    """Format 3: one :class:`IndexedRows` per table, one ``index_<table>`` input each."""
+def _export_field_tables(model: nn.Module, out: Path, opset: int) -> None:
+    """Format 3: one :class:`IndexedRows` per table, one ``index_<table>`` input each, into ``out``."""
     sparse = model.sparse
-    out.mkdir(parents=True, exist_ok=True)
     sparse.flush()
     table_of = {f: model.field_tables.get(f, model.emb_table) for f in model.fields}
     groups, inputs, widths, comps = [], [], {}, {}
@@ -242,4 +255,3 @@ def _export_field_tables(model: nn.Module, out: Path, opset: int) -> Path:
             "n_dense": int(model.n_dense), "dim": int(model.dim), "emb_table": model.emb_table, "lin_table": None,
             "tables": widths, "field_tables": table_of, "compressions": comps}
     (out / "export.json").write_text(json.dumps(meta, indent=1))
-    return out

@@ -15,22 +15,23 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import TableConfig
-from ..errors import ConfigConflictError, DamoHybridError
+from ..errors import ConfigConflictError, DamoHybridError, StoreLockedError
 from ..rows.optimizers import state_width
 from ..rows.table import Table
 from .backend import Storage
-from .files import atomic_file
+from .files import atomic_file, make_dir, recover_dir, removed_on_failure
 from .keyfilter import StoredKeyFilter, filter_path, remove_stale
 
 __all__ = ["META", "META_FORMAT", "read_meta", "write_meta", "check_ttl", "check_compatible", "check_change",
-           "config_changes", "load_tables", "recount_rows", "open_filters"]
+           "config_changes", "load_tables", "recount_rows", "open_filters", "store_root"]
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,37 @@ def read_meta(root: Path) -> dict[str, Any] | None:
         return None
     try:
         meta = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise DamoHybridError(f"store metadata {p} is unreadable: {e}; restore it from a checkpoint") from e
+    except OSError as e:  # the cause keeps its errno: the command line tells a refusal of the system
+        raise DamoHybridError(f"store metadata {p} is unreadable: {e.strerror or e}") from e
+    except ValueError as e:  # not JSON, or not text
+        raise _damaged(p, f"not valid JSON ({str(e)[:80]})", "unreadable") from None
+    if not isinstance(meta, dict):
+        raise _damaged(p, "not a JSON object")
     if meta.get("format") != META_FORMAT:
         raise DamoHybridError(f"store metadata {p} has format {meta.get('format')!r}, this version reads {META_FORMAT}")
+    _check_shape(meta, p)
     return meta
+
+
+def _damaged(p: Path, why: str, state: str = "damaged") -> DamoHybridError:
+    return DamoHybridError(f"store metadata {p} is {state}: {why}; restore it from a checkpoint")
+
+
+def _check_shape(meta: dict[str, Any], p: Path) -> None:
+    """Refuse a ``meta.json`` whose registry lacks a part the store reads (the configs are
+    checked when they are read, :func:`load_tables`)."""
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    tables = meta.get("tables")
+    if not isinstance(tables, dict):
+        raise _damaged(p, "it holds no 'tables' object")
+    if not whole(meta.get("next_table_id")):
+        raise _damaged(p, f"'next_table_id' is {meta.get('next_table_id')!r}, not a count")
+    for name, entry in tables.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict) or not all(
+                whole(entry.get(k)) for k in ("id", "step", "rows")):
+            raise _damaged(p, f"table {name[:40]!r} lacks its id, step, row count or config")
 
 
 def check_ttl(meta: dict[str, Any], root: Path | None, ttl_seconds: int | None) -> None:
@@ -65,6 +92,32 @@ def check_ttl(meta: dict[str, Any], root: Path | None, ttl_seconds: int | None) 
             f"store {root} was created {want} a TTL; reopen it {want} StoreConfig.ttl_seconds "
             "(RocksDB's TTL mode changes the stored value format)"
         )
+
+
+@contextmanager
+def store_root(path: Path | None, read_only: bool, ttl_seconds: int | None) -> Iterator[Path | None]:
+    """The folder of the store at ``path``, for the block that opens it (None: no folder, a
+    storage handed in).
+
+    - A swap killed between its two renames (a compat restore, a ``train --resume``) left the
+      complete store aside (:func:`~damo_hybrid.storage.files.recover_dir`): it is put back, and
+      a reader, which writes nothing, reads it where it is instead.
+    - A reader needs a store there; a store of the other TTL mode is refused (:func:`check_ttl`).
+    - If the block raises (a full disk, a read-only parent), the folders it created are removed,
+      unless another handle holds the store (:class:`~damo_hybrid.errors.StoreLockedError`).
+    """
+    if path is None:
+        yield None
+        return
+    root = recover_dir(path, repair=not read_only)
+    if read_only and not (root / META).exists():
+        raise FileNotFoundError(f"no store at {root} (missing {META})")
+    pre = read_meta(root) if root.exists() else None
+    if pre is not None:
+        check_ttl(pre, root, ttl_seconds)
+    with removed_on_failure(root, keep=(StoreLockedError,)):
+        root.mkdir(parents=True, exist_ok=True)  # a reader's root exists: nothing made
+        yield root
 
 
 def check_compatible(stored: TableConfig, cfg: TableConfig) -> None:
@@ -181,14 +234,25 @@ def load_tables(meta: dict[str, Any] | None, given: Iterable[TableConfig],
     if meta is not None:
         next_id = int(meta["next_table_id"])
         for name, entry in meta["tables"].items():
-            stored = TableConfig.from_dict(entry["config"])
+            try:
+                stored = TableConfig.from_dict(entry["config"])
+            except (TypeError, ValueError, KeyError, AttributeError) as e:
+                where = root / META if root is not None else META
+                raise _damaged(Path(where), f"table {name[:40]!r} has an unreadable config ({str(e)[:60]})") from None
             cfg = todo.pop(name, None)
             if cfg is None:
                 cfg = stored
             else:
                 changed |= check_change(stored, cfg, allow_change)
             tid = int(entry["id"])
-            tables[name] = Table(tid, cfg, int(entry["step"]), int(entry["rows"]), _load_counters(root, tid, cfg))
+            counters = _load_counters(root, tid, cfg)
+            try:
+                tables[name] = Table(tid, cfg, int(entry["step"]), int(entry["rows"]), counters)
+            except ValueError as e:
+                if counters is None or root is None:
+                    raise
+                raise DamoHybridError(f"admission counters {root / 'admission' / f'{tid}.npy'} are damaged: "
+                                      f"{str(e)[:120]}; restore the store from a checkpoint") from None
     for cfg in todo.values():
         tables[cfg.name] = Table(next_id, cfg)
         next_id += 1
@@ -208,13 +272,13 @@ def write_meta(root: Path, tables: Iterable[Table], next_id: int, ttl: bool, liv
     token = None
     if filters and not live:  # taken after the rows they cover were written: a superset of them
         token = uuid.uuid4().hex[:12]
-        (root / "keyfilter").mkdir(exist_ok=True)
+        make_dir(root / "keyfilter")  # its entry persisted before meta.json names the files in it
         for tid, kf in filters.items():
             kf.save(filter_path(root, tid, token))
     adm = root / "admission"
     for t in tables:
         if t.filter is not None:
-            adm.mkdir(exist_ok=True)
+            make_dir(adm)
             with atomic_file(adm / f"{t.id}.npy") as f:
                 np.save(f, t.filter.counters, allow_pickle=False)
     meta = {

@@ -10,8 +10,13 @@ Not thread-safe by itself beyond what RocksDB gives; the store serialises calls.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import re
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,25 +34,53 @@ from .backend import decode_keys, encode_keys
 
 __all__ = ["RocksDBStorage"]
 
+log = logging.getLogger(__name__)
+
 _PARALLEL_MIN = 8192  # below this a multi-get is not worth splitting
+_ROCKSDICT_CONFIG = "rocksdict-config.json"  # rocksdict's own file in the database folder
+_SHADOW_PREFIX = "damo-read-"  # a reader's folder of links (see RocksDBStorage._open_read_only)
+_SHADOW = re.compile(rf"[^\s'\"]*{_SHADOW_PREFIX}[A-Za-z0-9_]+")
+
+
+_MAX_MESSAGE = 299  # characters of a translated error: one line under 300 (issue 28, class 8)
+
+
+def _cut(text: str, room: int) -> str:
+    """``text`` cut in its middle to ``room`` characters: RocksDB says what failed first and
+    names the file and the system's cause ("Read-only file system") last."""
+    if len(text) <= room:
+        return text
+    head = (room - 1) // 2
+    return text[:head] + "…" + text[len(text) - (room - 1 - head):]
+
+
+def _fit(template: str, path: str, msg: str) -> str:
+    """``template`` (with ``{path}`` and ``{msg}``) filled in one line of at most
+    :data:`_MAX_MESSAGE` characters: the database's files named within the store
+    (``db/MANIFEST-000005``; its path is said once), then a long path, then a long message, cut
+    in the middle."""
+    msg = " ".join(msg.split()).replace(os.path.dirname(path.rstrip(os.sep)) + os.sep, "")
+    room = _MAX_MESSAGE - len(template.format(path="", msg=""))
+    if len(path) + len(msg) > room:
+        path = _cut(path, max(room - len(msg), 60))
+        msg = _cut(msg, room - len(path))
+    return template.format(path=path, msg=msg)
 
 
 def _translate(e: Exception, path: str, action: str) -> DamoHybridError:
-    msg = str(e)
+    msg = _SHADOW.sub(lambda m: path, str(e))  # a reader's files by the store's name, not its links
     low = msg.lower()
     if "lock" in low and ("resource temporarily unavailable" in low or "no locks available" in low or "lock hold" in low):
-        return StoreLockedError(
-            f"store {path!r} is locked: another process or open handle is using it ({msg}). "
-            "Close the other handle, or open a checkpoint copy instead."
-        )
+        return StoreLockedError(_fit(
+            "store '{path}' is locked: another process or open handle is using it ({msg}). "
+            "Close the other handle, or open a checkpoint copy instead.", path, msg))
     if "no space left" in low or "enospc" in low:
-        return OutOfSpaceError(
-            f"disk full while trying to {action} store {path!r} ({msg}); the write was not applied. "
-            "Free disk space and retry; data written before is intact."
-        )
+        return OutOfSpaceError(_fit(
+            f"disk full while trying to {action} store '{{path}}' ({{msg}}); the write was not applied. "
+            "Free disk space and retry; data written before is intact.", path, msg))
     if isinstance(e, rocksdict.DbClosedError):
-        return StoreClosedError(f"store {path!r} is closed")
-    return DamoHybridError(f"RocksDB failed to {action} store {path!r}: {msg}")
+        return StoreClosedError(_fit("store '{path}' is closed", path, ""))
+    return DamoHybridError(_fit(f"RocksDB failed to {action} store '{{path}}': {{msg}}", path, msg))
 
 
 class RocksDBStorage:
@@ -81,19 +114,23 @@ class RocksDBStorage:
         # rather than competing with data blocks in the block cache
         table.set_cache_index_and_filter_blocks(False)
         opts.set_block_based_table_factory(table)
+        self._shadow: str | None = None
         if read_only:
             access = rocksdict.AccessType.read_only()
         elif config.ttl_seconds is not None:
             access = rocksdict.AccessType.with_ttl(config.ttl_seconds)
         else:
             access = rocksdict.AccessType.read_write()
-        try:
-            # the column family's options must be named: rocksdict gives the column families of
-            # an existing database its own defaults otherwise (no bloom filter, an 8 MiB block
-            # cache, compressed blocks), so every reopened store read ~10x slower per missing key
-            self._db = rocksdict.Rdict(path, opts, column_families={"default": opts}, access_type=access)
-        except Exception as e:
-            raise _translate(e, path, "open") from e
+        # the column family's options must be named: rocksdict gives the column families of
+        # an existing database its own defaults otherwise (no bloom filter, an 8 MiB block
+        # cache, compressed blocks), so every reopened store read ~10x slower per missing key
+        if read_only:
+            self._db = self._open_read_only(path, opts, access)
+        else:
+            try:
+                self._db = rocksdict.Rdict(path, opts, column_families={"default": opts}, access_type=access)
+            except Exception as e:
+                raise _translate(e, path, "open") from e
         self._wopt = rocksdict.WriteOptions()
         self._wopt.sync = config.sync_writes
         # write-backs the caches hold anyway until a flush: RocksDB's memtable, not its log too
@@ -105,6 +142,46 @@ class RocksDBStorage:
         threads = config.read_threads or min(4, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="damo-read") if threads > 1 else None
         self._threads = threads
+
+    def _open_read_only(self, path: str, opts: rocksdict.Options, access: rocksdict.AccessType) -> rocksdict.Rdict:
+        """The database at ``path`` opened read-only through a private folder of links to its files.
+
+        rocksdict creates the folder it opens and rewrites its ``rocksdict-config.json`` there on
+        every open, read-only ones included: a reader would modify the store and fail on read-only
+        media. It opens a temporary folder of symbolic links instead (RocksDB's read-only mode
+        writes nothing, not even its LOG), removed at :meth:`close`. A writer that changes the
+        folder meanwhile (a new MANIFEST, a compaction) is met by linking again."""
+        if not os.path.isfile(os.path.join(path, "CURRENT")):
+            raise DamoHybridError(f"no RocksDB database at {path!r} (its CURRENT file is missing): "
+                                  "not a store, or a damaged one; restore it from a checkpoint")
+        for attempt in range(5):
+            names = sorted(os.listdir(path))
+            try:
+                shadow = tempfile.mkdtemp(prefix=_SHADOW_PREFIX)
+            except OSError:  # no writable temporary folder: open in place, as rocksdict does
+                log.warning("no temporary folder to read %s through: rocksdict rewrites its config file there", path)
+                try:
+                    return rocksdict.Rdict(path, opts, column_families={"default": opts}, access_type=access)
+                except Exception as e:
+                    raise _translate(e, path, "open") from e
+            try:
+                for n in names:
+                    if n == _ROCKSDICT_CONFIG:  # rocksdict rewrites it: a copy, never the store's own
+                        shutil.copyfile(os.path.join(path, n), os.path.join(shadow, n))
+                    elif n != "LOCK" and not n.startswith("LOG"):
+                        os.symlink(os.path.abspath(os.path.join(path, n)), os.path.join(shadow, n))
+                db = rocksdict.Rdict(shadow, opts, column_families={"default": opts}, access_type=access)
+            except Exception as e:
+                shutil.rmtree(shadow, ignore_errors=True)
+                if attempt < 4 and sorted(os.listdir(path)) != names:
+                    continue  # a writer replaced files while we linked: link the new set
+                if isinstance(e, OSError):
+                    raise
+                raise _translate(e, path, "open") from e
+            self._shadow = shadow
+            weakref.finalize(self, shutil.rmtree, shadow, True)
+            return db
+        raise AssertionError("unreachable")
 
     @property
     def db(self) -> rocksdict.Rdict:
@@ -239,3 +316,6 @@ class RocksDBStorage:
                 self._db.close()
             except Exception as e:  # e.g. RocksDB's background error after a full disk
                 raise _translate(e, self.path, "close") from e
+            finally:
+                if self._shadow is not None:
+                    shutil.rmtree(self._shadow, ignore_errors=True)

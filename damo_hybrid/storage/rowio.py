@@ -14,6 +14,8 @@ Thread safety: any thread.
 from __future__ import annotations
 
 import operator
+import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -68,7 +70,10 @@ class RowIO:
         with CLOCK("rocksdb_read"):
             values = self.storage.get(t.id, asked)
         with CLOCK("decode"):
-            rows, found = t.codec.decode(asked, values)
+            try:
+                rows, found = t.codec.decode(asked, values)
+            except CorruptRowError as e:
+                raise self._corrupt(t.name, e.key, e.reason) from e
         if maybe is not None:
             found_all = np.zeros(len(keys), dtype=bool)
             found_all[np.flatnonzero(maybe)[found]] = True
@@ -142,15 +147,47 @@ class RowIO:
             except DamoHybridError:
                 raise
             except Exception as e:  # RocksDB's own corruption errors arrive untyped
-                raise CorruptRowError(t.name, max(last, 0), f"the storage cannot read past this key "
-                                      f"({'no row read yet' if last < 0 else 'the last good one'}): {e}") from e
+                why = self._cause(e)
+                if last < 0:  # no key to blame: the table's first rows cannot be read
+                    raise self._corrupt(t.name, None, f"RocksDB: {why}") from e
+                raise self._corrupt(t.name, last, f"the storage cannot read past this key (the last good one): "
+                                    f"{why}") from e
             if item is None:
                 return
             keys, values = item
-            rows, _ = t.codec.decode(keys, values)
+            try:
+                rows, _ = t.codec.decode(keys, values)
+            except CorruptRowError as e:
+                raise self._corrupt(t.name, e.key, e.reason) from e
             if len(keys):
                 last = int(keys[-1])
             yield keys, rows
+
+    def _store(self) -> str | None:
+        """The store's folder, for errors: RocksDB lives in its ``db/`` (None: a memory storage)."""
+        path = getattr(self.storage, "path", None)
+        if path is None:
+            return None
+        return os.path.dirname(path) if os.path.basename(path) == "db" else str(path)
+
+    def _cause(self, e: BaseException, limit: int = 120) -> str:
+        """RocksDB's message in one short line, its files named within the store (``db/000009.sst``),
+        not by a reader's temporary links."""
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        path = getattr(self.storage, "path", None)
+        if path is not None:
+            try:
+                from .rocksdb import _SHADOW  # a read-only open's folder of links to the store's files
+
+                text = _SHADOW.sub(lambda _: str(path), text)
+            except ImportError:
+                pass
+            text = text.replace(str(path), os.path.basename(path))
+        text = re.sub(r"\s+", " ", re.sub(r"stored\(context removed\) = \d+, computed = \d+, type = \d+", "", text))
+        return text if len(text) <= limit else text[:limit * 3 // 5] + " ... " + text[-(limit * 2 // 5):]
+
+    def _corrupt(self, table: str, key: int | None, reason: str) -> CorruptRowError:
+        return CorruptRowError(table, key, reason, store=self._store())
 
     def step(self, t: Table, keys: np.ndarray, grads: np.ndarray, lr: float) -> np.ndarray | None:
         """One optimizer step of stored rows, read and written in one atomic batch (the store's

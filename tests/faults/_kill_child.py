@@ -21,8 +21,11 @@ TABLES = [TableConfig("a", 4, initializer=InitializerConfig.normal(std=0.1, seed
           TableConfig("b", 2, initializer=InitializerConfig.normal(std=0.1, seed=2), optimizer=OptimizerConfig.sgd(0.1))]
 
 
-def arm(hook: str, nth: int) -> None:
-    """SIGKILL this process at the ``nth`` call of ``module:attr`` or ``module:Class.method``."""
+def arm(hook: str, nth: int, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` (SIGKILL) to this process at the ``nth`` call of ``module:attr`` or
+    ``module:Class.method``, before the call is made; ``nth`` 0 arms nothing."""
+    if nth <= 0:
+        return
     mod_name, path = hook.split(":")
     owner: object = importlib.import_module(mod_name)
     *parents, name = path.split(".")
@@ -34,7 +37,7 @@ def arm(hook: str, nth: int) -> None:
     def wrapper(*a, **k):
         calls[0] += 1
         if calls[0] == nth:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig)  # SIGKILL ends here; SIGINT/SIGTERM raise at the next instruction
         return real(*a, **k)
 
     setattr(owner, name, wrapper)

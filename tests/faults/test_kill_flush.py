@@ -29,8 +29,8 @@ HOOKS = [
     ("checkpoint", "damo_hybrid.storage.rowio:RowIO.write", 2),
     ("checkpoint", "damo_hybrid.storage.rocksdb:RocksDBStorage.checkpoint", 1),
     ("checkpoint", "damo_hybrid.storage.meta:atomic_file", 1),
-    ("checkpoint", "damo_hybrid.storage.checkpoint:_fsync_tree", 1),
-    ("checkpoint", "damo_hybrid.storage.checkpoint:fsync_dir", 2),
+    ("checkpoint", "damo_hybrid.storage.checkpoint:fsync_tree", 1),
+    ("checkpoint", "damo_hybrid.storage.checkpoint:fsync_dir", 1),  # the rename done, not yet persisted
 ]
 
 
