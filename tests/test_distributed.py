@@ -1123,3 +1123,21 @@ def test_a_lost_rank_is_the_systems_refusal_at_the_cli_boundary():
 def _wrapped(outer: BaseException, cause: BaseException) -> BaseException:
     outer.__cause__ = cause
     return outer
+
+
+def test_a_complete_checkpoint_the_resume_passed_over_is_set_aside_and_written_anew(tmp_path):
+    """On ranks a resume does not move a damaged newest checkpoint; before, the resumed run then
+    failed at that step on every resume ("already exists and is complete")."""
+    from damo_hybrid.dist.checkpoint import COMPLETE, save_sharded_checkpoint
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        tables = model_tables("deepfm", 4, OPTS["adagrad"], InitializerConfig.normal(std=0.1, seed=3))
+        with EmbeddingStore(tmp_path / "s", tables) as store:
+            first = save_sharded_checkpoint(tmp_path / "ck", 5, store, {"step": 5})
+            (first / "trainer.pt").write_bytes(b"damaged")  # what the resume passed over
+            again = save_sharded_checkpoint(tmp_path / "ck", 5, store, {"step": 5})
+        assert again == first and (again / COMPLETE).is_file() and (again / "trainer.pt").read_bytes() != b"damaged"
+        assert [p.name.split(".")[1][:7] for p in (tmp_path / "ck").iterdir() if ".damaged-" in p.name] == ["damaged"]
+    finally:
+        dist.destroy_process_group()

@@ -219,3 +219,74 @@ def test_a_store_checkpoint_whose_files_differ_from_its_manifest_is_refused(tmp_
     with pytest.raises(DamagedOutputError, match=victim.name):
         EmbeddingStore.from_checkpoint(tmp_path / "ck", tmp_path / "restored", tables)
     assert not (tmp_path / "restored").exists() or not any((tmp_path / "restored").iterdir())
+
+
+def test_a_full_disk_while_restoring_is_not_damage_and_sets_nothing_aside(tmp_path, capsys, monkeypatch):
+    """Before: the copy's ENOSPC (a shutil.Error without errno) set every checkpoint aside as damaged,
+    and the next --resume started from scratch over the trained store."""
+    import errno
+    import shutil
+
+    from damo_hybrid.storage import checkpoint as store_ckpt
+
+    s = tmp_path / "s"
+    assert _run("--store", str(s)) == 0
+    before = _weights(s)
+
+    def full(src, dst, **kw):
+        raise shutil.Error([(str(src), str(dst), f"[Errno {errno.ENOSPC}] No space left on device")])
+
+    monkeypatch.setattr(store_ckpt.shutil, "copytree", full)
+    capsys.readouterr()
+    assert _run("--store", str(s), "--resume", steps=15) == 3
+    assert "No space left on device" in _err_line(capsys)
+    assert not [p for p in (tmp_path / "s.ckpt").iterdir() if ".damaged-" in p.name]
+    np.testing.assert_array_equal(before[1], _weights(s)[1])
+
+
+def test_a_resume_whose_checkpoints_were_all_set_aside_refuses_to_start_from_scratch(tmp_path, capsys):
+    s = tmp_path / "s"
+    assert _run("--store", str(s)) == 0
+    for ck in complete_checkpoints(tmp_path / "s.ckpt"):
+        ck.rename(ck.with_name(f"{ck.name}.damaged-0000"))
+    before = _weights(s)
+    capsys.readouterr()
+    assert _run("--store", str(s), "--resume", steps=15) == 2
+    assert "no checkpoint under" in _err_line(capsys)
+    np.testing.assert_array_equal(before[1], _weights(s)[1])
+
+
+def test_a_store_given_as_a_link_resumes_again_and_again(tmp_path, capsys):
+    """Before: the swap replaced the link by a folder, and the next resume saw another run's store."""
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "s"
+    link.symlink_to(real / "store")
+    ck = str(tmp_path / "ck")
+    assert _run("--store", str(link), "--checkpoint-dir", ck) == 0
+    for steps in (15, 20):
+        assert _run("--store", str(link), "--checkpoint-dir", ck, "--resume", steps=steps) == 0
+    assert link.is_symlink() and (real / "store" / "meta.json").is_file()
+
+
+def test_an_empty_folder_made_after_a_killed_swap_gives_way_to_the_set_aside_copy(tmp_path):
+    from damo_hybrid.storage.files import aside_path, recover_dir
+
+    dst = tmp_path / "out"
+    aside = aside_path(dst)
+    aside.mkdir()
+    (aside / "rows").write_text("the only copy")
+    dst.mkdir()  # an open that found nothing made it
+    assert recover_dir(dst) == dst
+    assert (dst / "rows").read_text() == "the only copy" and not aside.exists()
+
+
+def test_a_sharded_marker_without_its_number_of_ranks_is_damage_not_a_bug(tmp_path):
+    from damo_hybrid.dist.checkpoint import COMPLETE, restore_shard
+    from damo_hybrid.errors import DamoHybridError
+
+    ck = tmp_path / "step-000000005"
+    ck.mkdir()
+    (ck / COMPLETE).write_text(json.dumps({"sharding_version": 1, "step": 5}))
+    with pytest.raises(DamoHybridError, match="damaged: no number of ranks"):
+        restore_shard(ck, tmp_path / "dest", 0, 1)

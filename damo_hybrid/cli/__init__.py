@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -25,11 +24,11 @@ from ..config import (
     reject_unknown,
 )
 from ..data.schema import FORMATS
-from ..errors import ConfigConflictError, DamoHybridError, OutOfSpaceError
+from ..errors import ConfigConflictError, DamoHybridError
 from ..ops import Backend, resolve_backend
 from ..storage.files import atomic_file
 from ..store import EmbeddingStore
-from . import resume, stores
+from . import failure, resume, stores
 from .args import (
     Parser,
     check_writable,
@@ -131,7 +130,8 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
     if (args.resume or args.checkpoint_every) and not args.store:
         raise ValueError("--resume and --checkpoint-every need --store (a temporary store is deleted at exit)")
     tmp = None if args.store else tempfile.TemporaryDirectory(prefix="damo-train-")
-    store_dir = Path(args.store) if args.store else Path(tmp.name) / "store"  # type: ignore[union-attr]
+    # resolved: a --store that is a link is swapped at its target, and its identity is the target's
+    store_dir = Path(args.store).resolve() if args.store else Path(tmp.name) / "store"  # type: ignore[union-attr]
     ckpt_root = Path(args.checkpoint_dir) if args.checkpoint_dir else store_dir.with_name(store_dir.name + ".ckpt")
     source = str(args.data) if args.data else "synthetic data"
     print(f"damo-hybrid {__version__}: {args.model} on {source}, {len(data.sparse_fields)} sparse + {len(data.dense_fields)} dense fields, "
@@ -165,16 +165,17 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
                 if ranks is None and not ckpts.is_sharded(ck):
                     EmbeddingStore.from_checkpoint(ck / "store", staging, tables, store_cfg).close()
                 else:  # this rank's shard, re-sharded when the checkpoint was taken on another number of ranks
-                    ckpts.restore_shard(ck, staging, rank, world, store_cfg).close()
+                    ckpts.restore_shard(ck, staging, rank, world, store_cfg, tables).close()
             except ConfigConflictError:  # this run's tables do not fit the checkpoint's: not damage
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            except (DamoHybridError, OSError) as e:
+            except (DamoHybridError, OSError, MemoryError) as e:
                 shutil.rmtree(staging, ignore_errors=True)
+                if (n := failure.system_refusal(e)) is not None:  # not damage: stop (exit 3), set nothing aside
+                    raise OSError(n, os.strerror(n), str(store_dir.parent)) from e
                 err = resume.restore_failed(ck, staging, e)
-                if world > 1 or isinstance(e, OutOfSpaceError) or getattr(e, "errno", None) in (
-                        errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
-                    raise err from None  # the system's refusal, not damage; ranks fall back only together
+                if world > 1:
+                    raise err from e  # ranks fall back only together
                 ckpts.set_aside(ck, err, print)
                 continue
             if ranks is not None:  # once every rank's copy is built: the stores of other numbers of ranks go
@@ -185,8 +186,9 @@ def _train_run(args: argparse.Namespace, ranks: Any) -> int:
             break
         if found is None:
             state = None
-            if args.resume and had:
-                raise DamoHybridError(f"no checkpoint under {ckpt_root} loads (see above); the store was not changed")
+            if args.resume and (had or ckpts.set_aside_ones(ckpt_root)):  # never from scratch over a trained store
+                raise DamoHybridError(f"no checkpoint under {ckpt_root} loads (see above; damaged ones are set aside "
+                                      "as step-N.damaged-*); the store was not changed")
             if args.resume:
                 print(f"no checkpoint under {ckpt_root}: starting from scratch")
             check_store_root(store_dir, ranks)

@@ -34,7 +34,7 @@ from typing import Any
 from ..errors import DamoHybridError, ExchangeError, OutOfSpaceError, PipelineError
 
 __all__ = ["OK", "CHECK_FAILED", "REFUSED", "SYSTEM", "BUG", "SIGINT", "SIGTERM", "SIGPIPE", "MAX_LINE", "Failure", "explain",
-           "path_in", "broken_pipe", "reader_gone"]
+           "path_in", "broken_pipe", "reader_gone", "system_refusal"]
 
 OK = 0
 CHECK_FAILED = 1
@@ -137,6 +137,13 @@ def _system_errno(e: BaseException) -> int | None:
         if type(e).__name__ == "OutOfMemoryError" or (isinstance(e, RuntimeError) and any(s in text for s in _TORCH_OOM)):
             return errno.ENOMEM
     return None
+
+
+def system_refusal(e: BaseException) -> int | None:
+    """The errno where ``e`` or what it was raised from is the system's refusal (a full disk, a
+    read-only file system, permission, memory): a reason to stop, never evidence that a file is
+    damaged; None otherwise."""
+    return next((n for x in _chain(e) if (n := _system_errno(x)) is not None), None)
 
 
 def _expected(e: BaseException) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -48,8 +49,10 @@ def run_identity(args: argparse.Namespace, store_root: Path) -> dict[str, Any]:
         "--min-count": args.min_count,
     }
     if args.data:
-        ident.update({"--data": os.path.abspath(args.data), "--format": args.format, "--stream": bool(args.stream),
+        ident.update({"--data": os.path.realpath(args.data), "--format": args.format, "--stream": bool(args.stream),
                       "--shuffle-buffer": args.shuffle_buffer, "--eval-fraction": args.eval_fraction})
+        if getattr(args, "schema", None):  # a csv/parquet file's columns, from --config
+            ident["[schema]"] = json.dumps(args.schema, sort_keys=True, default=str)
     else:
         ident.update({"--data": "synthetic", "--vocab-min": args.vocab_min, "--vocab-max": args.vocab_max})
     return ident

@@ -4,8 +4,8 @@
 torchrun does, but keeps its logs (the rendezvous, the thread banner, "sending SIGTERM", the
 failure report with its traceback) to itself. When a rank fails it prints one line naming the rank
 that stopped first and how (a signal, or an exit status, whose own error the rank printed above),
-and what to do: run the same command with ``--resume``. Its exit status is then 3 (the system
-stopped a rank: a signal) or 2 (a rank refused or failed: its error is above).
+and what to do: run the same command with ``--resume`` (or, for a refusal, fix what it names). Its
+exit status is then 3 (the system stopped a rank: a signal) or the failed rank's own status.
 
 The ranks it launches print nothing of their own for what the launcher reports: an exchange that
 failed because another rank stopped, or the SIGTERM torchrun sends the others
@@ -84,14 +84,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(args)
     except ChildFailedError as e:
         rank, code = first_failure(e.failures)
+        resume = ("what the last checkpoint holds is safe: run the same command with --resume to go on from "
+                  "it")
         if code < 0:
             how, status = f"was stopped by {_signal_name(code)}", 3
         elif code in (_QUIET, 143):
             how, status = "lost the other ranks", 3
-        else:
-            how, status = f"failed with exit status {code} (its error is above)", 2
-        print(f"damo-hybrid train: error: rank {rank} of {world} {how}, and the run stopped; what the last "
-              "checkpoint holds is safe: run the same command with --resume to go on from it", file=sys.stderr)
+        else:  # the rank's own error is above, with the status it chose (2 a refusal, 3 the system, 70 a bug)
+            how, status = f"failed with exit status {code} (its error is above)", code if code in (1, 2, 3, 70) else 2
+            resume = "fix what it names" if status == 2 else resume
+        print(f"damo-hybrid train: error: rank {rank} of {world} {how}, and the run stopped; {resume}", file=sys.stderr)
         return status
     except SignalException as e:  # the launcher was asked to stop (SIGTERM from `train --nproc`)
         return 128 + int(e.sigval)

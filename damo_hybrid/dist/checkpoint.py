@@ -51,7 +51,7 @@ from .exchange import lost_rank_as_error
 from .sharding import SHARDING_VERSION, claim_shard, shard_of
 
 __all__ = ["save_sharded_checkpoint", "latest_sharded_checkpoint", "prune_sharded_checkpoints", "restore_shard",
-           "newest_checkpoint", "any_checkpoint", "is_sharded", "COMPLETE", "candidates", "set_aside"]
+           "newest_checkpoint", "any_checkpoint", "is_sharded", "COMPLETE", "candidates", "set_aside", "set_aside_ones"]
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,15 @@ def save_sharded_checkpoint(root: str | Path, step: int, store: EmbeddingStore, 
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     ck = Path(root) / f"step-{step:09d}"
-    if (ck / COMPLETE).is_file():
-        raise FileExistsError(f"checkpoint {ck} already exists and is complete")
+    if (ck / COMPLETE).is_file():  # one a resume passed over as damaged (the ranks do not move it then)
+        with lost_rank_as_error("checkpoint's barrier"):
+            dist.barrier(group)  # every rank has seen it before rank 0 sets it aside
+        if rank == 0:
+            aside = ck.with_name(f"{ck.name}.damaged-{uuid.uuid4().hex[:8]}")
+            os.rename(ck, aside)
+            log.warning("checkpoint %s was passed over by the resume; moved it to %s and writing it anew", ck, aside.name)
+        with lost_rank_as_error("checkpoint's barrier"):
+            dist.barrier(group)
     ck.mkdir(parents=True, exist_ok=True)
     # what an earlier attempt at this step left before a rank stopped (the run resumed from an
     # older checkpoint and came back here): never complete, so never used; written anew
@@ -159,6 +166,13 @@ def candidates(root: str | Path) -> list[Path]:
     return [ck for _, ck in sorted(found, key=lambda c: c[0], reverse=True)]
 
 
+def set_aside_ones(root: str | Path) -> list[Path]:
+    """The checkpoints under ``root`` that :func:`set_aside` renamed ``step-<N>.damaged-<id>``."""
+    root = Path(root)
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and ".damaged-" in p.name) \
+        if root.is_dir() else []
+
+
 def set_aside(ck: Path, why: Exception, log: Any = None, move: bool = True) -> None:
     """Report checkpoint ``ck`` as unusable through ``log`` and, with ``move``, rename it
     ``step-<N>.damaged-<id>``: kept for inspection, out of the way of the run that redoes its steps."""
@@ -175,6 +189,8 @@ def _parts(ck: Path) -> list[Path]:
     """The store checkpoints of every rank of complete checkpoint ``ck``, of either kind, in rank order."""
     if is_sharded(ck):
         marker = read_marker(ck, COMPLETE)
+        if not isinstance(marker.get("world"), int) or marker["world"] < 1:
+            raise DamoHybridError(f"checkpoint marker {ck / COMPLETE} is damaged: no number of ranks")
         if marker.get("sharding_version") != SHARDING_VERSION:
             raise DamoHybridError(f"{ck} was sharded by rule {marker.get('sharding_version')}, this version uses "
                                   f"{SHARDING_VERSION}")
@@ -186,9 +202,12 @@ def _parts(ck: Path) -> list[Path]:
 
 
 def restore_shard(ck: str | Path, dest: str | Path, rank: int, world: int,
-                  config: StoreConfig = StoreConfig()) -> EmbeddingStore:
+                  config: StoreConfig = StoreConfig(), tables: list[Any] | None = None) -> EmbeddingStore:
     """Rank ``rank`` of ``world``'s store at ``dest`` (a new directory) from a complete checkpoint
     of any number of ranks (a one-process checkpoint counts as one rank's).
+
+    ``tables``: the run's table configs, checked against the checkpoint's here (a
+    :class:`~damo_hybrid.errors.ConfigConflictError`), before the caller swaps the copy in.
 
     Raises:
         DamoHybridError: ``ck`` is not a complete checkpoint, or of another sharding rule.
@@ -197,7 +216,7 @@ def restore_shard(ck: str | Path, dest: str | Path, rank: int, world: int,
     parts = _parts(ck)
     old = len(parts)
     if old == world:
-        store = EmbeddingStore.from_checkpoint(parts[rank], dest, config=config)
+        store = EmbeddingStore.from_checkpoint(parts[rank], dest, tables or (), config=config)  # tables checked here
         claim_shard(dest, world, rank)
         return store
     with EmbeddingStore(parts[0], read_only=True) as first:
@@ -220,4 +239,7 @@ def restore_shard(ck: str | Path, dest: str | Path, rank: int, world: int,
     except BaseException:
         store.close()
         raise
+    if tables:  # reopened with the run's configs: a conflict is refused before the copy is swapped in
+        store.close()
+        store = EmbeddingStore(dest, tables, config)
     return store

@@ -80,12 +80,13 @@ def read_marker(ck: str | os.PathLike[str], name: str = "TRAINING.json") -> dict
     """The parsed marker file ``name`` of checkpoint ``ck``.
 
     Raises:
-        DamoHybridError: unreadable or not a JSON object; the message names the file.
+        DamoHybridError: missing, not JSON or not a JSON object (damage); the message names the file.
+        OSError: the system refused the read (permission, I/O error): not damage, raised as is.
     """
     p = Path(ck) / name
     try:
         m = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:
         raise DamoHybridError(f"checkpoint marker {p} is unreadable: {str(e)[:120]}") from None
     if not isinstance(m, dict):
         raise DamoHybridError(f"checkpoint marker {p} is damaged: not a JSON object")
@@ -173,6 +174,10 @@ def load_trainer_state(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DamoHybridError(f"{path} is damaged or holds objects a training checkpoint never holds; "
                               f"not loaded ({first})") from None
+    except (MemoryError, OSError) as e:  # the system's refusal, not damage: never a reason to set it aside
+        if isinstance(e, FileNotFoundError):
+            raise DamoHybridError(f"{path} is missing: the checkpoint is incomplete") from None
+        raise
     except Exception as e:  # noqa: BLE001 - a damaged pickle fails in many ways (IndexError, KeyError ...)
         raise DamoHybridError(f"{path} is damaged (truncated or unreadable): {e}") from None
 

@@ -189,7 +189,8 @@ def recover_dir(path: str | os.PathLike[str], *, repair: bool = True) -> Path:
     Where the destination is missing and its aside copy (the complete old folder) is there, the
     swap was cut between its two renames: the copy is renamed back (or, where it cannot be, on
     read-only media, returned to be read where it is). Where both are there, the swap had
-    finished: the aside copy is deleted (if it can be).
+    finished: the aside copy is deleted (if it can be), unless the destination is an empty folder
+    made after the kill, which gives way to the copy.
 
     Args:
         path: the destination folder.
@@ -200,12 +201,17 @@ def recover_dir(path: str | os.PathLike[str], *, repair: bool = True) -> Path:
     aside = aside_path(dst)
     if not os.path.lexists(aside):
         return dst
-    if os.path.lexists(dst):
+    if os.path.lexists(dst) and not _empty_dir(dst):
         if repair:
             _remove(aside)
         return dst
     if not repair:
         return aside
+    if os.path.lexists(dst):  # an empty folder made after the kill (an open that found nothing): no copy
+        try:
+            os.rmdir(dst)
+        except OSError:
+            return aside
     try:
         os.rename(aside, dst)
         fsync_dir(dst.parent)
@@ -213,6 +219,13 @@ def recover_dir(path: str | os.PathLike[str], *, repair: bool = True) -> Path:
         return dst if os.path.lexists(dst) else aside  # restored by another reader, or read-only
     log.warning("%s: restored the complete previous version, set aside by an interrupted write", dst)
     return dst
+
+
+def _empty_dir(p: Path) -> bool:
+    try:
+        return p.is_dir() and not p.is_symlink() and not any(p.iterdir())
+    except OSError:
+        return False
 
 
 def swap_dir(build: Path, dst: Path) -> None:
